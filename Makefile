@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+REDIS_URL ?= redis://127.0.0.1:6379/0
+RUN_DIR := run
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := redis-server haproxy lua-redis wrk
+
+.PHONY: run test lint system-deps venv redis clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages the gateway, the reference and the tests use; installed only if missing.
+system-deps:
+	@missing=""; \
+	for bin in redis-server:redis-server haproxy:haproxy wrk:wrk; do \
+	  command -v $${bin%%:*} >/dev/null || missing="$$missing $${bin##*:}"; \
+	done; \
+	[ -e /usr/share/lua/5.3/redis.lua ] || [ -e /usr/share/lua/5.1/redis.lua ] || missing="$$missing lua-redis"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+# Starts a local redis-server if nothing answers at REDIS_URL (local addresses only).
+redis: system-deps venv
+	@if redis-cli -u '$(REDIS_URL)' ping >/dev/null 2>&1; then \
+	  echo "redis: answering at $(REDIS_URL)"; \
+	else \
+	  read host port < <($(PY) -c 'import sys; from gateway.config import parse_redis_url as p; t = p(sys.argv[1]); print(t.host, t.port)' '$(REDIS_URL)'); \
+	  case "$$host" in 127.*|localhost|::1) ;; *) echo "redis: nothing answers at $(REDIS_URL), and it is not local: not starting one" >&2; exit 1;; esac; \
+	  mkdir -p $(RUN_DIR); \
+	  redis-server --bind "$$host" --port "$$port" --daemonize yes --dir "$(CURDIR)/$(RUN_DIR)" \
+	    --pidfile "$(CURDIR)/$(RUN_DIR)/redis.pid" --logfile "$(CURDIR)/$(RUN_DIR)/redis.log" --save '' --appendonly no; \
+	  for i in $$(seq 50); do redis-cli -h "$$host" -p "$$port" ping >/dev/null 2>&1 && break; sleep 0.1; done; \
+	  echo "redis: started on $$host:$$port (log in $(RUN_DIR)/redis.log)"; \
+	fi
+
+run: redis
+	REDIS_URL='$(REDIS_URL)' $(VENV)/bin/gateway
+
+test: system-deps venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check gateway tests loadtest
+	$(VENV)/bin/ruff format --check gateway tests loadtest
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache *.egg-info

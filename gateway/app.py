@@ -1,0 +1,207 @@
+"""The request path and the admin listener, wired to one backend.
+
+HTTP request -> client IP -> backend.incr(key) -> 302 to the target (200 for the
+target itself, so a client that follows redirects does not loop; it is still
+counted). Owns policy: when accounting fails the request is let through
+(`allow`, the default) or answered 503 (`deny`), the failure is counted by kind
+and logged once per burst. It never lets an accounting failure escape as a 500.
+
+The front end is aiohttp's low-level `web.Server`: one handler, no router, no
+middleware, because every request takes the same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from . import errors
+from .accounting import counter_key
+from .backends import backend_class
+from .backends.base import Backend
+from .client_ip import ClientIPResolver
+from .config import Config
+from .errors import AccountingError
+from .faultlog import FailureLog
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        self.config = config
+        self.backend = backend or backend_class(config.mode)(config)
+        self.resolver = ClientIPResolver(config.trusted_proxies)
+        self._use_xff = bool(config.trusted_proxies)
+        self._prefix = config.key_prefix
+        self._target = config.target
+        self._deny = config.on_redis_error == "deny"
+        self._redirect = {"Location": config.target}
+        self._started = time.monotonic()
+        self.requests = 0
+        self.counted = 0
+        self.no_client_ip = 0
+        self.failures: Counter[str] = Counter()
+        self.failure_log = FailureLog(
+            log, "requests are answered 503" if self._deny else "requests are let through uncounted"
+        )
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    # -- the request path -----------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.requests += 1
+        xff = None
+        if self._use_xff:
+            values = request.headers.getall("X-Forwarded-For", ())
+            xff = ",".join(values) if values else None
+        ip = self.resolver.resolve(request.remote, xff)
+        if ip is None:
+            # Not even the peer parses (a Unix socket, say): nothing to count under.
+            self.no_client_ip += 1
+        else:
+            try:
+                await self.backend.incr(self._prefix + ip)
+            except AccountingError as err:
+                if self._failed(err):
+                    return self._denied()
+            except Exception as exc:  # a bug in a backend must not become a 500 storm
+                if self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc):
+                    return self._denied()
+            else:
+                self.counted += 1
+                if self.failure_log.failing:
+                    self.failure_log.success()
+        if request.path == self._target:
+            return web.Response(text="ok\n")
+        return web.Response(status=302, headers=self._redirect)
+
+    def _failed(self, err: AccountingError, cause: BaseException | None = None) -> bool:
+        """Count and log a failure; True when policy says deny."""
+        self.failures[err.kind] += 1
+        if cause is not None:
+            err.__cause__ = cause
+        self.failure_log.failure(err)
+        return self._deny
+
+    def _denied(self) -> web.Response:
+        return web.Response(
+            status=503,
+            text="request accounting unavailable\n",
+            headers={"Retry-After": str(self.config.retry_after_s)},
+        )
+
+    # -- admin ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        failed = sum(self.failures.values())
+        return {
+            "mode": self.config.mode,
+            "redis": self.config.redis.url if self.backend.uses_redis else None,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "requests": {
+                "total": self.requests,
+                "counted": self.counted,
+                "failed": failed,
+                "no_client_ip": self.no_client_ip,
+                "in_flight": self.requests - self.counted - failed - self.no_client_ip,
+            },
+            "failures": dict(self.failures),
+            "pool": self.backend.stats(),
+        }
+
+    async def _stats_view(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats(), dumps=_dumps)
+
+    async def _live_view(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _ready_view(self, request: web.Request) -> web.Response:
+        if not self.backend.uses_redis:
+            return web.json_response({"status": "ready", "redis": None})
+        try:
+            async with asyncio.timeout(self.config.connect_timeout + self.config.command_timeout):
+                await self.backend.ping()
+        except (AccountingError, TimeoutError) as exc:
+            return web.json_response({"status": "unready", "redis": str(exc) or "timeout"}, status=503)
+        return web.json_response({"status": "ready", "redis": "ok"})
+
+    def admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/stats", self._stats_view)
+        app.router.add_get("/healthz", self._live_view)
+        app.router.add_get("/readyz", self._ready_view)
+        return app
+
+    def front_server(self) -> web.Server:
+        # Access logging is off: a log line per request would cost more than the accounting.
+        return web.Server(self.handle, access_log=None)
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+class ListenError(OSError):
+    """A listener could not bind; the message names the address."""
+
+
+class Running:
+    """The listeners of one running gateway; `stop()` shuts them down in order."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._runners: list[web.BaseRunner[Any]] = []
+
+    async def start(self) -> None:
+        config = self.gateway.config
+        await self.gateway.start()
+        try:
+            front = web.ServerRunner(self.gateway.front_server(), handle_signals=False)
+            await self._add(front, config.listen)
+            if config.admin_listen is not None:
+                admin = web.AppRunner(self.gateway.admin_app(), handle_signals=False, access_log=None)
+                await self._add(admin, config.admin_listen)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _add(self, runner: web.BaseRunner[Any], where: tuple[str, int]) -> None:
+        self._runners.append(runner)
+        await runner.setup()
+        site = web.TCPSite(runner, where[0], where[1], shutdown_timeout=self.gateway.config.shutdown_timeout_s)
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(f"cannot listen on {where[0]}:{where[1]}: {reason}") from exc
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for runner in self._runners:
+            for addr in runner.addresses:
+                out.append((addr[0], addr[1]))
+        return out
+
+    async def stop(self) -> None:
+        # Stop accepting and let in-flight requests finish, then close Redis.
+        for runner in self._runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+        await self.gateway.close()

@@ -1,0 +1,53 @@
+"""What the redis-py backends share: connection options and exception translation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.exceptions as rexc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .. import errors
+from ..config import Config
+from ..errors import AccountingError
+
+
+def connection_kwargs(config: Config) -> dict[str, Any]:
+    """redis-py options equivalent to the gateway's own connection settings.
+
+    Retries are off: a timed-out INCRBY may already have been applied, and
+    re-sending it would count the request twice.
+    """
+    target = config.redis
+    kwargs: dict[str, Any] = {
+        "host": target.host,
+        "port": target.port,
+        "db": target.db,
+        "username": target.username,
+        "password": target.password,
+        "socket_connect_timeout": config.connect_timeout,
+        "socket_timeout": config.command_timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if target.tls:
+        kwargs["ssl"] = True
+    return kwargs
+
+
+def translate(exc: Exception) -> AccountingError:
+    """Map a redis-py exception onto the gateway's failure kinds."""
+    if isinstance(exc, rexc.ResponseError) or getattr(exc, "status_code", None):
+        code = getattr(exc, "status_code", None) or (str(exc).split(" ", 1)[0] if str(exc) else "ERR")
+        return AccountingError(errors.reply_error_kind(code), str(exc))
+    if isinstance(exc, rexc.TimeoutError):
+        return AccountingError(errors.TIMEOUT, str(exc) or "Redis command timed out")
+    if isinstance(exc, rexc.ConnectionError):
+        if "No connection available" in str(exc):
+            return AccountingError(errors.POOL_TIMEOUT, str(exc))
+        return AccountingError(errors.CONNECT, str(exc))
+    if isinstance(exc, (OSError, TimeoutError)):
+        return AccountingError(errors.CONNECT, str(exc))
+    if isinstance(exc, rexc.RedisError):
+        return AccountingError(errors.PROTOCOL, str(exc))
+    return AccountingError(errors.INTERNAL, repr(exc))

@@ -1,0 +1,41 @@
+"""The contract every accounting backend fulfils; the request path sees only this.
+
+A backend owns its Redis connections and nothing else: it never decides policy
+(fail open or deny), never logs per request and never touches HTTP. It adds to
+one key and either returns the new value, returns None (no value to report:
+calibration, or an increment acknowledged before it reached Redis), or raises
+`AccountingError`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+from ..config import Config
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    #: False for the calibration mode, which never talks to Redis.
+    uses_redis: ClassVar[bool] = True
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    async def start(self) -> None:
+        """Prepare connections. Must not fail when Redis is down: the gateway fails open."""
+
+    @abc.abstractmethod
+    async def incr(self, key: str) -> int | None:
+        """Add 1 to `key`; the new value, None, or AccountingError."""
+
+    async def ping(self) -> None:
+        """Raise AccountingError unless Redis answers now (readiness)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Connection counters for /stats (pool size, idle, in use, waiting, ...)."""
+        return {}
+
+    async def close(self) -> None:
+        """Finish or fail what is in flight and close every connection."""

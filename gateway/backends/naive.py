@@ -1,0 +1,81 @@
+"""Naive: a new Redis connection per request through redis-py (the seed's "basic usage").
+
+Connect, INCRBY, close. At most --pool-size of these are open at once, so a
+burst of requests cannot exhaust Redis's maxclients or the local port range;
+excess requests wait up to --pool-wait-ms, as in the pooled modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from .. import errors
+from ..errors import AccountingError
+from ._redispy import connection_kwargs, translate
+from .base import Backend
+
+
+class NaiveBackend(Backend):
+    name = "naive"
+
+    async def start(self) -> None:
+        self._kwargs = connection_kwargs(self.config)
+        self._slots = asyncio.Semaphore(self.config.pool_size)
+        self._open = 0
+        self._waiting = 0
+        self._created = 0
+        self._errors = 0
+        self._wait_timeouts = 0
+
+    async def incr(self, key: str) -> int:
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.config.pool_wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            self._wait_timeouts += 1
+            raise AccountingError(errors.POOL_TIMEOUT, "no connection slot free") from None
+        finally:
+            self._waiting -= 1
+        self._open += 1
+        conn = aioredis.Connection(**self._kwargs)
+        try:
+            await conn.connect()
+            self._created += 1
+            await conn.send_command("INCRBY", key, 1)
+            value = await conn.read_response()
+        except (rexc.RedisError, OSError) as exc:
+            self._errors += 1
+            raise translate(exc) from None
+        finally:
+            await conn.disconnect()
+            self._open -= 1
+            self._slots.release()
+        return int(value)
+
+    async def ping(self) -> None:
+        conn = aioredis.Connection(**self._kwargs)
+        try:
+            await conn.connect()
+            await conn.send_command("PING")
+            await conn.read_response()
+        except (rexc.RedisError, OSError) as exc:
+            raise translate(exc) from None
+        finally:
+            await conn.disconnect()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "max": self.config.pool_size,
+            "size": self._open,
+            "idle": 0,
+            "in_use": self._open,
+            "waiting": self._waiting,
+            "created": self._created,
+            "errors": self._errors,
+            "wait_timeouts": self._wait_timeouts,
+        }

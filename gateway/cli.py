@@ -1,0 +1,187 @@
+"""Command line: argv and environment -> Config -> a running gateway.
+
+Every option has an environment variable; the command line wins. A bad value is
+one line on stderr and exit status 2; a listener that cannot bind is one line
+and exit status 1. Never a traceback for an operator's mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from .config import MODES, Config, ConfigError, parse_listen, parse_networks, parse_redis_url
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="gateway",
+        description=(
+            "HTTP gateway that counts every request per client IP in Redis "
+            "(INCRBY <prefix><ip> 1), then redirects to the target."
+        ),
+        epilog="Every option can also be set by the environment variable shown; the command line wins.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def opt(flag: str, env: str, default: Any, help: str, **kw: Any) -> None:
+        p.add_argument(flag, default=_env(env, default), help=f"{help} [env {env}]", **kw)
+
+    opt("--mode", "GATEWAY_MODE", "raw", "accounting mode: " + ", ".join(MODES), choices=MODES, metavar="MODE")
+    opt("--listen", "GATEWAY_LISTEN", "0.0.0.0:10060", "HOST:PORT of the HTTP front end")
+    opt(
+        "--admin-listen",
+        "GATEWAY_ADMIN_LISTEN",
+        "127.0.0.1:10061",
+        "HOST:PORT of the admin listener (/stats, /healthz, /readyz); 'off' disables it",
+    )
+    opt(
+        "--redis-url",
+        "REDIS_URL",
+        DEFAULT_REDIS_URL,
+        "redis[s]://[[user][:password@]][host][:port][/db], honoured in every mode",
+    )
+    opt("--pool-size", "GATEWAY_POOL_SIZE", 20, "most Redis connections open at once", type=int)
+    opt("--pool-wait-ms", "GATEWAY_POOL_WAIT_MS", 1000.0, "longest wait for a free pooled connection", type=float)
+    opt("--connect-timeout-ms", "GATEWAY_CONNECT_TIMEOUT_MS", 500.0, "longest Redis connect, AUTH and SELECT", type=float)
+    opt("--command-timeout-ms", "GATEWAY_COMMAND_TIMEOUT_MS", 500.0, "longest wait for a Redis reply", type=float)
+    opt("--key-prefix", "GATEWAY_KEY_PREFIX", "ip:", "prefix of the per-IP counter keys")
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="peer range whose X-Forwarded-For is believed; repeatable "
+        "[env GATEWAY_TRUSTED_PROXIES, comma-separated] (default: none)",
+    )
+    opt("--target", "GATEWAY_TARGET", "/ok", "where requests are redirected; requests for it get 200")
+    opt(
+        "--on-redis-error",
+        "GATEWAY_ON_REDIS_ERROR",
+        "allow",
+        "when accounting fails: allow (answer as usual, count the failure) or deny (503 + Retry-After)",
+        choices=("allow", "deny"),
+    )
+    opt("--mux-connections", "GATEWAY_MUX_CONNECTIONS", 1, "multiplexed mode: shared connections", type=int)
+    opt("--batch-window-ms", "GATEWAY_BATCH_WINDOW_MS", 1.0, "batched mode: longest wait before a flush", type=float)
+    opt("--batch-max-keys", "GATEWAY_BATCH_MAX_KEYS", 1000, "batched mode: flush at once when this many keys are pending", type=int)
+    opt(
+        "--batch-max-pending",
+        "GATEWAY_BATCH_MAX_PENDING",
+        1_000_000,
+        "batched mode: most increments held while Redis is unreachable",
+        type=int,
+    )
+    opt(
+        "--batch-ack",
+        "GATEWAY_BATCH_ACK",
+        "flush",
+        "batched mode: flush (answer once the increment is in Redis) or none (answer at once)",
+        choices=("flush", "none"),
+    )
+    opt("--shutdown-timeout-s", "GATEWAY_SHUTDOWN_TIMEOUT_S", 10.0, "longest wait for in-flight requests on SIGTERM", type=float)
+    opt("--log-level", "GATEWAY_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def _checked(convert: Callable[[str], Any], value: Any, name: str) -> Any:
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid {name} {value!r}") from None
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse argv and the environment; exits with one line on a bad value."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        trusted = args.trusted_proxy
+        if trusted is None:
+            trusted = [os.environ.get("GATEWAY_TRUSTED_PROXIES", "")]
+        admin = None if str(args.admin_listen).lower() in ("", "off", "none") else parse_listen(args.admin_listen, "127.0.0.1")
+        level = str(args.log_level).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"invalid log level {args.log_level!r}")
+        return Config(
+            mode=args.mode,
+            listen=parse_listen(args.listen, "0.0.0.0"),
+            admin_listen=admin,
+            redis=parse_redis_url(args.redis_url),
+            pool_size=_checked(int, args.pool_size, "pool size"),
+            pool_wait_ms=_checked(float, args.pool_wait_ms, "pool wait"),
+            connect_timeout_ms=_checked(float, args.connect_timeout_ms, "connect timeout"),
+            command_timeout_ms=_checked(float, args.command_timeout_ms, "command timeout"),
+            key_prefix=args.key_prefix,
+            trusted_proxies=parse_networks(trusted),
+            target=args.target,
+            on_redis_error=args.on_redis_error,
+            mux_connections=_checked(int, args.mux_connections, "mux connections"),
+            batch_window_ms=_checked(float, args.batch_window_ms, "batch window"),
+            batch_max_keys=_checked(int, args.batch_max_keys, "batch max keys"),
+            batch_max_pending=_checked(int, args.batch_max_pending, "batch max pending"),
+            batch_ack=args.batch_ack,
+            shutdown_timeout_s=_checked(float, args.shutdown_timeout_s, "shutdown timeout"),
+            log_level=level,
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+async def serve(config: Config) -> int:
+    from .app import Gateway, ListenError, Running
+
+    running = Running(Gateway(config))
+    try:
+        await running.start()
+    except ListenError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 1
+    log = logging.getLogger("gateway")
+    listening = ", ".join(f"{h}:{p}" for h, p in running.addresses)
+    log.info("gateway mode=%s listening on %s; redis %s", config.mode, listening, config.redis.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining requests, then closing Redis connections")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    await running.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_args(argv)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # uvloop is a dependency, but the gateway still runs without it
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Pure client-IP logic: TCP peer + trusted X-Forwarded-For -> canonical address text.
+
+Owns the rule for which address a request is counted under. It does no I/O and
+must never return text that did not parse as an IP address: whatever it returns
+becomes part of a Redis key.
+
+The rule: the peer address, unless the peer is a trusted proxy; then the
+X-Forwarded-For chain is read right to left and the first address that is not
+itself trusted wins (all trusted: the leftmost). Any entry on that walk that does
+not parse makes the whole header ignored, and the peer is used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from functools import lru_cache
+
+from .config import IPNetwork
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """Parse one address as found in a peer name or an X-Forwarded-For entry.
+
+    Accepts an optional port (`1.2.3.4:80`, `[::1]:80`), brackets and an IPv6
+    zone (dropped: a zone is local to the host that saw it). Returns None for
+    anything else, including `unknown` and obfuscated identifiers (RFC 7239).
+    """
+    text = text.strip()
+    if not text or len(text) > 64:
+        return None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or (end + 1 < len(text) and not text[end + 1 :].startswith(":")):
+            return None
+        text = text[1:end]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]  # IPv4 with a port
+    text = text.split("%", 1)[0]
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def canonical(text: str) -> str | None:
+    """Canonical text of an address: IPv6 compressed, IPv4-mapped unwrapped."""
+    addr = parse_ip(text)
+    return None if addr is None else str(addr)
+
+
+class ClientIPResolver:
+    """Applies the trusted-proxy rule; caches parses because peers repeat."""
+
+    def __init__(self, trusted: Iterable[IPNetwork] = (), cache_size: int = 4096) -> None:
+        self._trusted = tuple(trusted)
+        self._canonical = lru_cache(maxsize=cache_size)(canonical)
+        self._is_trusted_cached = lru_cache(maxsize=cache_size)(self._is_trusted)
+
+    def _is_trusted(self, addr: str) -> bool:
+        ip = ipaddress.ip_address(addr)
+        return any(ip.version == net.version and ip in net for net in self._trusted)
+
+    def resolve(self, peer: str | None, forwarded_for: str | None = None) -> str | None:
+        """The address to count, or None when not even the peer parses."""
+        client = self._canonical(peer) if peer else None
+        if client is None or not self._trusted or not forwarded_for:
+            return client
+        if not self._is_trusted_cached(client):
+            return client
+        chosen = client
+        for entry in reversed(forwarded_for.split(",")):
+            addr = self._canonical(entry)
+            if addr is None:
+                return client
+            chosen = addr
+            if not self._is_trusted_cached(addr):
+                return addr
+        return chosen

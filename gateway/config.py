@@ -1,0 +1,165 @@
+"""One frozen Config for the whole gateway, and the parsing of its textual values.
+
+Owns validation: every value is checked here, once, so the rest of the code can
+trust a Config. Parsing errors are `ConfigError` with a message fit for a single
+line on stderr; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+from urllib.parse import parse_qs, unquote, urlsplit
+
+Mode = Literal["off", "naive", "pooled", "raw", "multiplexed", "batched"]
+MODES: tuple[str, ...] = get_args(Mode)
+ErrorPolicy = Literal["allow", "deny"]
+BatchAck = Literal["flush", "none"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and the value."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where Redis is and how to log in, parsed from a redis[s]:// URL."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        """The URL back, with the password masked: safe to log or show in /stats."""
+        auth = ""
+        if self.username or self.password:
+            auth = (self.username or "") + (":***" if self.password else "") + "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse `redis[s]://[[user][:password@]][host][:port][/db][?db=N]`."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {url!r}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"invalid Redis URL {url!r}: scheme must be redis:// or rediss://")
+    db_text = parts.path.lstrip("/")
+    query = parse_qs(parts.query)
+    if not db_text and "db" in query:
+        db_text = query["db"][0]
+    try:
+        db = int(db_text) if db_text else 0
+    except ValueError:
+        raise ConfigError(f"invalid Redis URL {url!r}: database {db_text!r} is not a number") from None
+    if db < 0:
+        raise ConfigError(f"invalid Redis URL {url!r}: database must be >= 0")
+    password = parts.password
+    if password is None and "password" in query:
+        password = query["password"][0]
+    return RedisTarget(
+        host=parts.hostname or "127.0.0.1",
+        port=port or 6379,
+        db=db,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(password) if password else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def parse_listen(text: str, default_host: str) -> tuple[str, int]:
+    """Parse `HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT`."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    host = host.strip("[]") or default_host
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"invalid listen address {text!r}: expected HOST:PORT") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"invalid listen address {text!r}: port out of range")
+    return host, port
+
+
+def parse_networks(items: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    nets = []
+    for item in items:
+        for text in item.split(","):
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                nets.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ConfigError(f"invalid trusted proxy {text!r}: expected an address or CIDR") from None
+    return tuple(nets)
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: Mode = "raw"
+    listen: tuple[str, int] = ("0.0.0.0", 10060)
+    # None disables the admin listener.
+    admin_listen: tuple[str, int] | None = ("127.0.0.1", 10061)
+    redis: RedisTarget = field(default_factory=RedisTarget)
+    pool_size: int = 20
+    pool_wait_ms: float = 1000.0
+    connect_timeout_ms: float = 1000.0
+    command_timeout_ms: float = 1000.0
+    key_prefix: str = "ip:"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    target: str = "/ok"
+    on_redis_error: ErrorPolicy = "allow"
+    retry_after_s: int = 1
+    mux_connections: int = 1
+    batch_window_ms: float = 1.0
+    batch_max_keys: int = 1000
+    batch_max_pending: int = 1_000_000
+    batch_ack: BatchAck = "flush"
+    shutdown_timeout_s: float = 10.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"invalid mode {self.mode!r}: choose from {', '.join(MODES)}")
+        if self.pool_size < 1:
+            raise ConfigError(f"invalid pool size {self.pool_size}: must be >= 1")
+        for name in ("pool_wait_ms", "connect_timeout_ms", "command_timeout_ms", "batch_window_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"invalid {name.replace('_', '-')}: must be >= 0")
+        if self.connect_timeout_ms == 0 or self.command_timeout_ms == 0:
+            raise ConfigError("connect and command timeouts must be > 0")
+        if not self.target.startswith("/") or any(c in self.target for c in "\r\n"):
+            raise ConfigError(f"invalid target {self.target!r}: must be a path starting with /")
+        if self.on_redis_error not in get_args(ErrorPolicy):
+            raise ConfigError(f"invalid on-redis-error {self.on_redis_error!r}: choose allow or deny")
+        if self.mux_connections < 1:
+            raise ConfigError("mux-connections must be >= 1")
+        if self.batch_max_keys < 1 or self.batch_max_pending < 1:
+            raise ConfigError("batch-max-keys and batch-max-pending must be >= 1")
+        if self.batch_ack not in get_args(BatchAck):
+            raise ConfigError(f"invalid batch-ack {self.batch_ack!r}: choose flush or none")
+
+    @property
+    def pool_wait(self) -> float:
+        return self.pool_wait_ms / 1000
+
+    @property
+    def connect_timeout(self) -> float:
+        return self.connect_timeout_ms / 1000
+
+    @property
+    def command_timeout(self) -> float:
+        return self.command_timeout_ms / 1000

@@ -1,0 +1,211 @@
+"""One Redis connection: an asyncio transport driving the sans-IO `resp.Parser`.
+
+Owns the pairing of replies with commands. Invariant: replies arrive in send
+order, so each command's future sits in a FIFO and the next reply goes to the
+oldest one. A caller that stops waiting (cancelled) leaves its future in the
+FIFO; the reply is still consumed in its turn and dropped, so it can never be
+delivered to a later command. Anything that breaks that pairing (a protocol
+error, a reply with no command, an overdue reply) kills the connection and fails
+every command still in flight.
+
+Several commands may be in flight at once (pipelining); the pool uses one at a
+time, the multiplexer many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+from . import errors
+from .config import RedisTarget
+from .errors import AccountingError
+from .resp import NEED_DATA, Parser, ProtocolError, Reply, ReplyError, encode
+
+
+class RedisConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        command_timeout: float,
+        coalesce_writes: bool = False,
+    ) -> None:
+        self._loop = loop
+        self._timeout = command_timeout
+        self._coalesce = coalesce_writes
+        self._parser = Parser()
+        # (future, deadline) per command in flight, oldest first.
+        self._inflight: deque[tuple[asyncio.Future[Reply], float]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self._failure: AccountingError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._wbuf: list[bytes] = []
+        self.closed = loop.create_future()
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        inflight = self._inflight
+        while True:
+            try:
+                reply = parser.next_reply()
+            except ProtocolError as exc:
+                self.abort(AccountingError(errors.PROTOCOL, str(exc)))
+                return
+            if reply is NEED_DATA:
+                return
+            if not inflight:
+                self.abort(AccountingError(errors.PROTOCOL, "reply received with no command in flight"))
+                return
+            fut = inflight.popleft()[0]
+            if not fut.done():
+                fut.set_result(reply)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(AccountingError(errors.CONNECTION_LOST, f"connection to Redis lost: {exc or 'closed by peer'}"))
+        self._transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- commands ---------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        """Open and not failed: safe to send on."""
+        return self._failure is None and self._transport is not None
+
+    @property
+    def pending(self) -> int:
+        """Commands sent whose reply has not been read, including abandoned ones."""
+        return len(self._inflight)
+
+    def send_packed(self, data: bytes, count: int = 1) -> list[asyncio.Future[Reply]]:
+        """Send `count` already-encoded commands; one future per reply, in order."""
+        if self._failure is not None or self._transport is None:
+            raise self._failure or AccountingError(errors.CONNECTION_LOST, "connection is not open")
+        deadline = self._loop.time() + self._timeout
+        futs = []
+        for _ in range(count):
+            fut = self._loop.create_future()
+            self._inflight.append((fut, deadline))
+            futs.append(fut)
+        if self._coalesce:
+            if not self._wbuf:
+                self._loop.call_soon(self._flush)
+            self._wbuf.append(data)
+        else:
+            self._transport.write(data)
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+        return futs
+
+    def send(self, *args: object) -> asyncio.Future[Reply]:
+        return self.send_packed(encode(*args))[0]
+
+    async def execute(self, *args: object) -> Reply:
+        """Send one command and wait for its reply (a ReplyError is returned, not raised)."""
+        return await self.send(*args)
+
+    def _flush(self) -> None:
+        if self._wbuf and self._transport is not None and self._failure is None:
+            data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
+            self._transport.write(data)
+        self._wbuf.clear()
+
+    def _check_deadline(self) -> None:
+        # One timer per connection rather than one per command: it fires at the
+        # oldest command's deadline and re-arms for the next.
+        self._timer = None
+        if not self._inflight or self._failure is not None:
+            return
+        deadline = self._inflight[0][1]
+        if self._loop.time() >= deadline:
+            self.abort(AccountingError(errors.TIMEOUT, f"no reply from Redis within {self._timeout * 1000:.0f} ms"))
+        else:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+
+    # -- teardown ---------------------------------------------------------
+
+    def _fail(self, exc: AccountingError) -> None:
+        if self._failure is None:
+            self._failure = exc
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wbuf.clear()
+        while self._inflight:
+            fut = self._inflight.popleft()[0]
+            if not fut.done():
+                fut.set_exception(exc)
+                # Nobody may be awaiting an abandoned future; mark it retrieved.
+                fut.exception()
+
+    def abort(self, exc: AccountingError | None = None) -> None:
+        """Fail everything in flight and drop the socket now (no graceful close)."""
+        self._fail(exc or AccountingError(errors.CONNECTION_LOST, "connection discarded"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def close(self) -> None:
+        """Close gracefully: in-flight commands still get their replies first."""
+        if self._transport is not None and not self._transport.is_closing():
+            if self._inflight:
+                await asyncio.gather(*(f for f, _ in list(self._inflight)), return_exceptions=True)
+            if self._transport is not None:
+                self._transport.close()
+        await self.closed
+
+
+async def open_connection(
+    target: RedisTarget,
+    *,
+    connect_timeout: float,
+    command_timeout: float,
+    coalesce_writes: bool = False,
+) -> RedisConnection:
+    """Connect, then AUTH and SELECT as the URL asks; AccountingError on any failure."""
+    loop = asyncio.get_running_loop()
+    ssl_ctx = ssl.create_default_context() if target.tls else None
+    conn: RedisConnection | None = None
+    try:
+        async with asyncio.timeout(connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: RedisConnection(loop, command_timeout, coalesce_writes),
+                target.host,
+                target.port,
+                ssl=ssl_ctx,
+            )
+            hello: list[tuple[object, ...]] = []
+            if target.password:
+                if target.username:
+                    hello.append(("AUTH", target.username, target.password))
+                else:
+                    hello.append(("AUTH", target.password))
+            if target.db:
+                hello.append(("SELECT", target.db))
+            if hello:
+                futs = conn.send_packed(b"".join(encode(*c) for c in hello), len(hello))
+                for command, reply in zip(hello, await asyncio.gather(*futs)):
+                    if isinstance(reply, ReplyError):
+                        raise AccountingError(
+                            errors.reply_error_kind(reply.prefix), f"{command[0]} failed: {reply}"
+                        )
+        return conn
+    except BaseException as exc:
+        if conn is not None:
+            conn.abort()
+        if isinstance(exc, AccountingError):
+            raise
+        if isinstance(exc, TimeoutError):
+            raise AccountingError(
+                errors.CONNECT, f"connecting to {target.url} took longer than {connect_timeout * 1000:.0f} ms"
+            ) from None
+        if isinstance(exc, OSError):
+            raise AccountingError(errors.CONNECT, f"cannot connect to {target.url}: {exc.strerror or exc}") from None
+        raise

@@ -1,0 +1,209 @@
+"""A bounded pool of Redis connections: the seed's design, with its gaps closed.
+
+Owns how many connections exist and who holds them. Invariants:
+
+- At most `max_size` connections exist, counting those still connecting: a slot
+  is reserved *before* the connect starts, because connecting yields to the
+  event loop and other callers would otherwise all see a free slot.
+- Waiters are served first come, first served: a released connection (or a
+  freed slot) is handed straight to the oldest waiter, never left for a newcomer
+  to take. A waiter is woken by that hand-off, not by polling.
+- A connection goes back to the idle list only when it is open and has no reply
+  outstanding. One that errored, timed out or was abandoned mid-command
+  (cancellation) is closed and its slot freed: a reused connection with a reply
+  still in flight would hand that reply to the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from . import errors
+from .connection import RedisConnection
+from .errors import AccountingError
+
+# A waiter's future resolves to a connection, or to None: "a slot is yours, connect".
+_Grant = RedisConnection | None
+
+
+class Pool:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[RedisConnection]],
+        max_size: int,
+        wait_timeout: float,
+    ) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be >= 1")
+        self._connect = connect
+        self.max_size = max_size
+        self.wait_timeout = wait_timeout
+        self._idle: deque[RedisConnection] = deque()
+        self._waiters: deque[asyncio.Future[_Grant]] = deque()
+        self._size = 0  # open connections plus reserved (connecting) slots
+        self._in_use = 0
+        self._closed = False
+        self.created = 0
+        self.errors = 0
+        self.discarded = 0
+        self.wait_timeouts = 0
+
+    # -- checkout ---------------------------------------------------------
+
+    async def acquire(self) -> RedisConnection:
+        if self._closed:
+            raise AccountingError(errors.UNAVAILABLE, "pool is closed")
+        idle = self._idle
+        while idle:
+            conn = idle.pop()  # most recently used first: warm, least likely to have timed out
+            if conn.usable:
+                self._in_use += 1
+                return conn
+            self._forget(conn)
+        if self._size < self.max_size and not self._waiters:
+            self._size += 1
+            return await self._open_reserved()
+        grant = await self._wait()
+        if grant is None:
+            return await self._open_reserved()
+        return grant
+
+    def release(self, conn: RedisConnection) -> None:
+        """Give a connection back. Safe to call with a broken or dirty connection."""
+        self._in_use -= 1
+        if self._closed or not conn.usable or conn.pending:
+            self.discarded += 1
+            conn.abort()
+            self._size -= 1
+            self._grant_slot()
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._in_use += 1
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    @asynccontextmanager
+    async def connection(self, discard_on_error: bool = True) -> AsyncIterator[RedisConnection]:
+        """Check a connection out for exclusive use; it always comes back.
+
+        Meant for commands a shared connection cannot carry (BLPOP, XREAD BLOCK,
+        MULTI/EXEC, WATCH). With `discard_on_error`, any exception in the block,
+        cancellation included, closes the connection instead of reusing it,
+        since its state (an open MULTI, a pending block) is then unknown.
+        """
+        conn = await self.acquire()
+        try:
+            yield conn
+        except BaseException:
+            if discard_on_error:
+                conn.abort()
+            raise
+        finally:
+            self.release(conn)
+
+    # -- internals --------------------------------------------------------
+
+    async def _open_reserved(self) -> RedisConnection:
+        try:
+            conn = await self._connect()
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.errors += 1
+            self._size -= 1
+            self._grant_slot()
+            raise
+        self.created += 1
+        self._in_use += 1
+        return conn
+
+    async def _wait(self) -> _Grant:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_Grant] = loop.create_future()
+        self._waiters.append(fut)
+        timer = loop.call_later(self.wait_timeout, self._expire, fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # The grant may have landed just before the cancellation: pass it on.
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                grant = fut.result()
+                if grant is None:
+                    self._size -= 1
+                    self._grant_slot()
+                else:
+                    self.release(grant)
+            else:
+                self._remove_waiter(fut)
+            raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, fut: asyncio.Future[_Grant]) -> None:
+        if not fut.done():
+            self.wait_timeouts += 1
+            self._remove_waiter(fut)
+            fut.set_exception(
+                AccountingError(
+                    errors.POOL_TIMEOUT,
+                    f"no Redis connection free within {self.wait_timeout * 1000:.0f} ms "
+                    f"({self.max_size} in use)",
+                )
+            )
+
+    def _remove_waiter(self, fut: asyncio.Future[_Grant]) -> None:
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass
+
+    def _grant_slot(self) -> None:
+        """A slot was freed: hand it to the oldest waiter, who will connect."""
+        if self._closed:
+            return
+        while self._waiters and self._size < self.max_size:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._size += 1
+                fut.set_result(None)
+                return
+
+    def _forget(self, conn: RedisConnection) -> None:
+        self.discarded += 1
+        self._size -= 1
+        conn.abort()
+
+    # -- lifecycle and introspection ----------------------------------------
+
+    async def close(self) -> None:
+        """Refuse new checkouts, fail waiters, close idle connections.
+
+        Connections in use are closed as they come back.
+        """
+        self._closed = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(AccountingError(errors.UNAVAILABLE, "pool is closed"))
+        idle = list(self._idle)
+        self._idle.clear()
+        self._size -= len(idle)
+        await asyncio.gather(*(c.close() for c in idle), return_exceptions=True)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "max": self.max_size,
+            "size": self._size,
+            "idle": len(self._idle),
+            "in_use": self._in_use,
+            "waiting": len(self._waiters),
+            "created": self.created,
+            "errors": self.errors,
+            "discarded": self.discarded,
+            "wait_timeouts": self.wait_timeouts,
+        }
