@@ -43,11 +43,13 @@ class Gateway:
         self._prefix = config.key_prefix
         self._target = config.target
         self._deny = config.on_redis_error == "deny"
+        self._uses_redis = self.backend.uses_redis
         self._redirect = {"Location": config.target}
         self._started = time.monotonic()
         self.requests = 0
         self.counted = 0
         self.no_client_ip = 0
+        self.uncounted = 0
         self.failures: Counter[str] = Counter()
         self.failure_log = FailureLog(
             log, "requests are answered 503" if self._deny else "requests are let through uncounted"
@@ -71,6 +73,8 @@ class Gateway:
         if ip is None:
             # Not even the peer parses (a Unix socket, say): nothing to count under.
             self.no_client_ip += 1
+        elif not self._uses_redis:
+            self.uncounted += 1
         else:
             try:
                 await self.backend.incr(self._prefix + ip)
@@ -115,8 +119,9 @@ class Gateway:
                 "total": self.requests,
                 "counted": self.counted,
                 "failed": failed,
+                "uncounted": self.uncounted,
                 "no_client_ip": self.no_client_ip,
-                "in_flight": self.requests - self.counted - failed - self.no_client_ip,
+                "in_flight": self.requests - self.counted - failed - self.uncounted - self.no_client_ip,
             },
             "failures": dict(self.failures),
             "pool": self.backend.stats(),
@@ -171,10 +176,13 @@ class Running:
         config = self.gateway.config
         await self.gateway.start()
         try:
-            front = web.ServerRunner(self.gateway.front_server(), handle_signals=False)
+            grace = config.shutdown_timeout_s
+            front = web.ServerRunner(self.gateway.front_server(), handle_signals=False, shutdown_timeout=grace)
             await self._add(front, config.listen)
             if config.admin_listen is not None:
-                admin = web.AppRunner(self.gateway.admin_app(), handle_signals=False, access_log=None)
+                admin = web.AppRunner(
+                    self.gateway.admin_app(), handle_signals=False, access_log=None, shutdown_timeout=grace
+                )
                 await self._add(admin, config.admin_listen)
         except BaseException:
             await self.stop()
@@ -183,7 +191,7 @@ class Running:
     async def _add(self, runner: web.BaseRunner[Any], where: tuple[str, int]) -> None:
         self._runners.append(runner)
         await runner.setup()
-        site = web.TCPSite(runner, where[0], where[1], shutdown_timeout=self.gateway.config.shutdown_timeout_s)
+        site = web.TCPSite(runner, where[0], where[1])
         try:
             await site.start()
         except OSError as exc:

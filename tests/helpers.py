@@ -1,0 +1,215 @@
+"""Test helpers: real redis-server processes on free ports, a fake RESP server for
+faults only it can produce, and an in-process gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from gateway.app import Gateway, Running
+from gateway.config import Config, parse_redis_url
+from gateway.resp import Parser, encode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, owned by one test or session."""
+
+    def __init__(self, *extra: str, port: int | None = None, password: str | None = None) -> None:
+        self.port = port or free_port()
+        self.password = password
+        self.extra = list(extra)
+        self.dir = tempfile.mkdtemp(prefix="gw-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def url_db(self, db: int) -> str:
+        return self.url.rsplit("/", 1)[0] + f"/{db}"
+
+    def start(self) -> RedisServer:
+        args = [
+            shutil.which("redis-server") or "redis-server",
+            "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"),
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args + self.extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.client().ping():
+                    return self
+            except redis.exceptions.AuthenticationError:
+                raise
+            except redis.exceptions.RedisError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, db=db, socket_timeout=5)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client_count(self) -> int:
+        """Normal clients connected, not counting the one asking."""
+        return len(self.client().client_list(_type="normal")) - 1
+
+
+@dataclass
+class FakeRedis:
+    """A tiny RESP server for faults a real Redis will not produce on demand.
+
+    It answers INCRBY from its own dict and PING/AUTH/SELECT with +OK/+PONG.
+    `handshake_delay` slows the first reply of each connection (a slow accept),
+    `stall` holds every reply until released, `split` sends replies a byte at a time.
+    """
+
+    handshake_delay: float = 0.0
+    split: bool = False
+    stall: asyncio.Event | None = None
+    counts: dict[bytes, int] = field(default_factory=dict)
+    current: int = 0
+    peak: int = 0
+    accepted: int = 0
+    commands: list[list[bytes]] = field(default_factory=list)
+    port: int = 0
+    _server: asyncio.base_events.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> FakeRedis:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.current += 1
+        self.peak = max(self.peak, self.current)
+        self._writers.add(writer)
+        parser = Parser()
+        first = True
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                for cmd in parser.replies():
+                    assert isinstance(cmd, list)
+                    self.commands.append(cmd)
+                    if first and self.handshake_delay:
+                        await asyncio.sleep(self.handshake_delay)
+                    first = False
+                    if self.stall is not None:
+                        await self.stall.wait()
+                    reply = self._reply(cmd)
+                    if self.split:
+                        for i in range(len(reply)):
+                            writer.write(reply[i : i + 1])
+                            await writer.drain()
+                            await asyncio.sleep(0)
+                    else:
+                        writer.write(reply)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.current -= 1
+            self._writers.discard(writer)
+            writer.close()
+
+    def _reply(self, cmd: list[bytes]) -> bytes:
+        name = cmd[0].upper()
+        if name == b"INCRBY":
+            self.counts[cmd[1]] = self.counts.get(cmd[1], 0) + int(cmd[2])
+            return b":%d\r\n" % self.counts[cmd[1]]
+        if name == b"PING":
+            return b"+PONG\r\n"
+        if name in (b"AUTH", b"SELECT"):
+            return b"+OK\r\n"
+        return b"-ERR unknown command\r\n"
+
+    async def close(self) -> None:
+        if self._server:
+            self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            await self._server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: Config) -> AsyncIterator[tuple[Gateway, str]]:
+    """A gateway in this event loop on free ports; yields it and its base URL."""
+    gw = Gateway(config)
+    running = Running(gw)
+    await running.start()
+    try:
+        host, port = running.addresses[0]
+        yield gw, f"http://{host}:{port}"
+    finally:
+        await running.stop()
+
+
+def make_config(redis_url: str, mode: str = "raw", **kw: object) -> Config:
+    defaults: dict[str, object] = {
+        "listen": ("127.0.0.1", 0),
+        "admin_listen": None,
+        "pool_wait_ms": 1000.0,
+        "connect_timeout_ms": 500.0,
+        "command_timeout_ms": 500.0,
+    }
+    defaults.update(kw)
+    return Config(mode=mode, redis=parse_redis_url(redis_url), **defaults)  # type: ignore[arg-type]
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+__all__ = ["FakeRedis", "RedisServer", "encode", "eventually", "free_port", "make_config", "running_gateway"]

@@ -1,0 +1,62 @@
+import pytest
+
+from gateway.cli import config_from_args
+from gateway.config import Config, ConfigError, parse_listen, parse_redis_url
+
+
+def test_redis_url_full_form() -> None:
+    t = parse_redis_url("rediss://alice:s%40cret@redis.example:6380/4")
+    assert (t.host, t.port, t.db, t.username, t.password, t.tls) == ("redis.example", 6380, 4, "alice", "s@cret", True)
+    assert "s@cret" not in t.url
+
+
+def test_redis_url_defaults_and_password_only() -> None:
+    t = parse_redis_url("redis://:pw@")
+    assert (t.host, t.port, t.db, t.username, t.password) == ("127.0.0.1", 6379, 0, None, "pw")
+    assert parse_redis_url("redis://h?db=3").db == 3
+    assert parse_redis_url("redis://[::1]:7000").host == "::1"
+
+
+@pytest.mark.parametrize("bad", ["http://x", "redis://h:port", "redis://h/db", "redis://h:99999", "redis://h/-1"])
+def test_redis_url_errors(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_redis_url(bad)
+
+
+def test_listen_forms() -> None:
+    assert parse_listen("1.2.3.4:80", "0.0.0.0") == ("1.2.3.4", 80)
+    assert parse_listen(":80", "0.0.0.0") == ("0.0.0.0", 80)
+    assert parse_listen("80", "0.0.0.0") == ("0.0.0.0", 80)
+    assert parse_listen("[::]:80", "0.0.0.0") == ("::", 80)
+    with pytest.raises(ConfigError):
+        parse_listen("host:http", "0.0.0.0")
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ConfigError):
+        Config(pool_size=0)
+    with pytest.raises(ConfigError):
+        Config(target="ok")
+    with pytest.raises(ConfigError):
+        Config(mode="bogus")  # type: ignore[arg-type]
+
+
+def test_environment_and_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_MODE", "pooled")
+    monkeypatch.setenv("GATEWAY_POOL_SIZE", "7")
+    monkeypatch.setenv("GATEWAY_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.0.0/16")
+    monkeypatch.setenv("REDIS_URL", "redis://h:1/2")
+    c = config_from_args([])
+    assert (c.mode, c.pool_size, c.redis.port, c.redis.db) == ("pooled", 7, 1, 2)
+    assert [str(n) for n in c.trusted_proxies] == ["10.0.0.0/8", "192.168.0.0/16"]
+    c = config_from_args(["--mode", "raw", "--trusted-proxy", "127.0.0.1", "--admin-listen", "off"])
+    assert c.mode == "raw" and [str(n) for n in c.trusted_proxies] == ["127.0.0.1/32"] and c.admin_listen is None
+
+
+def test_bad_environment_value_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GATEWAY_POOL_SIZE", "many")
+    with pytest.raises(SystemExit) as exc:
+        config_from_args([])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pool-size" in err

@@ -1,0 +1,102 @@
+import pytest
+
+from gateway.resp import NEED_DATA, Parser, ProtocolError, ReplyError, encode
+
+# Every RESP2 reply type, with what the parser must return for it.
+CASES = [
+    (b"+OK\r\n", "OK"),
+    (b"-WRONGTYPE Operation against a key\r\n", ReplyError("WRONGTYPE Operation against a key")),
+    (b":42\r\n", 42),
+    (b":-7\r\n", -7),
+    (b"$5\r\nhello\r\n", b"hello"),
+    (b"$0\r\n\r\n", b""),
+    (b"$-1\r\n", None),
+    (b"$4\r\na\r\nb\r\n", b"a\r\nb"),  # CRLF inside a bulk string is data, not a terminator
+    (b"*-1\r\n", None),
+    (b"*0\r\n", []),
+    (b"*3\r\n:1\r\n$1\r\nx\r\n+y\r\n", [1, b"x", "y"]),
+    (b"*2\r\n*2\r\n:1\r\n$-1\r\n*1\r\n-ERR nested\r\n", [[1, None], [ReplyError("ERR nested")]]),
+]
+STREAM = b"".join(raw for raw, _ in CASES)
+EXPECTED = [value for _, value in CASES]
+
+
+@pytest.mark.parametrize(("raw", "expected"), CASES)
+def test_each_reply_type(raw: bytes, expected: object) -> None:
+    p = Parser()
+    p.feed(raw)
+    assert p.next_reply() == expected
+    assert p.next_reply() is NEED_DATA
+    assert p.buffered == 0
+
+
+def test_error_reply_is_a_value_with_its_code() -> None:
+    p = Parser()
+    p.feed(b"-READONLY You can't write against a read only replica.\r\n")
+    reply = p.next_reply()
+    assert isinstance(reply, ReplyError)
+    assert reply.prefix == "READONLY"
+
+
+def test_every_split_point_of_the_whole_stream() -> None:
+    for cut in range(len(STREAM) + 1):
+        p = Parser()
+        p.feed(STREAM[:cut])
+        got = p.replies()
+        p.feed(STREAM[cut:])
+        got += p.replies()
+        assert got == EXPECTED, f"split at {cut}"
+
+
+def test_one_byte_at_a_time() -> None:
+    p = Parser()
+    got = []
+    for i in range(len(STREAM)):
+        p.feed(STREAM[i : i + 1])
+        got += p.replies()
+    assert got == EXPECTED
+
+
+def test_every_pair_of_split_points_of_a_nested_reply() -> None:
+    raw = CASES[-1][0]
+    for a in range(len(raw) + 1):
+        for b in range(a, len(raw) + 1):
+            p = Parser()
+            got = []
+            for chunk in (raw[:a], raw[a:b], raw[b:]):
+                p.feed(chunk)
+                got += p.replies()
+            assert got == [CASES[-1][1]], (a, b)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"?what\r\n", b":12x\r\n", b"$-5\r\n", b"$3\r\nabcXY", b"*-2\r\n", b"*1" + b"*1\r\n" * 40],
+)
+def test_protocol_errors(bad: bytes) -> None:
+    p = Parser()
+    p.feed(bad)
+    with pytest.raises(ProtocolError):
+        p.next_reply()
+
+
+def test_encode_is_length_prefixed_bulk_strings() -> None:
+    assert encode("INCRBY", "ip:1.2.3.4", 1) == b"*3\r\n$6\r\nINCRBY\r\n$10\r\nip:1.2.3.4\r\n$1\r\n1\r\n"
+    assert encode(b"GET", "\u00e9") == b"*2\r\n$3\r\nGET\r\n$2\r\n\xc3\xa9\r\n"
+
+
+def test_encode_cannot_be_injected() -> None:
+    # A key carrying CRLF and a second command stays one bulk string of one command.
+    key = "x\r\n*1\r\n$8\r\nFLUSHALL\r\n"
+    p = Parser()
+    p.feed(encode("INCRBY", key, 1))
+    assert p.replies() == [[b"INCRBY", key.encode(), b"1"]]
+
+
+def test_encode_refuses_what_it_cannot_represent() -> None:
+    with pytest.raises(TypeError):
+        encode("SET", "k", True)
+    with pytest.raises(TypeError):
+        encode("SET", "k", object())
+    with pytest.raises(ValueError):
+        encode()
