@@ -1,0 +1,103 @@
+"""Redis down, erroring or slow: the gateway answers, counts the failure, recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import pytest
+
+from ..helpers import FakeRedis, RedisServer, make_config, running_gateway
+
+
+async def _statuses(session: aiohttp.ClientSession, url: str, n: int) -> list[int]:
+    async def one() -> int:
+        async with session.get(url, allow_redirects=False) as r:
+            return r.status
+
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def test_redis_stopped_then_back(redis_mode: str, own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_config(own_redis.url, redis_mode, pool_wait_ms=200, connect_timeout_ms=200, command_timeout_ms=200)
+    async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
+        assert await _statuses(s, base + "/", 5) == [302] * 5
+        await gw.backend.close() if redis_mode == "batched" else None
+    # The batched flusher keeps pending counts across the outage; the others fail open.
+    async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
+        own_redis.stop()
+        with caplog.at_level(logging.WARNING, logger="gateway"):
+            t0 = time.monotonic()
+            statuses = await _statuses(s, base + "/", 50)
+            assert statuses == [302] * 50
+            assert time.monotonic() - t0 < 5
+            warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert 1 <= len(warnings) <= 3  # once per burst, not per request
+            assert all(r.exc_info is None for r in warnings)
+        stats = gw.stats()
+        if redis_mode != "batched" or gw.config.batch_ack == "flush":
+            assert stats["requests"]["failed"] >= 1 or redis_mode == "batched"
+        own_redis.start()
+        # Recovers on its own: keep sending until increments land again.
+        before = stats["requests"]["counted"]
+        deadline = time.monotonic() + 10
+        while gw.stats()["requests"]["counted"] <= before and time.monotonic() < deadline:
+            await _statuses(s, base + "/", 5)
+            await asyncio.sleep(0.05)
+        assert gw.stats()["requests"]["counted"] > before
+        assert gw.stats()["pool"].get("in_use", 0) <= cfg.pool_size
+        await gw.backend.close()
+    assert int(own_redis.client().get("ip:127.0.0.1") or 0) >= 1
+
+
+async def test_error_reply_is_counted_by_kind_and_served(redis_mode: str, redis_server: RedisServer) -> None:
+    redis_server.client().set("ip:127.0.0.1", "not a number")
+    async with running_gateway(make_config(redis_server.url, redis_mode)) as (gw, base), aiohttp.ClientSession() as s:
+        assert await _statuses(s, base + "/", 20) == [302] * 20
+        await gw.backend.close()
+        failures = gw.stats()["failures"]
+    assert failures.get("redis:ERR", 0) == 20, failures
+    redis_server.client().delete("ip:127.0.0.1")
+
+
+async def test_wrong_type_key(redis_mode: str, redis_server: RedisServer) -> None:
+    redis_server.client().lpush("ip:127.0.0.1", "x")
+    async with running_gateway(make_config(redis_server.url, redis_mode)) as (gw, base), aiohttp.ClientSession() as s:
+        assert await _statuses(s, base + "/", 10) == [302] * 10
+        await gw.backend.close()
+    assert gw.stats()["failures"].get("redis:WRONGTYPE", 0) == 10
+
+
+async def test_deny_policy_answers_503(redis_mode: str) -> None:
+    fake = await FakeRedis().start()
+    port = fake.port
+    await fake.close()
+    cfg = make_config(f"redis://127.0.0.1:{port}/0", redis_mode, on_redis_error="deny", pool_wait_ms=100)
+    if redis_mode == "batched":
+        cfg = make_config(
+            f"redis://127.0.0.1:{port}/0", redis_mode, on_redis_error="deny", pool_wait_ms=100, command_timeout_ms=200
+        )
+    async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
+        async with s.get(base + "/", allow_redirects=False) as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "1"
+
+
+async def test_slow_redis_bounded_by_timeouts(redis_mode: str) -> None:
+    stall = asyncio.Event()
+    fake = await FakeRedis(stall=stall).start()
+    cfg = make_config(fake.url, redis_mode, pool_size=2, pool_wait_ms=200, command_timeout_ms=200, connect_timeout_ms=200)
+    try:
+        async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
+            t0 = time.monotonic()
+            statuses = await _statuses(s, base + "/", 20)
+            elapsed = time.monotonic() - t0
+            assert statuses == [302] * 20
+            # pool wait + connect + command, with slack for a loaded machine
+            assert elapsed < 3.0
+            stall.set()
+    finally:
+        stall.set()
+        await fake.close()
