@@ -47,12 +47,12 @@ redis: system-deps venv
 run: redis
 	REDIS_URL='$(REDIS_URL)' $(VENV)/bin/gateway
 
-test: system-deps venv
+test: system-deps venv lint
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check gateway tests loadtest
-	$(VENV)/bin/ruff format --check gateway tests loadtest
+	$(VENV)/bin/ruff check gateway tests $(wildcard loadtest)
+	$(VENV)/bin/ruff format --check gateway tests $(wildcard loadtest)
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache *.egg-info

@@ -23,7 +23,6 @@ from typing import Any
 from aiohttp import web
 
 from . import errors
-from .accounting import counter_key
 from .backends import backend_class
 from .backends.base import Backend
 from .client_ip import ClientIPResolver

@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt("--pool-size", "GATEWAY_POOL_SIZE", 20, "most Redis connections open at once", type=int)
     opt("--pool-wait-ms", "GATEWAY_POOL_WAIT_MS", 1000.0, "longest wait for a free pooled connection", type=float)
-    opt("--connect-timeout-ms", "GATEWAY_CONNECT_TIMEOUT_MS", 500.0, "longest Redis connect, AUTH and SELECT", type=float)
+    opt(
+        "--connect-timeout-ms",
+        "GATEWAY_CONNECT_TIMEOUT_MS",
+        500.0,
+        "longest Redis connect, AUTH and SELECT",
+        type=float,
+    )
     opt("--command-timeout-ms", "GATEWAY_COMMAND_TIMEOUT_MS", 500.0, "longest wait for a Redis reply", type=float)
     opt("--key-prefix", "GATEWAY_KEY_PREFIX", "ip:", "prefix of the per-IP counter keys")
     p.add_argument(
@@ -81,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt("--mux-connections", "GATEWAY_MUX_CONNECTIONS", 1, "multiplexed mode: shared connections", type=int)
     opt("--batch-window-ms", "GATEWAY_BATCH_WINDOW_MS", 1.0, "batched mode: longest wait before a flush", type=float)
-    opt("--batch-max-keys", "GATEWAY_BATCH_MAX_KEYS", 1000, "batched mode: flush at once when this many keys are pending", type=int)
+    opt(
+        "--batch-max-keys",
+        "GATEWAY_BATCH_MAX_KEYS",
+        1000,
+        "batched mode: flush at once when this many keys are pending",
+        type=int,
+    )
     opt(
         "--batch-max-pending",
         "GATEWAY_BATCH_MAX_PENDING",
@@ -96,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "batched mode: flush (answer once the increment is in Redis) or none (answer at once)",
         choices=("flush", "none"),
     )
-    opt("--shutdown-timeout-s", "GATEWAY_SHUTDOWN_TIMEOUT_S", 10.0, "longest wait for in-flight requests on SIGTERM", type=float)
+    opt(
+        "--shutdown-timeout-s",
+        "GATEWAY_SHUTDOWN_TIMEOUT_S",
+        10.0,
+        "longest wait for in-flight requests on SIGTERM",
+        type=float,
+    )
     opt("--log-level", "GATEWAY_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -116,7 +134,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         trusted = args.trusted_proxy
         if trusted is None:
             trusted = [os.environ.get("GATEWAY_TRUSTED_PROXIES", "")]
-        admin = None if str(args.admin_listen).lower() in ("", "off", "none") else parse_listen(args.admin_listen, "127.0.0.1")
+        admin = (
+            None
+            if str(args.admin_listen).lower() in ("", "off", "none")
+            else parse_listen(args.admin_listen, "127.0.0.1")
+        )
         level = str(args.log_level).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"invalid log level {args.log_level!r}")

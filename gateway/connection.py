@@ -28,7 +28,7 @@ class RedisConnection(asyncio.Protocol):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        command_timeout: float,
+        command_timeout: float | None,
         coalesce_writes: bool = False,
     ) -> None:
         self._loop = loop
@@ -89,7 +89,8 @@ class RedisConnection(asyncio.Protocol):
         """Send `count` already-encoded commands; one future per reply, in order."""
         if self._failure is not None or self._transport is None:
             raise self._failure or AccountingError(errors.CONNECTION_LOST, "connection is not open")
-        deadline = self._loop.time() + self._timeout
+        timeout = self._timeout
+        deadline = self._loop.time() + timeout if timeout is not None else 0.0
         futs = []
         for _ in range(count):
             fut = self._loop.create_future()
@@ -101,7 +102,7 @@ class RedisConnection(asyncio.Protocol):
             self._wbuf.append(data)
         else:
             self._transport.write(data)
-        if self._timer is None:
+        if self._timer is None and timeout is not None:
             self._timer = self._loop.call_at(deadline, self._check_deadline)
         return futs
 
@@ -126,7 +127,8 @@ class RedisConnection(asyncio.Protocol):
             return
         deadline = self._inflight[0][1]
         if self._loop.time() >= deadline:
-            self.abort(AccountingError(errors.TIMEOUT, f"no reply from Redis within {self._timeout * 1000:.0f} ms"))
+            ms = (self._timeout or 0) * 1000
+            self.abort(AccountingError(errors.TIMEOUT, f"no reply from Redis within {ms:.0f} ms"))
         else:
             self._timer = self._loop.call_at(deadline, self._check_deadline)
 
@@ -166,7 +168,7 @@ async def open_connection(
     target: RedisTarget,
     *,
     connect_timeout: float,
-    command_timeout: float,
+    command_timeout: float | None,
     coalesce_writes: bool = False,
 ) -> RedisConnection:
     """Connect, then AUTH and SELECT as the URL asks; AccountingError on any failure."""
@@ -191,11 +193,9 @@ async def open_connection(
                 hello.append(("SELECT", target.db))
             if hello:
                 futs = conn.send_packed(b"".join(encode(*c) for c in hello), len(hello))
-                for command, reply in zip(hello, await asyncio.gather(*futs)):
+                for command, reply in zip(hello, await asyncio.gather(*futs), strict=False):
                     if isinstance(reply, ReplyError):
-                        raise AccountingError(
-                            errors.reply_error_kind(reply.prefix), f"{command[0]} failed: {reply}"
-                        )
+                        raise AccountingError(errors.reply_error_kind(reply.prefix), f"{command[0]} failed: {reply}")
         return conn
     except BaseException as exc:
         if conn is not None:

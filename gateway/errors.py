@@ -13,6 +13,7 @@ CONNECT = "connect_error"  # refused, unreachable, TLS or AUTH/SELECT failed
 TIMEOUT = "timeout"  # connected, but the reply did not come within the command timeout
 CONNECTION_LOST = "connection_lost"  # the connection broke with the command in flight
 PROTOCOL = "protocol_error"  # the server sent something that is not RESP
+DEFERRED = "deferred"  # batched mode: Redis unreachable; the increment is kept and retried
 OVERFLOW = "overflow"  # batched mode: pending increments reached --batch-max-pending
 UNAVAILABLE = "unavailable"  # the backend is closed or not started
 INTERNAL = "internal"  # a bug: logged with a traceback, once per burst

@@ -151,8 +151,7 @@ class Pool:
             fut.set_exception(
                 AccountingError(
                     errors.POOL_TIMEOUT,
-                    f"no Redis connection free within {self.wait_timeout * 1000:.0f} ms "
-                    f"({self.max_size} in use)",
+                    f"no Redis connection free within {self.wait_timeout * 1000:.0f} ms ({self.max_size} in use)",
                 )
             )
 

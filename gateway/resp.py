@@ -10,7 +10,7 @@ inline, so no key or value can smuggle a CR/LF and inject a second command.
 
 from __future__ import annotations
 
-from typing import Final, Union
+from typing import Final
 
 __all__ = ["NEED_DATA", "Parser", "ProtocolError", "Reply", "ReplyError", "encode"]
 
@@ -45,7 +45,7 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not RESP2: the stream cannot be trusted any more."""
 
 
-Reply = Union[bytes, int, str, None, ReplyError, list["Reply"]]
+Reply = bytes | int | str | None | ReplyError | list["Reply"]
 
 _CRLF: Final = b"\r\n"
 
@@ -96,7 +96,7 @@ class Parser:
     request path are a few bytes, so the re-read costs nothing that matters.
     """
 
-    __slots__ = ("_buf", "_pos", "_max_bulk")
+    __slots__ = ("_buf", "_max_bulk", "_pos")
 
     def __init__(self, max_bulk: int = 512 * 1024 * 1024) -> None:
         self._buf = bytearray()

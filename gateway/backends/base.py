@@ -25,6 +25,7 @@ class Backend(abc.ABC):
 
     async def start(self) -> None:
         """Prepare connections. Must not fail when Redis is down: the gateway fails open."""
+        return None
 
     @abc.abstractmethod
     async def incr(self, key: str) -> int | None:
@@ -32,6 +33,7 @@ class Backend(abc.ABC):
 
     async def ping(self) -> None:
         """Raise AccountingError unless Redis answers now (readiness)."""
+        return None
 
     def stats(self) -> dict[str, Any]:
         """Connection counters for /stats (pool size, idle, in use, waiting, ...)."""
@@ -39,3 +41,4 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:
         """Finish or fail what is in flight and close every connection."""
+        return None

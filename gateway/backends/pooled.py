@@ -77,4 +77,3 @@ class PooledBackend(Backend):
     async def close(self) -> None:
         await self._client.aclose()
         await self._pool.disconnect()
-

@@ -95,7 +95,7 @@ def test_process_serves_reports_and_exits_0_on_sigterm(redis_server: RedisServer
         assert _get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=15)
+        _out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert redis_server.client().get("ip:127.0.0.1") == b"1"

@@ -20,34 +20,30 @@ async def _statuses(session: aiohttp.ClientSession, url: str, n: int) -> list[in
     return await asyncio.gather(*(one() for _ in range(n)))
 
 
-async def test_redis_stopped_then_back(redis_mode: str, own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+async def test_redis_stopped_then_back(
+    redis_mode: str, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = make_config(own_redis.url, redis_mode, pool_wait_ms=200, connect_timeout_ms=200, command_timeout_ms=200)
     async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
         assert await _statuses(s, base + "/", 5) == [302] * 5
-        await gw.backend.close() if redis_mode == "batched" else None
-    # The batched flusher keeps pending counts across the outage; the others fail open.
-    async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
         own_redis.stop()
-        with caplog.at_level(logging.WARNING, logger="gateway"):
+        with caplog.at_level(logging.WARNING):
             t0 = time.monotonic()
-            statuses = await _statuses(s, base + "/", 50)
-            assert statuses == [302] * 50
+            assert await _statuses(s, base + "/", 50) == [302] * 50
             assert time.monotonic() - t0 < 5
-            warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-            assert 1 <= len(warnings) <= 3  # once per burst, not per request
-            assert all(r.exc_info is None for r in warnings)
-        stats = gw.stats()
-        if redis_mode != "batched" or gw.config.batch_ack == "flush":
-            assert stats["requests"]["failed"] >= 1 or redis_mode == "batched"
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert 1 <= len(warnings) <= 4, [r.getMessage() for r in warnings]  # per burst, not per request
+        assert all(r.exc_info is None for r in warnings)
+        assert gw.stats()["requests"]["failed"] >= 1
         own_redis.start()
-        # Recovers on its own: keep sending until increments land again.
-        before = stats["requests"]["counted"]
+        # It recovers by itself: keep sending until increments are confirmed again.
+        before = gw.stats()["requests"]["counted"]
         deadline = time.monotonic() + 10
         while gw.stats()["requests"]["counted"] <= before and time.monotonic() < deadline:
             await _statuses(s, base + "/", 5)
             await asyncio.sleep(0.05)
         assert gw.stats()["requests"]["counted"] > before
-        assert gw.stats()["pool"].get("in_use", 0) <= cfg.pool_size
+        assert own_redis.client_count() <= cfg.pool_size
         await gw.backend.close()
     assert int(own_redis.client().get("ip:127.0.0.1") or 0) >= 1
 
@@ -74,12 +70,10 @@ async def test_deny_policy_answers_503(redis_mode: str) -> None:
     fake = await FakeRedis().start()
     port = fake.port
     await fake.close()
-    cfg = make_config(f"redis://127.0.0.1:{port}/0", redis_mode, on_redis_error="deny", pool_wait_ms=100)
-    if redis_mode == "batched":
-        cfg = make_config(
-            f"redis://127.0.0.1:{port}/0", redis_mode, on_redis_error="deny", pool_wait_ms=100, command_timeout_ms=200
-        )
-    async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
+    cfg = make_config(
+        f"redis://127.0.0.1:{port}/0", redis_mode, on_redis_error="deny", pool_wait_ms=100, shutdown_timeout_s=0.2
+    )
+    async with running_gateway(cfg) as (_gw, base), aiohttp.ClientSession() as s:
         async with s.get(base + "/", allow_redirects=False) as r:
             assert r.status == 503
             assert r.headers["Retry-After"] == "1"
@@ -88,9 +82,11 @@ async def test_deny_policy_answers_503(redis_mode: str) -> None:
 async def test_slow_redis_bounded_by_timeouts(redis_mode: str) -> None:
     stall = asyncio.Event()
     fake = await FakeRedis(stall=stall).start()
-    cfg = make_config(fake.url, redis_mode, pool_size=2, pool_wait_ms=200, command_timeout_ms=200, connect_timeout_ms=200)
+    cfg = make_config(
+        fake.url, redis_mode, pool_size=2, pool_wait_ms=200, command_timeout_ms=200, connect_timeout_ms=200
+    )
     try:
-        async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
+        async with running_gateway(cfg) as (_gw, base), aiohttp.ClientSession() as s:
             t0 = time.monotonic()
             statuses = await _statuses(s, base + "/", 20)
             elapsed = time.monotonic() - t0

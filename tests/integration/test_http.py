@@ -35,7 +35,17 @@ async def _raw(base: str, payload: bytes) -> bytes:
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
     ],
-    ids=["garbage", "version", "nul", "header-syntax", "big-header", "big-line", "many-headers", "bad-length", "smuggle"],
+    ids=[
+        "garbage",
+        "version",
+        "nul",
+        "header-syntax",
+        "big-header",
+        "big-line",
+        "many-headers",
+        "bad-length",
+        "smuggle",
+    ],
 )
 async def test_malformed_request_gets_4xx(payload: bytes, redis_server: RedisServer) -> None:
     async with running_gateway(make_config(redis_server.url, "raw")) as (gw, base):
@@ -50,7 +60,7 @@ async def test_malformed_request_gets_4xx(payload: bytes, redis_server: RedisSer
 
 
 async def test_spoofed_forwarded_for_from_untrusted_peer(redis_server: RedisServer) -> None:
-    async with running_gateway(make_config(redis_server.url, "raw")) as (gw, base), aiohttp.ClientSession() as s:
+    async with running_gateway(make_config(redis_server.url, "raw")) as (_gw, base), aiohttp.ClientSession() as s:
         for _ in range(3):
             async with s.get(base + "/", allow_redirects=False, headers={"X-Forwarded-For": "6.6.6.6"}) as r:
                 assert r.status == 302
@@ -58,7 +68,7 @@ async def test_spoofed_forwarded_for_from_untrusted_peer(redis_server: RedisServ
 
 
 async def test_methods_and_keepalive(redis_server: RedisServer) -> None:
-    async with running_gateway(make_config(redis_server.url, "raw")) as (gw, base), aiohttp.ClientSession() as s:
+    async with running_gateway(make_config(redis_server.url, "raw")) as (_gw, base), aiohttp.ClientSession() as s:
         for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"):
             async with s.request(method, base + "/x", data=b"body" if method in ("POST", "PUT") else None,
                                  allow_redirects=False) as r:  # fmt: skip

@@ -1,0 +1,214 @@
+"""Multiplexed and batched modes against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+
+import aiohttp
+import pytest
+
+from gateway.config import parse_redis_url
+from gateway.errors import AccountingError
+from gateway.multiplexer import Multiplexer, UnsupportedCommand
+
+from ..helpers import RedisServer, eventually, make_config, running_gateway
+
+TRUST_LOCAL = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+def _mux(url: str, **kw: object) -> Multiplexer:
+    return Multiplexer(parse_redis_url(url), **kw)  # type: ignore[arg-type]
+
+
+async def _per_key_chains(
+    mux: Multiplexer, keys: int, steps: int, tolerate_errors: bool = False
+) -> dict[int, list[int]]:
+    """Key i is incremented by (i + 1) each step; every reply must be a multiple of (i + 1)
+    and strictly grow, so a reply delivered to the wrong caller cannot go unnoticed."""
+    seen: dict[int, list[int]] = {i: [] for i in range(keys)}
+
+    async def chain(i: int) -> None:
+        for _ in range(steps):
+            try:
+                value = await mux.execute("INCRBY", f"mux:{i}", i + 1)
+            except AccountingError:
+                if not tolerate_errors:
+                    raise
+                await asyncio.sleep(0.001)
+                continue
+            assert isinstance(value, int) and value % (i + 1) == 0, (i, value)
+            assert not seen[i] or value > seen[i][-1], (i, value, seen[i][-1])
+            seen[i].append(value)
+
+    await asyncio.gather(*(chain(i) for i in range(keys)))
+    return seen
+
+
+async def test_multiplexer_many_callers_each_get_their_own_reply(redis_server: RedisServer) -> None:
+    mux = _mux(redis_server.url, connections=2)
+    await mux.start(wait=2)
+    try:
+        seen = await _per_key_chains(mux, keys=200, steps=25)
+        for i, values in seen.items():
+            assert values == [(i + 1) * (j + 1) for j in range(25)]
+    finally:
+        await mux.close()
+
+
+async def test_multiplexer_client_kill_mid_flight(redis_server: RedisServer) -> None:
+    mux = _mux(redis_server.url, connections=1, backoff_initial=0.01, backoff_max=0.05)
+    await mux.start(wait=2)
+    killer_done = asyncio.Event()
+
+    async def killer() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0.03)
+            await asyncio.to_thread(redis_server.client().client_kill_filter, _type="normal", skipme=True)
+        killer_done.set()
+
+    try:
+        kill_task = asyncio.create_task(killer())
+        seen = await _per_key_chains(mux, keys=50, steps=200, tolerate_errors=True)
+        await kill_task
+        assert mux.disconnects >= 1
+        # After the kills, the next commands are correct again.
+        await eventually(lambda: mux.connected == 1)
+        r = redis_server.client()
+        for i in range(50):
+            value = await mux.execute("INCRBY", f"mux:{i}", i + 1)
+            assert value == int(r.get(f"mux:{i}"))
+            assert not seen[i] or value > seen[i][-1]
+    finally:
+        await mux.close()
+
+
+async def test_multiplexer_refuses_blocking_and_transactions(redis_server: RedisServer) -> None:
+    mux = _mux(redis_server.url)
+    await mux.start(wait=2)
+    try:
+        for cmd in (("BLPOP", "q", 0), ("MULTI",), ("WATCH", "k"), ("XREAD", "BLOCK", 0, "STREAMS", "s", "$"),
+                    ("SUBSCRIBE", "c"), ("SELECT", 1)):  # fmt: skip
+            with pytest.raises(UnsupportedCommand, match="dedicated"):
+                await mux.execute(*cmd)
+        assert await mux.execute("XREAD", "STREAMS", "s", "0") is None  # non-blocking XREAD is fine
+        assert await mux.execute("PING") == "PONG"
+    finally:
+        await mux.close()
+
+
+async def test_dedicated_checkout_for_blocking_commands(redis_server: RedisServer) -> None:
+    mux = _mux(redis_server.url, dedicated_pool_size=1, dedicated_wait=1.0)
+    await mux.start(wait=2)
+    try:
+
+        async def pop() -> object:
+            async with mux.dedicated() as conn:
+                return await conn.execute("BLPOP", "jobs", 5)
+
+        task = asyncio.create_task(pop())
+        await asyncio.sleep(0.05)
+        # The shared connection is not blocked by the BLPOP.
+        assert await mux.execute("RPUSH", "jobs", "x") == 1
+        assert await task == [b"jobs", b"x"]
+        # On exception: given back (discarded), and the slot is usable again.
+        with pytest.raises(RuntimeError):
+            async with mux.dedicated() as conn:
+                await conn.execute("MULTI")
+                raise RuntimeError
+        # On cancellation too.
+        task = asyncio.create_task(pop())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert mux.stats()["dedicated"]["in_use"] == 0
+        async with mux.dedicated() as conn:
+            assert await conn.execute("MULTI") == "OK"
+            assert await conn.execute("INCR", "t") == "QUEUED"
+            assert await conn.execute("EXEC") == [1]
+    finally:
+        await mux.close()
+
+
+async def _spread(base: str, plan: dict[str, int], concurrency: int = 100) -> list[int]:
+    requests = [ip for ip, n in plan.items() for _ in range(n)]
+    random.Random(7).shuffle(requests)
+    sem = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+
+        async def one(ip: str) -> int:
+            async with sem, s.get(base + "/", allow_redirects=False, headers={"X-Forwarded-For": ip}) as r:
+                return r.status
+
+        return await asyncio.gather(*(one(ip) for ip in requests))
+
+
+@pytest.mark.parametrize("shared_mode", ["multiplexed", "batched"])
+async def test_exact_counts_across_many_ips(shared_mode: str, redis_server: RedisServer) -> None:
+    plan = {f"10.9.{i // 250}.{i % 250}": 1 + i % 7 for i in range(300)}
+    cfg = make_config(redis_server.url, shared_mode, trusted_proxies=TRUST_LOCAL, batch_max_keys=64)
+    async with running_gateway(cfg) as (gw, base):
+        statuses = await _spread(base, plan)
+        assert set(statuses) == {302}
+        assert gw.stats()["requests"]["counted"] == sum(plan.values())
+    r = redis_server.client()
+    for ip, n in plan.items():
+        assert r.get(f"ip:{ip}") == str(n).encode(), ip
+
+
+async def test_batched_survives_redis_restart_with_exact_counts() -> None:
+    server = RedisServer("--appendonly", "yes", "--appendfsync", "always").start()
+    try:
+        cfg = make_config(server.url, "batched", trusted_proxies=TRUST_LOCAL, command_timeout_ms=200,
+                          connect_timeout_ms=200)  # fmt: skip
+        async with running_gateway(cfg) as (gw, base):
+            before = {f"10.1.0.{i}": 3 for i in range(20)}
+            assert set(await _spread(base, before)) == {302}
+            server.stop()
+            during = {f"10.1.0.{i}": 2 for i in range(30)}
+            assert set(await _spread(base, during)) == {302}  # answered while Redis is down
+            assert gw.backend.stats()["pending_increments"] > 0
+            await asyncio.sleep(0.3)
+            server.start()
+            await eventually(lambda: gw.backend.stats()["pending_increments"] == 0, timeout=10)
+        r = server.client()
+        for i in range(30):
+            expected = before.get(f"10.1.0.{i}", 0) + during[f"10.1.0.{i}"]
+            assert r.get(f"ip:10.1.0.{i}") == str(expected).encode()
+    finally:
+        server.cleanup()
+
+
+async def test_batched_shutdown_flushes_pending(redis_server: RedisServer) -> None:
+    # A window far longer than the test: only the shutdown flush can write the counts.
+    cfg = make_config(redis_server.url, "batched", batch_window_ms=60_000, batch_ack="none",
+                      trusted_proxies=TRUST_LOCAL)  # fmt: skip
+    plan = {f"10.2.0.{i}": 4 for i in range(25)}
+    async with running_gateway(cfg) as (gw, base):
+        assert set(await _spread(base, plan)) == {302}
+        assert redis_server.client().dbsize() == 0
+        assert gw.backend.stats()["pending_increments"] == 100
+    r = redis_server.client()
+    assert all(r.get(f"ip:{ip}") == b"4" for ip in plan)
+
+
+async def test_batched_overflow_is_counted(redis_server: RedisServer) -> None:
+    cfg = make_config(redis_server.url, "batched", batch_window_ms=60_000, batch_ack="none", batch_max_pending=10,
+                      trusted_proxies=TRUST_LOCAL)  # fmt: skip
+    async with running_gateway(cfg) as (gw, base):
+        assert set(await _spread(base, {f"10.3.0.{i}": 1 for i in range(15)}, concurrency=1)) == {302}
+        assert gw.stats()["failures"] == {"overflow": 5}
+        assert gw.backend.stats()["overflow"] == 5
+    assert redis_server.client().dbsize() == 10
+
+
+async def test_batched_flush_at_max_keys(redis_server: RedisServer) -> None:
+    cfg = make_config(redis_server.url, "batched", batch_window_ms=60_000, batch_max_keys=10,
+                      trusted_proxies=TRUST_LOCAL)  # fmt: skip
+    async with running_gateway(cfg) as (gw, base):
+        # ack=flush with a one-minute window: these only complete because 10 keys trigger a flush.
+        statuses = await asyncio.wait_for(_spread(base, {f"10.4.0.{i}": 1 for i in range(10)}), 10)
+        assert set(statuses) == {302}
+        assert gw.backend.stats()["last_flush_keys"] == 10
