@@ -86,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("allow", "deny"),
     )
     opt("--mux-connections", "GATEWAY_MUX_CONNECTIONS", 1, "multiplexed mode: shared connections", type=int)
-    opt("--batch-window-ms", "GATEWAY_BATCH_WINDOW_MS", 1.0, "batched mode: longest wait before a flush", type=float)
+    opt(
+        "--batch-window-ms",
+        "GATEWAY_BATCH_WINDOW_MS",
+        0.0,
+        "batched mode: longest wait before a flush; 0 flushes at the end of each loop tick, or as soon as "
+        "the flush in flight returns (batches then grow with load)",
+        type=float,
+    )
     opt(
         "--batch-max-keys",
         "GATEWAY_BATCH_MAX_KEYS",

@@ -124,7 +124,7 @@ class Config:
     on_redis_error: ErrorPolicy = "allow"
     retry_after_s: int = 1
     mux_connections: int = 1
-    batch_window_ms: float = 1.0
+    batch_window_ms: float = 0.0
     batch_max_keys: int = 1000
     batch_max_pending: int = 1_000_000
     batch_ack: BatchAck = "flush"

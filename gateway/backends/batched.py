@@ -32,7 +32,7 @@ from typing import Any
 from .. import errors
 from ..errors import AccountingError
 from ..multiplexer import Multiplexer
-from ..resp import ReplyError, encode
+from ..resp import Reply, ReplyError, encode
 from .base import Backend
 
 log = logging.getLogger("gateway.batched")
@@ -68,7 +68,8 @@ class BatchedBackend(Backend):
         self._ack = c.batch_ack == "flush"
         self._batch = _Batch()
         self._inflight: _Batch | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_when = 0.0
         self._retry_at = 0.0
         self._backoff = 0.0
         self.failing = False
@@ -117,38 +118,50 @@ class BatchedBackend(Backend):
     def _schedule(self, delay: float) -> None:
         if self._inflight is not None:
             return  # the flush in flight reschedules when it completes
-        delay = max(delay, self._retry_at - self._loop.time())
+        now = self._loop.time()
+        when = max(now + delay, self._retry_at)
         if self._timer is not None:
-            if self._timer.when() <= self._loop.time() + delay:
+            if self._timer_when <= when:
                 return
             self._timer.cancel()
-        self._timer = self._loop.call_later(delay, self._start_flush)
+        self._timer_when = when
+        # A zero window means "end of this loop tick": call_soon is far cheaper than a timer.
+        if when <= now:
+            self._timer = self._loop.call_soon(self._start_flush)
+        else:
+            self._timer = self._loop.call_at(when, self._start_flush)
 
     def _start_flush(self) -> None:
+        # Callbacks, not a task: a flush is one write and one done-callback.
         self._timer = None
         if self._inflight is not None or not self._batch.counts:
             return
         batch, self._batch = self._batch, _Batch()
-        self._inflight = batch
-        self._loop.create_task(self._flush(batch))
-
-    async def _flush(self, batch: _Batch) -> None:
-        started = time.perf_counter()
         keys = list(batch.counts)
         try:
             conn = self.mux.connection()
             data = b"".join([encode("INCRBY", k, batch.counts[k]) for k in keys])
             futs = conn.send_packed(data, len(keys))
-            await futs[-1]  # replies come in order: the last one done means all are
-            replies = [f.result() for f in futs]
         except AccountingError as exc:
             self._flush_failed(batch, exc)
-        except Exception as exc:  # a bug must not lose the tallies either
-            self._flush_failed(batch, AccountingError(errors.INTERNAL, repr(exc)))
-            log.exception("batched flush failed unexpectedly")
-        else:
+            self._reschedule()
+            return
+        self._inflight = batch
+        started = time.perf_counter()
+        # Replies come in order: the last one done means all are.
+        futs[-1].add_done_callback(lambda _: self._flush_done(batch, keys, futs, started))
+
+    def _flush_done(self, batch: _Batch, keys: list[str], futs: list[asyncio.Future[Reply]], started: float) -> None:
+        self._inflight = None
+        try:
+            exc = futs[-1].exception()
+            if exc is not None:
+                err = exc if isinstance(exc, AccountingError) else AccountingError(errors.INTERNAL, repr(exc))
+                self._flush_failed(batch, err)
+                return
             key_errors: dict[str, AccountingError] = {}
-            for key, reply in zip(keys, replies, strict=False):
+            for key, fut in zip(keys, futs, strict=True):
+                reply = fut.result()
                 if isinstance(reply, ReplyError):
                     key_errors[key] = AccountingError(errors.reply_error_kind(reply.prefix), str(reply))
             if self.failing:
@@ -165,9 +178,11 @@ class BatchedBackend(Backend):
                 if not fut.done():
                     fut.set_result(result)
         finally:
-            self._inflight = None
-            if self._batch.counts:
-                self._schedule(self._window)
+            self._reschedule()
+
+    def _reschedule(self) -> None:
+        if self._batch.counts:
+            self._schedule(self._window)
 
     def _flush_failed(self, batch: _Batch, exc: AccountingError) -> None:
         self.flush_failures += 1
