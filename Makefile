@@ -6,9 +6,8 @@ PY := $(VENV)/bin/python
 REDIS_URL ?= redis://127.0.0.1:6379/0
 RUN_DIR := run
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := redis-server haproxy lua-redis wrk
 
-.PHONY: run test lint system-deps venv redis clean
+.PHONY: run test lint system-deps venv redis haproxy clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +20,7 @@ venv: $(VENV)/.installed
 # Debian packages the gateway, the reference and the tests use; installed only if missing.
 system-deps:
 	@missing=""; \
-	for bin in redis-server:redis-server haproxy:haproxy wrk:wrk; do \
+	for bin in redis-server:redis-server haproxy:haproxy wrk:wrk lua5.3:lua5.3; do \
 	  command -v $${bin%%:*} >/dev/null || missing="$$missing $${bin##*:}"; \
 	done; \
 	[ -e /usr/share/lua/5.3/redis.lua ] || [ -e /usr/share/lua/5.1/redis.lua ] || missing="$$missing lua-redis"; \
@@ -46,6 +45,11 @@ redis: system-deps venv
 
 run: redis
 	REDIS_URL='$(REDIS_URL)' $(VENV)/bin/gateway
+
+# The HAProxy+Lua reference in the foreground, against the same local Redis (ports in haproxy/run.sh).
+haproxy: redis
+	read host port < <($(PY) -c 'import sys; from gateway.config import parse_redis_url as p; t = p(sys.argv[1]); print(t.host, t.port)' '$(REDIS_URL)'); \
+	REF_REDIS_HOST="$$host" REF_REDIS_PORT="$$port" haproxy/run.sh
 
 test: system-deps venv lint
 	$(PY) -m pytest -q

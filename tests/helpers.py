@@ -212,4 +212,62 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0, interval: 
         await asyncio.sleep(interval)
 
 
-__all__ = ["FakeRedis", "RedisServer", "encode", "eventually", "free_port", "make_config", "running_gateway"]
+__all__ = [
+    "FakeRedis",
+    "HAProxyReference",
+    "RedisServer",
+    "encode",
+    "eventually",
+    "free_port",
+    "make_config",
+    "running_gateway",
+]
+
+
+class HAProxyReference:
+    """The HAProxy+Lua reference (haproxy/run.sh) on free ports, against a given Redis."""
+
+    LISTENERS = ("calibration", "naive", "pooled", "raw")
+
+    def __init__(self, redis_port: int, trusted: str = "127.0.0.0/8", pool_size: int = 20, **env: str) -> None:
+        self.ports = {name: free_port() for name in (*self.LISTENERS, "stats")}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.script = os.path.join(root, "haproxy", "run.sh")
+        self.env = {
+            **os.environ,
+            "HAPROXY_BIND": "127.0.0.1",
+            "REF_REDIS_PORT": str(redis_port),
+            "REF_TRUSTED_PROXIES": trusted,
+            "REF_POOL_SIZE": str(pool_size),
+            "REF_TIMEOUT_MS": "500",
+            **{f"HAPROXY_{name.upper()}_PORT": str(port) for name, port in self.ports.items()},
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, listener: str) -> str:
+        return f"http://127.0.0.1:{self.ports[listener]}"
+
+    def start(self) -> HAProxyReference:
+        self.proc = subprocess.Popen([self.script], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        for port in self.ports.values():
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                        raise RuntimeError(f"haproxy did not start: {out}") from None
+                    time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
