@@ -132,7 +132,7 @@ async def test_fail_open_and_recovery(own_redis: RedisServer) -> None:
 
         async def counting_again() -> bool:
             for listener in ("pooled", "raw"):
-                await _send(ref.url(listener), [f"192.0.2.{listener == 'raw' and 2 or 1}"])
+                await _send(ref.url(listener), [f"192.0.2.{(listener == 'raw' and 2) or 1}"])
             r = own_redis.client()
             return r.get("ip:192.0.2.1") is not None and r.get("ip:192.0.2.2") is not None
 
