@@ -125,6 +125,10 @@ core.register_action("acct-naive", { "http-req" }, function(txn)
   end
   local client = redis.connect({ socket = tcp })
   pcall(client.incrby, client, key, 1)
+  -- QUIT makes Redis drop the connection now. HAProxy closes a cosocket
+  -- asynchronously, and under load the closes lag behind the connects until
+  -- Redis's maxclients is reached and INCRBYs are refused.
+  pcall(client.quit, client)
   tcp:close()
 end)
 

@@ -29,6 +29,11 @@ def connection_kwargs(config: Config) -> dict[str, Any]:
         "socket_connect_timeout": config.connect_timeout,
         "socket_timeout": config.command_timeout,
         "retry": Retry(NoBackoff(), 0),
+        # RESP2 like the project's own codec, and no CLIENT SETINFO: otherwise each
+        # new connection sends HELLO and SETINFO first, round trips the naive
+        # mode would pay on every request.
+        "protocol": 2,
+        "driver_info": None,
     }
     if target.tls:
         kwargs["ssl"] = True

@@ -1,0 +1,563 @@
+"""The benchmark: every gateway mode and every HAProxy+Lua mode, in one run.
+
+For each target and round it starts a fresh redis-server and the target, pins
+the target to one core and the injector and Redis to the others, warms up,
+drives the target for a fixed time (wrk by default, locust on request), and
+records req/s, latency, the target's CPU split, peak RSS, peak Redis
+connections, Redis commands per request, and count accuracy. Targets are
+interleaved round by round and medians reported, so drift hits all alike.
+
+Count accuracy compares the Redis counters with the 302s the injector saw. A
+time-limited injector stops with up to one request per connection still in
+flight; the target counted those but the injector never saw their answers. So
+`extra` is expected to lie between 0 and the connection count, and a negative
+value means counts were lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+GATEWAY_MODES = ("off", "naive", "pooled", "raw", "multiplexed", "batched")
+HAPROXY_MODES = ("calibration", "naive", "pooled", "raw")
+# Which HAProxy listener is the same mode as which gateway mode.
+PEER_MODE = {"off": "calibration", "calibration": "off", "naive": "naive", "pooled": "pooled", "raw": "raw"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Target:
+    impl: str  # "gateway" or "haproxy"
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.impl}/{self.mode}"
+
+    @property
+    def calibration(self) -> bool:
+        return self.mode in ("off", "calibration")
+
+
+@dataclass
+class Sample:
+    target: str
+    round: int
+    rps: float = 0.0
+    requests: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    cpu_user_pct: float = 0.0
+    cpu_sys_pct: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_redis_connections: int = 0
+    redis_commands_per_request: float = 0.0
+    counted: int = 0
+    seen_302: int = 0
+    extra: int = 0  # counted - seen_302: in flight at stop (expected 0..connections)
+    non_3xx: int = 0
+    socket_errors: int = 0
+    injector_cpu_pct: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Settings:
+    duration: float = 10.0
+    warmup: float = 2.0
+    rounds: int = 3
+    connections: int = 50
+    threads: int = 1
+    client_ips: int = 1
+    distribution: str = "uniform"
+    injector: str = "wrk"
+    targets: list[str] = field(default_factory=list)
+    pin: bool = True
+    out: str = "results"
+
+
+# -- processes ------------------------------------------------------------------
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus is not None else cmd
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process, all threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listening on {port} after {timeout} s") from None
+            time.sleep(0.02)
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Redis:
+    def __init__(self, cpus: str | None) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", self.dir, "--maxclients", "10000"]  # fmt: skip
+        self.proc = subprocess.Popen(pinned(cmd, cpus), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+        self.client = redis.Redis(port=self.port, socket_timeout=10)
+        self.own_commands = 0
+
+    def info(self, section: str) -> dict[str, Any]:
+        self.own_commands += 1
+        return self.client.info(section)  # type: ignore[no-any-return]
+
+    def commands(self) -> int:
+        return int(self.info("stats")["total_commands_processed"])
+
+    def counter_sum(self) -> int:
+        total = 0
+        keys: list[bytes] = []
+        for key in self.client.scan_iter(count=1000):
+            keys.append(key)
+        for i in range(0, len(keys), 1000):
+            total += sum(int(v) for v in self.client.mget(keys[i : i + 1000]) if v is not None)
+        return total
+
+    def close(self) -> None:
+        stop(self.proc)  # type: ignore[arg-type]
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ConnectionSampler(threading.Thread):
+    """Samples connected_clients every 20 ms; keeps the peak and how many INFOs it sent."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis(port=port, socket_timeout=5)
+        self.peak = 0
+        self.calls = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            # Our own sampling connection is one of the clients: not counted.
+            self.peak = max(self.peak, int(self.client.info("clients")["connected_clients"]) - 2)
+            self.calls += 1
+            self._halt.wait(0.02)
+
+    def finish(self) -> None:
+        self._halt.set()
+        self.join()
+        self.client.close()
+
+
+def start_target(t: Target, redis_port: int, cpus: str | None) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    if t.impl == "gateway":
+        cmd = [sys.executable, "-m", "gateway", "--mode", t.mode, "--listen", f"127.0.0.1:{port}",
+               "--admin-listen", "off", "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+               "--trusted-proxy", "127.0.0.1", "--log-level", "WARNING"]  # fmt: skip
+        env = dict(os.environ)
+    else:
+        cmd = [str(ROOT / "haproxy" / "run.sh")]
+        env = {
+            **os.environ,
+            "HAPROXY_BIND": "127.0.0.1",
+            "REF_REDIS_PORT": str(redis_port),
+            "REF_TRUSTED_PROXIES": "127.0.0.1",
+            **{f"HAPROXY_{m.upper()}_PORT": str(free_port()) for m in HAPROXY_MODES},
+            "HAPROXY_STATS_PORT": str(free_port()),
+        }
+        env[f"HAPROXY_{t.mode.upper()}_PORT"] = str(port)
+    proc = subprocess.Popen(pinned(cmd, cpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_port(port, proc)
+    return proc, port
+
+
+# -- injectors --------------------------------------------------------------------
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)", text)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
+
+
+def run_wrk(url: str, s: Settings, duration: float, cpus: str | None) -> dict[str, Any]:
+    seconds = max(1, round(duration))  # wrk takes whole seconds
+    cmd = ["wrk", "-t", str(s.threads), "-c", str(s.connections), "-d", f"{seconds}s", "--latency",
+           "-s", str(ROOT / "loadtest" / "xff.lua"), url + "/", "--", str(s.client_ips), s.distribution]  # fmt: skip
+    proc = subprocess.Popen(pinned(cmd, cpus), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=seconds + 60)
+    requests = re.search(r"(\d+) requests in", out)
+    non = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    if requests is None:
+        raise RuntimeError(f"wrk failed: {out.strip()[-300:]}")
+    total = int(requests.group(1))
+    non_3xx = int(non.group(1)) if non else 0
+    return {
+        "requests": total,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": _ms(lat.get("50", "0ms")),
+        "p99_ms": _ms(lat.get("99", "0ms")),
+        "non_3xx": non_3xx,
+        "seen_302": total - non_3xx,
+        "socket_errors": sum(int(x) for x in errs.groups()) if errs else 0,
+    }
+
+
+def run_locust(url: str, s: Settings, duration: float, cpus: str | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "run")
+        cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+               "-u", str(s.connections), "-r", str(s.connections), "-t", f"{max(1, round(duration))}s",
+               "--host", url, "--csv", prefix, "--only-summary", "--client-ips", str(s.client_ips),
+               "--ip-distribution", s.distribution, "--stop-timeout", "5", "--loglevel", "ERROR"]  # fmt: skip
+        subprocess.run(pinned(cmd, cpus), capture_output=True, text=True, timeout=duration + 120)
+        with open(prefix + "_stats.csv") as f:
+            header, *rows = [line.rstrip("\n").split(",") for line in f]
+        row = dict(zip(header, rows[-1], strict=False))  # the Aggregated row
+        total = int(row["Request Count"])
+        failures = int(row["Failure Count"])
+        return {
+            "requests": total,
+            "rps": float(row["Requests/s"]),
+            "p50_ms": float(row["50%"]),
+            "p99_ms": float(row["99%"]),
+            "non_3xx": failures,
+            "seen_302": total - failures,
+            "socket_errors": 0,
+        }
+
+
+# -- one measurement ------------------------------------------------------------------
+
+
+def measure(t: Target, rnd: int, s: Settings) -> Sample:
+    cores = os.cpu_count() or 1
+    pin = s.pin and shutil.which("taskset") is not None and cores >= 2
+    target_cpus = "0" if pin else None
+    other_cpus = f"1-{cores - 1}" if pin else None
+    sample = Sample(target=t.name, round=rnd)
+    db = Redis(other_cpus)
+    proc = None
+    try:
+        proc, port = start_target(t, db.port, target_cpus)
+        url = f"http://127.0.0.1:{port}"
+        inject = run_wrk if s.injector == "wrk" else run_locust
+        if s.warmup > 0:
+            inject(url, s, s.warmup, other_cpus)
+        time.sleep(0.3)
+        counted_before = db.counter_sum()
+        commands_before = db.commands()
+        own_before = db.own_commands
+        u0, s0 = cpu_times(proc.pid)
+        sampler = ConnectionSampler(db.port)
+        sampler.start()
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        res = inject(url, s, s.duration, other_cpus)
+        elapsed = time.monotonic() - t0
+        u1, s1 = cpu_times(proc.pid)
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        injector_cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
+        sampler.finish()
+        time.sleep(0.5)  # let the last in-flight requests and any batch flush land
+        sample.peak_rss_mb = round(peak_rss_mb(proc.pid), 1)
+        stop(proc)
+        proc = None
+        counted = db.counter_sum() - counted_before
+        commands = db.commands() - commands_before - (db.own_commands - own_before) - sampler.calls
+        sample.rps = round(res["rps"], 1)
+        sample.requests = res["requests"]
+        sample.p50_ms = round(res["p50_ms"], 3)
+        sample.p99_ms = round(res["p99_ms"], 3)
+        sample.non_3xx = res["non_3xx"]
+        sample.socket_errors = res["socket_errors"]
+        sample.seen_302 = res["seen_302"]
+        sample.counted = counted
+        sample.extra = counted - res["seen_302"] if not t.calibration else 0
+        busy = max(elapsed, 1e-9)
+        sample.cpu_user_pct = round(100 * (u1 - u0) / busy, 1)
+        sample.cpu_sys_pct = round(100 * (s1 - s0) / busy, 1)
+        sample.injector_cpu_pct = round(100 * injector_cpu / busy, 1)
+        sample.peak_redis_connections = sampler.peak
+        sample.redis_commands_per_request = round(max(commands, 0) / max(res["requests"], 1), 4)
+    except Exception as exc:  # one broken target must not cost the whole run
+        sample.error = str(exc)
+    finally:
+        stop(proc)
+        db.close()
+    return sample
+
+
+# -- aggregation and reports ------------------------------------------------------------
+
+NUMERIC = [f for f in Sample.__dataclass_fields__ if f not in ("target", "round", "error")]
+
+
+def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    by_target: dict[str, list[Sample]] = {}
+    for smp in samples:
+        by_target.setdefault(smp.target, []).append(smp)
+    for name, group in by_target.items():
+        ok = [g for g in group if g.error is None]
+        row: dict[str, Any] = {"rounds": len(ok), "errors": [g.error for g in group if g.error]}
+        for f in NUMERIC:
+            values = [getattr(g, f) for g in ok]
+            row[f] = statistics.median(values) if values else None
+        # Accuracy is judged on every round, not the median: one loss anywhere counts.
+        row["min_extra"] = min((g.extra for g in ok), default=None)
+        row["max_extra"] = max((g.extra for g in ok), default=None)
+        out[name] = row
+    return out
+
+
+def _fmt_rps(v: float | None) -> str:
+    return "–" if v is None else f"{v:,.0f}"
+
+
+def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str, str]) -> str:
+    def rps(name: str) -> float | None:
+        row = summary.get(name)
+        return row["rps"] if row else None
+
+    lines = [
+        "| Mode | Gateway req/s | vs own calibration | CPU user/sys | HAProxy+Lua req/s | vs own calibration "
+        "| CPU user/sys | Gateway ÷ HAProxy |",
+        "|---|---:|---:|---|---:|---:|---|---:|",
+    ]
+    g_cal, h_cal = rps("gateway/off"), rps("haproxy/calibration")
+    for mode in GATEWAY_MODES:
+        g = summary.get(f"gateway/{mode}")
+        peer = PEER_MODE.get(mode)
+        h = summary.get(f"haproxy/{peer}") if peer else None
+        label = "calibration (off)" if mode == "off" else mode
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return f"{a / b:.2f}×" if a and b else "–"
+
+        def cpu(row: dict[str, Any] | None) -> str:
+            if not row or row["cpu_user_pct"] is None:
+                return "–"
+            total = row["cpu_user_pct"] + row["cpu_sys_pct"]
+            if not total:
+                return "–"
+            return f"{100 * row['cpu_user_pct'] / total:.0f}% / {100 * row['cpu_sys_pct'] / total:.0f}%"
+
+        g_rps, h_rps = (g or {}).get("rps"), (h or {}).get("rps")
+        lines.append(
+            f"| {label} | {_fmt_rps(g_rps)} | {ratio(g_rps, g_cal)} | {cpu(g)} | "
+            f"{_fmt_rps(h_rps) if peer else 'n/a'} | {ratio(h_rps, h_cal) if peer else 'n/a'} | "
+            f"{cpu(h) if peer else 'n/a'} | {ratio(g_rps, h_rps) if peer else 'n/a'} |"
+        )
+    lines += [
+        "",
+        "| Target | req/s | p50 ms | p99 ms | target CPU % (user+sys) | peak RSS MB | peak Redis conns "
+        "| Redis cmds/req | counted − 302s seen (min..max) | non-3xx | injector CPU % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, row in summary.items():
+        if row["rps"] is None:
+            lines.append(f"| {name} | failed: {'; '.join(row['errors'])[:80]} |||||||||")
+            continue
+        acc = "n/a" if name in ("gateway/off", "haproxy/calibration") else f"{row['min_extra']}..{row['max_extra']}"
+        lines.append(
+            f"| {name} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+            f"{row['cpu_user_pct'] + row['cpu_sys_pct']:.0f} | {row['peak_rss_mb']:.0f} | "
+            f"{row['peak_redis_connections']:.0f} | {row['redis_commands_per_request']:.3f} | {acc} | "
+            f"{row['non_3xx']:.0f} | {row['injector_cpu_pct']:.0f} |"
+        )
+    for name, why in skipped.items():
+        lines.append(f"| {name} | skipped: {why} |||||||||")
+    lines += [
+        "",
+        f"Medians of {s.rounds} interleaved round(s); {s.duration:g} s per run after {s.warmup:g} s warm-up; "
+        f"{s.injector}, {s.connections} connections, {s.threads} injector thread(s); "
+        f"{s.client_ips} client IP(s), {s.distribution}. "
+        "`counted − 302s seen` is the Redis counter total minus the 302s the injector saw: requests still in "
+        f"flight when a timed injector stops are counted but not seen, so 0..{s.connections} is exact accounting "
+        "and a negative value would be a lost count.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(GATEWAY_MODES)
+    g = [(summary.get(f"gateway/{m}") or {}).get("rps") or 0 for m in modes]
+    h = [(summary.get(f"haproxy/{PEER_MODE[m]}") or {}).get("rps") or 0 if m in PEER_MODE else 0 for m in modes]
+    x = range(len(modes))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.bar([i - 0.2 for i in x], g, 0.4, label="gateway (aiohttp + uvloop)")
+    ax.bar([i + 0.2 for i in x], h, 0.4, label="HAProxy + Lua")
+    for i, v in enumerate(g):
+        if v:
+            ax.annotate(f"{v / 1000:.1f}k", (i - 0.2, v), ha="center", va="bottom", fontsize=8)
+    for i, v in enumerate(h):
+        if v:
+            ax.annotate(f"{v / 1000:.1f}k", (i + 0.2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), ["calibration" if m == "off" else m for m in modes])
+    ax.set_ylabel("requests per second (one core)")
+    ax.set_title("Per-IP accounting in Redis: cost of each way of talking to Redis")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def all_targets() -> list[Target]:
+    return [Target("gateway", m) for m in GATEWAY_MODES] + [Target("haproxy", m) for m in HAPROXY_MODES]
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of measurement per run (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    p.add_argument("--connections", type=int, default=50, help="concurrent connections (default 50)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    p.add_argument("--client-ips", type=int, default=1, help="distinct client IPs in X-Forwarded-For (default 1)")
+    p.add_argument("--distribution", choices=["uniform", "skewed"], default="uniform")
+    p.add_argument("--injector", choices=["wrk", "locust"], default="wrk")
+    p.add_argument("--targets", default="all", help="comma-separated, e.g. gateway/raw,haproxy/raw (default all)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--out", default="results", help="output directory (default results/)")
+    a = p.parse_args(argv)
+    targets = [t.name for t in all_targets()] if a.targets == "all" else [x.strip() for x in a.targets.split(",")]
+    known = {t.name for t in all_targets()}
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        p.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return Settings(a.duration, a.warmup, a.rounds, a.connections, a.threads, a.client_ips, a.distribution,
+                    a.injector, targets, not a.no_pin, a.out)  # fmt: skip
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name, cmd in {
+        "haproxy": ["haproxy", "-v"],
+        "redis": ["redis-server", "--version"],
+        "wrk": ["wrk", "-v"],
+    }.items():
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+            versions[name] = (out.stdout or out.stderr).splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            versions[name] = "not installed"
+    return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0], **versions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_args(argv)
+    targets = [t for t in all_targets() if t.name in s.targets]
+    skipped: dict[str, str] = {}
+    if shutil.which("haproxy") is None:
+        skipped.update({t.name: "haproxy is not installed" for t in targets if t.impl == "haproxy"})
+    if s.injector == "wrk" and shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install wrk, or use --injector locust", file=sys.stderr)
+        return 2
+    targets = [t for t in targets if t.name not in skipped]
+    if not (s.pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2):
+        print("note: not pinning (needs taskset and at least 2 cores)", file=sys.stderr)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_run = s.duration + s.warmup + 2.5
+    total = len(targets) * s.rounds
+    samples: list[Sample] = []
+    started = time.monotonic()
+    for rnd in range(1, s.rounds + 1):
+        for i, t in enumerate(targets):
+            done = (rnd - 1) * len(targets) + i
+            left = (total - done) * (time.monotonic() - started) / done if done else total * per_run
+            print(f"[round {rnd}/{s.rounds}] {t.name} ({done + 1}/{total}), about {left:.0f} s left",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            smp = measure(t, rnd, s)
+            print(f"    {smp.rps:,.0f} req/s, p99 {smp.p99_ms:.2f} ms" + (f", ERROR {smp.error}" if smp.error else ""),
+                  file=sys.stderr, flush=True)  # fmt: skip
+            samples.append(smp)
+    summary = medians(samples)
+    result = {
+        "settings": asdict(s),
+        "machine": machine(),
+        "command": "python -m loadtest " + " ".join(sys.argv[1:] if argv is None else argv),
+        "summary": summary,
+        "skipped": skipped,
+        "samples": [asdict(x) for x in samples],
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(summary, s, skipped)
+    (out / "table.md").write_text(table)
+    chart(summary, out / "chart.png")
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'chart.png'}", file=sys.stderr)
+    return 0 if all(x.error is None for x in samples) else 1
