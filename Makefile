@@ -7,7 +7,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 RUN_DIR := run
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint system-deps venv redis haproxy clean
+.PHONY: run test lint system-deps venv redis haproxy bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ venv: $(VENV)/.installed
 # Debian packages the gateway, the reference and the tests use; installed only if missing.
 system-deps:
 	@missing=""; \
-	for bin in redis-server:redis-server haproxy:haproxy wrk:wrk lua5.3:lua5.3; do \
+	for bin in redis-server:redis-server haproxy:haproxy wrk:wrk lua5.3:lua5.3 docker-compose:docker-compose; do \
 	  command -v $${bin%%:*} >/dev/null || missing="$$missing $${bin##*:}"; \
 	done; \
 	[ -e /usr/share/lua/5.3/redis.lua ] || [ -e /usr/share/lua/5.1/redis.lua ] || missing="$$missing lua-redis"; \
@@ -53,6 +53,14 @@ haproxy: redis
 
 test: system-deps venv lint
 	$(PY) -m pytest -q
+
+# The full benchmark (about 8 minutes on 2 cores): every gateway mode and every HAProxy+Lua mode.
+bench: system-deps venv
+	$(PY) -m loadtest --out results/bench --report docs/benchmarks.md $(BENCH_ARGS)
+
+# A smoke run of a few seconds per target: checks the whole pipeline, not for quoting.
+bench-quick: system-deps venv
+	$(PY) -m loadtest --duration 1 --warmup 1 --rounds 1 --out results/quick $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check gateway tests $(wildcard loadtest)

@@ -1,0 +1,121 @@
+"""The benchmark pipeline end to end (a smoke run), the locustfile, and compose.yaml."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.cli import build_parser
+
+from ..helpers import RedisServer, free_port, make_config, running_gateway
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
+    # What `make bench-quick` runs, into a temporary directory.
+    out = tmp_path / "quick"
+    report = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--duration", "1", "--warmup", "1", "--rounds", "1",
+         "--out", str(out), "--report", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[round 1/1]" in proc.stderr  # progress is shown
+    result = json.loads((out / "results.json").read_text())
+    summary = result["summary"]
+    expected = {f"gateway/{m}" for m in ("off", "naive", "pooled", "raw", "multiplexed", "batched")}
+    if shutil.which("haproxy"):
+        expected |= {f"haproxy/{m}" for m in ("calibration", "naive", "pooled", "raw")}
+    assert set(summary) == expected
+    for name, row in summary.items():
+        assert row["errors"] == [] and row["rps"] > 0, (name, row)
+        assert row["non_3xx"] == 0, name
+        if name not in ("gateway/off", "haproxy/calibration"):
+            # Exact accounting: no count lost; extras only for requests in flight at the stop.
+            assert 0 <= row["min_extra"] <= row["max_extra"] <= 50, (name, row)
+            assert row["redis_commands_per_request"] > 0
+        else:
+            assert row["counted"] == 0
+    table = (out / "table.md").read_text()
+    assert "| calibration (off) |" in table and "| batched |" in table
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "python -m loadtest" in report.read_text() and (tmp_path / "bench.png").exists()
+
+
+async def test_locustfile_headless_against_gateway(redis_server: RedisServer) -> None:
+    import ipaddress
+
+    from loadtest.bench import locust_summary
+
+    cfg = make_config(redis_server.url, "raw", trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+    async with running_gateway(cfg) as (gw, base):
+        proc = await _run_locust(base)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        await gw.backend.close()
+    stats = locust_summary(json.loads(proc.stdout))
+    assert stats["requests"] > 0 and stats["non_3xx"] == 0
+    r = redis_server.client()
+    keys = r.keys("ip:10.*")
+    assert len(keys) > 5  # spread over client IPs through X-Forwarded-For
+    # Every 302 locust saw was counted; a few more may have been in flight when it stopped.
+    assert 0 <= sum(int(r.get(k)) for k in keys) - stats["seen_302"] <= 5
+
+
+async def _run_locust(base: str) -> subprocess.CompletedProcess[str]:
+    import asyncio
+
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "-u", "5", "-r", "5", "-t", "2s", "--host", base, "--json", "--only-summary",
+           "--client-ips", "50", "--ip-distribution", "skewed", "--web-port", str(free_port())]  # fmt: skip
+    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=120)
+
+
+def _compose() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_compose_file_is_valid() -> None:
+    proc = subprocess.run(["docker-compose", "-f", "compose.yaml", "config", "-q"], cwd=ROOT, capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compose_matches_defaults() -> None:
+    services = _compose()["services"]
+    assert set(services) == {"redis", "gateway", "haproxy", "locust-master", "locust-worker"}
+    defaults = {a.dest: a.default for a in build_parser()._actions}
+    env = services["gateway"]["environment"]
+    # The gateway's ports, pool and prefix in compose are its own defaults.
+    assert env["GATEWAY_LISTEN"].endswith(":" + defaults["listen"].rsplit(":", 1)[1])
+    assert env["GATEWAY_ADMIN_LISTEN"].endswith(":" + defaults["admin_listen"].rsplit(":", 1)[1])
+    assert int(env["GATEWAY_POOL_SIZE"]) == int(defaults["pool_size"])
+    assert float(env["GATEWAY_POOL_WAIT_MS"]) == float(defaults["pool_wait_ms"])
+    assert env["GATEWAY_KEY_PREFIX"] == defaults["key_prefix"]
+    assert "10060:10060" in services["gateway"]["ports"]
+    # HAProxy's ports and settings are run.sh's defaults.
+    run_sh = (ROOT / "haproxy" / "run.sh").read_text()
+    for var, port in [("CALIBRATION", 10070), ("NAIVE", 10071), ("POOLED", 10072), ("RAW", 10073)]:
+        assert f"HAPROXY_{var}_PORT:-{port}" in run_sh
+        assert f"{port}:{port}" in services["haproxy"]["ports"]
+    henv = services["haproxy"]["environment"]
+    assert henv["REF_POOL_SIZE"] == env["GATEWAY_POOL_SIZE"] and henv["REF_KEY_PREFIX"] == env["GATEWAY_KEY_PREFIX"]
+    assert henv["REF_TRUSTED_PROXIES"] == env["GATEWAY_TRUSTED_PROXIES"]
+    assert "--master" in services["locust-master"]["command"]
+    assert "locust-master" in services["locust-worker"]["command"]
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_makefile_defaults_match_gateway() -> None:
+    from gateway.cli import DEFAULT_REDIS_URL
+
+    assert f"REDIS_URL ?= {DEFAULT_REDIS_URL}" in (ROOT / "Makefile").read_text()
