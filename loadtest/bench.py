@@ -37,7 +37,9 @@ from typing import Any
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-GATEWAY_MODES = ("off", "naive", "pooled", "raw", "multiplexed", "batched")
+GATEWAY_MODES = ("off", "naive", "pooled", "raw", "multiplexed", "batched", "batched-noack")
+# Targets that are a mode plus options, to measure a trade-off in the same run.
+GATEWAY_VARIANTS = {"batched-noack": ["--mode", "batched", "--batch-ack", "none"]}
 HAPROXY_MODES = ("calibration", "naive", "pooled", "raw")
 # Which HAProxy listener is the same mode as which gateway mode.
 PEER_MODE = {"off": "calibration", "calibration": "off", "naive": "naive", "pooled": "pooled", "raw": "raw"}
@@ -205,7 +207,8 @@ class ConnectionSampler(threading.Thread):
 def start_target(t: Target, redis_port: int, cpus: str | None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     if t.impl == "gateway":
-        cmd = [sys.executable, "-m", "gateway", "--mode", t.mode, "--listen", f"127.0.0.1:{port}",
+        mode_args = GATEWAY_VARIANTS.get(t.mode, ["--mode", t.mode])
+        cmd = [sys.executable, "-m", "gateway", *mode_args, "--listen", f"127.0.0.1:{port}",
                "--admin-listen", "off", "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
                "--trusted-proxy", "127.0.0.1", "--log-level", "WARNING"]  # fmt: skip
         env = dict(os.environ)
@@ -406,7 +409,7 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
         g = summary.get(f"gateway/{mode}")
         peer = PEER_MODE.get(mode)
         h = summary.get(f"haproxy/{peer}") if peer else None
-        label = "calibration (off)" if mode == "off" else mode
+        label = {"off": "calibration (off)", "batched-noack": "batched, --batch-ack none"}.get(mode, mode)
 
         def ratio(a: float | None, b: float | None) -> str:
             return f"{a / b:.2f}×" if a and b else "–"
@@ -475,7 +478,7 @@ def chart(summary: dict[str, dict[str, Any]], path: Path) -> None:
     for i, v in enumerate(h):
         if v:
             ax.annotate(f"{v / 1000:.1f}k", (i + 0.2, v), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x), ["calibration" if m == "off" else m for m in modes])
+    ax.set_xticks(list(x), [{"off": "calibration", "batched-noack": "batched\n(ack none)"}.get(m, m) for m in modes])
     ax.set_ylabel("requests per second (one core)")
     ax.set_title("Per-IP accounting in Redis: cost of each way of talking to Redis")
     ax.legend()

@@ -32,7 +32,7 @@ def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
     assert "[round 1/1]" in proc.stderr  # progress is shown
     result = json.loads((out / "results.json").read_text())
     summary = result["summary"]
-    expected = {f"gateway/{m}" for m in ("off", "naive", "pooled", "raw", "multiplexed", "batched")}
+    expected = {f"gateway/{m}" for m in ("off", "naive", "pooled", "raw", "multiplexed", "batched", "batched-noack")}
     if shutil.which("haproxy"):
         expected |= {f"haproxy/{m}" for m in ("calibration", "naive", "pooled", "raw")}
     assert set(summary) == expected
