@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from .client_ip import ClientIPResolver
 from .config import Config
 from .errors import AccountingError
 from .faultlog import FailureLog
+from .guard import GuardedServer
 
 log = logging.getLogger("gateway")
 
@@ -44,6 +46,8 @@ class Gateway:
         self._deny = config.on_redis_error == "deny"
         self._uses_redis = self.backend.uses_redis
         self._redirect = {"Location": config.target}
+        self._count_header = config.count_header
+        self.server: GuardedServer | None = None
         self._started = time.monotonic()
         self.requests = 0
         self.counted = 0
@@ -76,7 +80,7 @@ class Gateway:
             self.uncounted += 1
         else:
             try:
-                await self.backend.incr(self._prefix + ip)
+                value = await self.backend.incr(self._prefix + ip)
             except AccountingError as err:
                 if self._failed(err):
                     return self._denied()
@@ -87,9 +91,16 @@ class Gateway:
                 self.counted += 1
                 if self.failure_log.failing:
                     self.failure_log.success()
+                if self._count_header is not None and value is not None:
+                    return self._answer(request, {self._count_header: str(value)})
+        return self._answer(request)
+
+    def _answer(self, request: web.BaseRequest, extra: dict[str, str] | None = None) -> web.Response:
         if request.path == self._target:
-            return web.Response(text="ok\n")
-        return web.Response(status=302, headers=self._redirect)
+            return web.Response(text="ok\n", headers=extra)
+        if extra is None:
+            return web.Response(status=302, headers=self._redirect)
+        return web.Response(status=302, headers={**self._redirect, **extra})
 
     def _failed(self, err: AccountingError, cause: BaseException | None = None) -> bool:
         """Count and log a failure; True when policy says deny."""
@@ -124,6 +135,7 @@ class Gateway:
             },
             "failures": dict(self.failures),
             "pool": self.backend.stats(),
+            "connections": self.server.stats() if self.server is not None else None,
         }
 
     async def _stats_view(self, request: web.Request) -> web.Response:
@@ -150,13 +162,19 @@ class Gateway:
         return app
 
     def front_server(self) -> web.Server:
+        c = self.config
         # Access logging is off: a log line per request would cost more than the accounting.
-        return web.Server(self.handle, access_log=None)
+        self.server = GuardedServer(
+            self.handle,
+            request_timeout=c.request_timeout_s,
+            max_connections=c.max_connections,
+            access_log=None,
+            keepalive_timeout=c.keepalive_timeout_s,
+        )
+        return self.server
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 

@@ -122,6 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
         "longest wait for in-flight requests on SIGTERM",
         type=float,
     )
+    opt(
+        "--request-timeout-s",
+        "GATEWAY_REQUEST_TIMEOUT_S",
+        10.0,
+        "a request head must arrive within this time of its first byte (or of connecting), else 408",
+        type=float,
+    )
+    opt(
+        "--keepalive-timeout-s",
+        "GATEWAY_KEEPALIVE_TIMEOUT_S",
+        60.0,
+        "idle keep-alive connections are closed after this",
+        type=float,
+    )
+    opt(
+        "--max-connections",
+        "GATEWAY_MAX_CONNECTIONS",
+        10_000,
+        "most client connections open at once; more get 503",
+        type=int,
+    )
+    opt(
+        "--count-header",
+        "GATEWAY_COUNT_HEADER",
+        None,
+        "response header carrying the client's new counter value (naive, pooled, raw, multiplexed); off by default",
+    )
     opt("--log-level", "GATEWAY_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -168,6 +195,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             batch_max_pending=_checked(int, args.batch_max_pending, "batch max pending"),
             batch_ack=args.batch_ack,
             shutdown_timeout_s=_checked(float, args.shutdown_timeout_s, "shutdown timeout"),
+            request_timeout_s=_checked(float, args.request_timeout_s, "request timeout"),
+            keepalive_timeout_s=_checked(float, args.keepalive_timeout_s, "keep-alive timeout"),
+            max_connections=_checked(int, args.max_connections, "max connections"),
+            count_header=args.count_header or None,
             log_level=level,
         )
     except ConfigError as exc:

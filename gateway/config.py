@@ -129,6 +129,10 @@ class Config:
     batch_max_pending: int = 1_000_000
     batch_ack: BatchAck = "flush"
     shutdown_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 60.0
+    max_connections: int = 10_000
+    count_header: str | None = None
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -149,6 +153,12 @@ class Config:
             raise ConfigError("mux-connections must be >= 1")
         if self.batch_max_keys < 1 or self.batch_max_pending < 1:
             raise ConfigError("batch-max-keys and batch-max-pending must be >= 1")
+        if self.request_timeout_s <= 0 or self.keepalive_timeout_s <= 0:
+            raise ConfigError("request and keep-alive timeouts must be > 0")
+        if self.max_connections < 1:
+            raise ConfigError("max-connections must be >= 1")
+        if self.count_header is not None and not self.count_header.replace("-", "").isalnum():
+            raise ConfigError(f"invalid count header name {self.count_header!r}: letters, digits and '-' only")
         if self.batch_ack not in get_args(BatchAck):
             raise ConfigError(f"invalid batch-ack {self.batch_ack!r}: choose flush or none")
 

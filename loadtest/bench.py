@@ -170,7 +170,7 @@ class Redis:
     def counter_sum(self) -> int:
         total = 0
         keys: list[bytes] = []
-        for key in self.client.scan_iter(count=1000):
+        for key in self.client.scan_iter(match="ip:*", count=1000):
             keys.append(key)
         for i in range(0, len(keys), 1000):
             total += sum(int(v) for v in self.client.mget(keys[i : i + 1000]) if v is not None)

@@ -1,25 +1,28 @@
-"""Batched (group commit): requests add to a per-key tally; a flusher sends one
-pipeline of `INCRBY key n` per window.
+"""Batched (group commit): requests add to a per-key tally; a flusher applies
+every tally in one atomic, idempotent step per window.
 
 A request costs a dictionary update and an await (or no await with
-`--batch-ack none`); the encode and parse are paid once per key per flush.
+`--batch-ack none`); the encode and parse are paid once per flush.
 
 Invariants:
 - Every increment accepted is either confirmed in Redis, held for retry, or
-  counted as overflow: none is dropped silently. A flush that fails as a whole
-  (Redis down, connection lost, timeout) puts its tallies back and is retried
-  with backoff; held keys are bounded by --batch-max-pending.
-- A key whose INCRBY Redis rejects (WRONGTYPE, ...) is not retried: that would
-  fail forever. Its requests get the error; it is counted by kind.
+  counted as overflow: none is dropped silently, and none is applied twice.
+- A flush is one EVAL of `FLUSH_SCRIPT` carrying a sequence number of this
+  process. Redis applies it only if the number is above the last one it applied
+  for this process, and records the number in the same atomic step (so it
+  survives an AOF restart with the counts). A flush whose outcome is unknown
+  (timeout, connection lost, Redis restarting) is therefore resent unchanged
+  until confirmed: if Redis had applied it, the resend is a no-op.
+- Flushes are sent one at a time, in sequence order; while one is unconfirmed,
+  new increments accumulate in the next batch. Held keys are bounded by
+  --batch-max-pending.
+- A key whose INCRBY Redis rejects (WRONGTYPE, ...) is skipped inside the
+  script, not retried (it would fail forever); its requests get the error.
 - With `--batch-ack flush` (the default) a request is answered once the flush
   that holds its increment is confirmed, so a 302 means the count is in Redis;
-  while Redis is unreachable requests are answered at once instead, failing open,
-  and their increments wait in the retry tally.
+  while Redis is unreachable requests are answered at once instead (failing
+  open) and their increments wait for the retry.
 - Close flushes everything still held (bounded by the shutdown timeout).
-
-A flush that timed out may have been applied by Redis before its reply was
-lost; retrying it then counts those requests twice. That is the one case where
-counts can run high, never low, and only for a flush cut off mid-flight.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from functools import partial
 from typing import Any
 
 from .. import errors
@@ -39,13 +44,35 @@ log = logging.getLogger("gateway.batched")
 
 _KeyErrors = dict[str, AccountingError] | None
 
+# KEYS[1] holds the last sequence number applied for this process; KEYS[2..]
+# are the counters, ARGV[1] the sequence number, ARGV[2] the marker's TTL,
+# ARGV[3..] the amounts. Returns {applied, index, error, index, error, ...}.
+FLUSH_SCRIPT = """
+local seq = tonumber(ARGV[1])
+if seq <= tonumber(redis.call('GET', KEYS[1]) or '0') then
+  return {0}
+end
+local out = {1}
+for i = 2, #KEYS do
+  local r = redis.pcall('INCRBY', KEYS[i], ARGV[i + 1])
+  if type(r) == 'table' and r.err then
+    out[#out + 1] = i - 1
+    out[#out + 1] = r.err
+  end
+end
+redis.call('SET', KEYS[1], seq, 'EX', ARGV[2])
+return out
+"""
+SEQ_TTL_S = 86400
+
 
 class _Batch:
-    __slots__ = ("counts", "waiters")
+    __slots__ = ("counts", "seq", "waiters")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.waiters: list[asyncio.Future[_KeyErrors]] = []
+        self.seq = 0  # given when the batch is first sent, kept across resends
 
 
 class BatchedBackend(Backend):
@@ -66,8 +93,12 @@ class BatchedBackend(Backend):
         self._max_keys = c.batch_max_keys
         self._max_pending = c.batch_max_pending
         self._ack = c.batch_ack == "flush"
+        # One marker key per process: its sequence numbers are its own.
+        self.seq_key = f"gateway:batch-seq:{uuid.uuid4().hex}"
+        self._seq = 0
         self._batch = _Batch()
         self._inflight: _Batch | None = None
+        self._unconfirmed: _Batch | None = None
         self._timer: asyncio.Handle | None = None
         self._timer_when = 0.0
         self._retry_at = 0.0
@@ -77,6 +108,7 @@ class BatchedBackend(Backend):
         self.flushes = 0
         self.flush_failures = 0
         self.flushed_increments = 0
+        self.duplicate_flushes = 0
         self.overflow = 0
         self.last_flush_keys = 0
         self.last_flush_ms = 0.0
@@ -91,7 +123,7 @@ class BatchedBackend(Backend):
         if n is None:
             if self._closed:
                 raise AccountingError(errors.UNAVAILABLE, "gateway is shutting down")
-            held = len(counts) + (len(self._inflight.counts) if self._inflight else 0)
+            held = self._held_keys()
             if held >= self._max_pending:
                 self.overflow += 1
                 raise AccountingError(errors.OVERFLOW, f"{held} keys already held for Redis; increment dropped")
@@ -112,6 +144,14 @@ class BatchedBackend(Backend):
         if key_errors and key in key_errors:
             raise key_errors[key]
         return None
+
+    def _held_keys(self) -> int:
+        held = len(self._batch.counts)
+        if self._inflight is not None:
+            held += len(self._inflight.counts)
+        if self._unconfirmed is not None and self._unconfirmed is not self._inflight:
+            held += len(self._unconfirmed.counts)
+        return held
 
     # -- flushing ---------------------------------------------------------------
 
@@ -134,39 +174,57 @@ class BatchedBackend(Backend):
     def _start_flush(self) -> None:
         # Callbacks, not a task: a flush is one write and one done-callback.
         self._timer = None
-        if self._inflight is not None or not self._batch.counts:
+        if self._inflight is not None:
             return
-        batch, self._batch = self._batch, _Batch()
+        if self._unconfirmed is not None:
+            batch = self._unconfirmed  # resent unchanged, same sequence number
+        elif self._batch.counts:
+            batch, self._batch = self._batch, _Batch()
+            self._seq += 1
+            batch.seq = self._seq
+        else:
+            return
         keys = list(batch.counts)
+        command = ("EVAL", FLUSH_SCRIPT, len(keys) + 1, self.seq_key, *keys, batch.seq, SEQ_TTL_S,
+                   *(batch.counts[k] for k in keys))  # fmt: skip
         try:
-            conn = self.mux.connection()
-            data = b"".join([encode("INCRBY", k, batch.counts[k]) for k in keys])
-            futs = conn.send_packed(data, len(keys))
+            fut = self.mux.connection().send_packed(encode(*command))[0]
         except AccountingError as exc:
             self._flush_failed(batch, exc)
             self._reschedule()
             return
         self._inflight = batch
-        started = time.perf_counter()
-        # Replies come in order: the last one done means all are.
-        futs[-1].add_done_callback(lambda _: self._flush_done(batch, keys, futs, started))
+        fut.add_done_callback(partial(self._flush_done, batch, keys, time.perf_counter()))
 
-    def _flush_done(self, batch: _Batch, keys: list[str], futs: list[asyncio.Future[Reply]], started: float) -> None:
+    def _flush_done(self, batch: _Batch, keys: list[str], started: float, fut: asyncio.Future[Reply]) -> None:
         self._inflight = None
         try:
-            exc = futs[-1].exception()
+            exc = fut.exception()
             if exc is not None:
                 err = exc if isinstance(exc, AccountingError) else AccountingError(errors.INTERNAL, repr(exc))
                 self._flush_failed(batch, err)
                 return
+            reply = fut.result()
+            if isinstance(reply, ReplyError):
+                # Redis refused the whole script (READONLY, OOM, NOAUTH, ...): nothing was applied.
+                self._flush_failed(batch, AccountingError(errors.reply_error_kind(reply.prefix), str(reply)))
+                return
+            if not isinstance(reply, list) or not reply or not isinstance(reply[0], int):
+                self._flush_failed(batch, AccountingError(errors.PROTOCOL, f"flush answered {reply!r}"))
+                return
             key_errors: dict[str, AccountingError] = {}
-            for key, fut in zip(keys, futs, strict=True):
-                reply = fut.result()
-                if isinstance(reply, ReplyError):
-                    key_errors[key] = AccountingError(errors.reply_error_kind(reply.prefix), str(reply))
+            for i in range(1, len(reply) - 1, 2):
+                message = reply[i + 1]
+                text = message.decode() if isinstance(message, bytes) else str(message)
+                key_errors[keys[int(reply[i]) - 1]] = AccountingError(
+                    errors.reply_error_kind(text.split(" ", 1)[0]), text
+                )
+            if reply[0] == 0:
+                self.duplicate_flushes += 1  # applied by an earlier send whose reply was lost
             if self.failing:
                 log.warning("batched: Redis reachable again; held increments flushed")
             self.failing = False
+            self._unconfirmed = None
             self._backoff = 0.0
             self._retry_at = 0.0
             self.flushes += 1
@@ -174,14 +232,15 @@ class BatchedBackend(Backend):
             self.last_flush_keys = len(keys)
             self.last_flush_ms = (time.perf_counter() - started) * 1000
             result = key_errors or None
-            for fut in batch.waiters:
-                if not fut.done():
-                    fut.set_result(result)
+            for waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_result(result)
+            batch.waiters.clear()
         finally:
             self._reschedule()
 
     def _reschedule(self) -> None:
-        if self._batch.counts:
+        if self._unconfirmed is not None or self._batch.counts:
             self._schedule(self._window)
 
     def _flush_failed(self, batch: _Batch, exc: AccountingError) -> None:
@@ -189,25 +248,24 @@ class BatchedBackend(Backend):
         if not self.failing:
             log.warning("batched: flush failed (%s); increments held and retried with backoff", exc)
         self.failing = True
-        # Put the tallies back into the batch now filling, so nothing is lost.
-        counts = self._batch.counts
-        for key, n in batch.counts.items():
-            counts[key] = counts.get(key, 0) + n
+        self._unconfirmed = batch
         self._backoff = min(max(self._backoff * 2, 0.05), 1.0)
         self._retry_at = self._loop.time() + self._backoff
         deferred = AccountingError(errors.DEFERRED, f"flush failed ({exc}); increment held for retry")
-        for fut in batch.waiters:
-            if not fut.done():
-                fut.set_exception(deferred)
+        for waiter in batch.waiters:
+            if not waiter.done():
+                waiter.set_exception(deferred)
+        batch.waiters.clear()
 
     # -- admin and lifecycle ------------------------------------------------------
 
     @property
     def pending_increments(self) -> int:
-        held = sum(self._batch.counts.values())
-        if self._inflight is not None:
-            held += sum(self._inflight.counts.values())
-        return held
+        batches = {self._batch, self._inflight, self._unconfirmed} - {None}
+        return sum(sum(b.counts.values()) for b in batches)  # type: ignore[union-attr]
+
+    def _pending(self) -> bool:
+        return bool(self._batch.counts) or self._inflight is not None or self._unconfirmed is not None
 
     async def ping(self) -> None:
         await self.mux.execute("PING")
@@ -215,10 +273,11 @@ class BatchedBackend(Backend):
     def stats(self) -> dict[str, Any]:
         return {
             **self.mux.stats(),
-            "pending_keys": len(self._batch.counts) + (len(self._inflight.counts) if self._inflight else 0),
+            "pending_keys": self._held_keys(),
             "pending_increments": self.pending_increments,
             "flushes": self.flushes,
             "flush_failures": self.flush_failures,
+            "duplicate_flushes": self.duplicate_flushes,
             "flushed_increments": self.flushed_increments,
             "overflow": self.overflow,
             "last_flush_keys": self.last_flush_keys,
@@ -232,7 +291,7 @@ class BatchedBackend(Backend):
             return
         self._closed = True
         deadline = self._loop.time() + self.config.shutdown_timeout_s
-        while (self._batch.counts or self._inflight is not None) and self._loop.time() < deadline:
+        while self._pending() and self._loop.time() < deadline:
             if self._inflight is None:
                 if self._timer is not None:
                     self._timer.cancel()

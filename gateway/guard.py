@@ -1,0 +1,102 @@
+"""Connection guards for the HTTP front end: a request-head timeout and a connection limit.
+
+aiohttp's low-level server keeps a connection with an incomplete request head
+until its keep-alive timeout, so a client trickling header bytes (slowloris)
+holds a connection for as long as that timeout allows. This module owns two
+limits on top of aiohttp, and nothing else:
+
+- a request head must be complete within `request_timeout` of its first byte
+  (or of the connection opening, for the first request); otherwise the client
+  gets `408` and the connection is closed;
+- at most `max_connections` client connections are open; a connection beyond
+  that gets `503` and is closed at once.
+
+The fast path costs one integer comparison per read: a timer is armed only
+when a read ends with a request head still incomplete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+_TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_BUSY_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class GuardedServer(web.Server):
+    def __init__(self, handler: Any, *, request_timeout: float, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.head_timeouts = 0
+        self.rejected = 0
+
+    def __call__(self) -> RequestHandler:
+        return _GuardedHandler(self, loop=self._loop, **self._kwargs)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "open": len(self.connections),
+            "max": self.max_connections,
+            "head_timeouts": self.head_timeouts,
+            "rejected": self.rejected,
+        }
+
+
+class _GuardedHandler(RequestHandler):
+    # The attributes below are this subclass's own; aiohttp's are left alone.
+    _guard: GuardedServer
+    _head_since: float | None
+    _head_timer: asyncio.TimerHandle | None
+    _seen_requests: int
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._guard = self._manager  # type: ignore[assignment]
+        self._head_timer = None
+        self._seen_requests = 0
+        super().connection_made(transport)
+        if len(self._guard.connections) > self._guard.max_connections:
+            self._guard.rejected += 1
+            transport.write(_BUSY_RESPONSE)  # type: ignore[attr-defined]
+            self.force_close()
+            return
+        self._head_since = self._loop.time()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        count = self._request_count
+        if count != self._seen_requests:
+            # A head completed in this read. Bytes after it start the next head;
+            # they are timed from the next read that leaves a head incomplete.
+            self._seen_requests = count
+            self._head_since = None
+        elif self._head_since is None:
+            self._head_since = self._loop.time()
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._head_timer is None and self._head_since is not None:
+            self._head_timer = self._loop.call_at(self._head_since + self._guard.request_timeout, self._check)
+
+    def _check(self) -> None:
+        self._head_timer = None
+        since = self._head_since
+        if since is None or self.transport is None:
+            return
+        if self._loop.time() - since >= self._guard.request_timeout:
+            self._guard.head_timeouts += 1
+            self.transport.write(_TIMEOUT_RESPONSE)
+            self.force_close()
+        else:
+            self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
