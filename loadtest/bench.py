@@ -27,7 +27,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,8 @@ from typing import Any
 
 import redis
 
+from .procs import RedisProcess, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_MODES = ("off", "naive", "pooled", "raw", "multiplexed", "batched", "batched-noack")
 # Targets that are a mode plus options, to measure a trade-off in the same run.
@@ -43,12 +44,6 @@ GATEWAY_VARIANTS = {"batched-noack": ["--mode", "batched", "--batch-ack", "none"
 HAPROXY_MODES = ("calibration", "naive", "pooled", "raw")
 # Which HAProxy listener is the same mode as which gateway mode.
 PEER_MODE = {"off": "calibration", "calibration": "off", "naive": "naive", "pooled": "pooled", "raw": "raw"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -149,36 +144,21 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
-class Redis:
-    def __init__(self, cpus: str | None) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", self.dir, "--maxclients", "10000"]  # fmt: skip
-        self.proc = subprocess.Popen(pinned(cmd, cpus), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc)
-        self.client = redis.Redis(port=self.port, socket_timeout=10)
-        self.own_commands = 0
+class Redis(RedisProcess):
+    """The benchmark's redis-server."""
 
-    def info(self, section: str) -> dict[str, Any]:
-        self.own_commands += 1
-        return self.client.info(section)  # type: ignore[no-any-return]
+    def __init__(self, cpus: str | None) -> None:
+        super().__init__("--maxclients", "10000", cpus=cpus)
+        self.start()
+        self.conn = self.client()
 
     def commands(self) -> int:
-        return int(self.info("stats")["total_commands_processed"])
-
-    def counter_sum(self) -> int:
-        total = 0
-        keys: list[bytes] = []
-        for key in self.client.scan_iter(match="ip:*", count=1000):
-            keys.append(key)
-        for i in range(0, len(keys), 1000):
-            total += sum(int(v) for v in self.client.mget(keys[i : i + 1000]) if v is not None)
-        return total
+        """Commands processed so far; the INFO asking is counted in the next reading."""
+        return int(self.conn.info("stats")["total_commands_processed"])
 
     def close(self) -> None:
-        stop(self.proc)  # type: ignore[arg-type]
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.conn.close()
+        self.cleanup()
 
 
 class ConnectionSampler(threading.Thread):
@@ -187,6 +167,7 @@ class ConnectionSampler(threading.Thread):
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
         self.client = redis.Redis(port=port, socket_timeout=5)
+        self.client.ping()
         self.peak = 0
         self.calls = 0
         self._halt = threading.Event()
@@ -248,7 +229,8 @@ def run_wrk(url: str, s: Settings, duration: float, cpus: str | None) -> dict[st
     non = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
-    if requests is None:
+    if requests is None or "xff.lua" in out:
+        # wrk runs on without a script that fails to load: treat that as a failure, not a result.
         raise RuntimeError(f"wrk failed: {out.strip()[-300:]}")
     total = int(requests.group(1))
     non_3xx = int(non.group(1)) if non else 0
@@ -324,11 +306,10 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
         if s.warmup > 0:
             inject(url, s, s.warmup, other_cpus)
         time.sleep(0.3)
-        counted_before = db.counter_sum()
+        counted_before = db.counter_sum(conn=db.conn)
+        sampler = ConnectionSampler(db.port)  # connected now, so its handshake is not in the window
         commands_before = db.commands()
-        own_before = db.own_commands
         u0, s0 = cpu_times(proc.pid)
-        sampler = ConnectionSampler(db.port)
         sampler.start()
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
@@ -339,11 +320,12 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
         injector_cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
         sampler.finish()
         time.sleep(0.5)  # let the last in-flight requests and any batch flush land
+        # Less the INFO that took the first reading, and the sampler's INFOs.
+        commands = db.commands() - commands_before - 1 - sampler.calls
         sample.peak_rss_mb = round(peak_rss_mb(proc.pid), 1)
         stop(proc)
         proc = None
-        counted = db.counter_sum() - counted_before
-        commands = db.commands() - commands_before - (db.own_commands - own_before) - sampler.calls
+        counted = db.counter_sum(conn=db.conn) - counted_before
         sample.rps = round(res["rps"], 1)
         sample.requests = res["requests"]
         sample.p50_ms = round(res["p50_ms"], 3)

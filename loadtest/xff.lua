@@ -10,13 +10,14 @@ local skewed = false
 function init(args)
   local count = tonumber(args[1] or "1")
   skewed = args[2] == "skewed"
-  math.randomseed(tonumber(args[3] or "1") + (wrk.thread and 0 or 0))
+  math.randomseed(tonumber(args[3] or "1"))
   if count <= 1 then
     requests[1] = wrk.format("GET", "/")
     return
   end
   for i = 0, count - 1 do
-    local ip = string.format("10.%d.%d.%d", (i // 65536) % 256, (i // 256) % 256, i % 256)
+    -- wrk embeds LuaJIT (Lua 5.1): no integer division operator.
+    local ip = string.format("10.%d.%d.%d", math.floor(i / 65536) % 256, math.floor(i / 256) % 256, i % 256)
     requests[#requests + 1] = wrk.format("GET", "/", { ["X-Forwarded-For"] = ip })
   end
 end

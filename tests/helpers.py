@@ -6,95 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import redis
-
 from gateway.app import Gateway, Running
 from gateway.config import Config, parse_redis_url
 from gateway.resp import Parser, encode
+from loadtest.procs import RedisProcess, free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, owned by one test or session."""
-
-    def __init__(self, *extra: str, port: int | None = None, password: str | None = None) -> None:
-        self.port = port or free_port()
-        self.password = password
-        self.extra = list(extra)
-        self.dir = tempfile.mkdtemp(prefix="gw-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def url_db(self, db: int) -> str:
-        return self.url.rsplit("/", 1)[0] + f"/{db}"
-
-    def start(self) -> RedisServer:
-        args = [
-            shutil.which("redis-server") or "redis-server",
-            "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"),
-        ]  # fmt: skip
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args + self.extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client().ping():
-                    return self
-            except redis.exceptions.AuthenticationError:
-                raise
-            except redis.exceptions.RedisError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, db=db, socket_timeout=5)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def client_count(self) -> int:
-        """Normal clients connected, not counting the one asking."""
-        return len(self.client().client_list(_type="normal")) - 1
+class RedisServer(RedisProcess):
+    """A real redis-server owned by one test or session (see loadtest.procs)."""
 
 
 @dataclass
