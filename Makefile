@@ -7,7 +7,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 RUN_DIR := run
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint system-deps venv redis haproxy bench bench-quick clean
+.PHONY: run test lint system-deps venv redis haproxy bench bench-quick chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: system-deps venv
 # A smoke run of a few seconds per target: checks the whole pipeline, not for quoting.
 bench-quick: system-deps venv
 	$(PY) -m loadtest --duration 1 --warmup 1 --rounds 1 --out results/quick $(BENCH_ARGS)
+
+# Fault scenarios (Redis paused, killed, restarted, erroring; slowloris; SIGTERM) as a table (about 2 minutes).
+chaos: system-deps venv
+	$(PY) -m loadtest.chaos --out results/chaos.md
 
 lint: venv
 	$(VENV)/bin/ruff check gateway tests $(wildcard loadtest)

@@ -53,6 +53,7 @@ class Gateway:
         self.counted = 0
         self.no_client_ip = 0
         self.uncounted = 0
+        self.deferred = 0
         self.failures: Counter[str] = Counter()
         self.failure_log = FailureLog(
             log, "requests are answered 503" if self._deny else "requests are let through uncounted"
@@ -104,6 +105,10 @@ class Gateway:
 
     def _failed(self, err: AccountingError, cause: BaseException | None = None) -> bool:
         """Count and log a failure; True when policy says deny."""
+        if err.kind == errors.DEFERRED:
+            # Not lost: held by the batcher and applied once Redis is back (it logs the outage).
+            self.deferred += 1
+            return self._deny
         self.failures[err.kind] += 1
         if cause is not None:
             err.__cause__ = cause
@@ -121,6 +126,7 @@ class Gateway:
 
     def stats(self) -> dict[str, Any]:
         failed = sum(self.failures.values())
+        settled = self.counted + self.deferred + failed + self.uncounted + self.no_client_ip
         return {
             "mode": self.config.mode,
             "redis": self.config.redis.url if self.backend.uses_redis else None,
@@ -128,10 +134,11 @@ class Gateway:
             "requests": {
                 "total": self.requests,
                 "counted": self.counted,
+                "deferred": self.deferred,
                 "failed": failed,
                 "uncounted": self.uncounted,
                 "no_client_ip": self.no_client_ip,
-                "in_flight": self.requests - self.counted - failed - self.uncounted - self.no_client_ip,
+                "in_flight": self.requests - settled,
             },
             "failures": dict(self.failures),
             "pool": self.backend.stats(),

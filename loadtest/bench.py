@@ -38,6 +38,7 @@ import redis
 from .procs import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNNER_NAME = "bench-runner"  # the runner's own Redis connections, left out of the peak
 GATEWAY_MODES = ("off", "naive", "pooled", "raw", "multiplexed", "batched", "batched-noack")
 # Targets that are a mode plus options, to measure a trade-off in the same run.
 GATEWAY_VARIANTS = {"batched-noack": ["--mode", "batched", "--batch-ack", "none"]}
@@ -150,7 +151,7 @@ class Redis(RedisProcess):
     def __init__(self, cpus: str | None) -> None:
         super().__init__("--maxclients", "10000", cpus=cpus)
         self.start()
-        self.conn = self.client()
+        self.conn = redis.Redis(port=self.port, socket_timeout=10, client_name=RUNNER_NAME)
 
     def commands(self) -> int:
         """Commands processed so far; the INFO asking is counted in the next reading."""
@@ -166,7 +167,7 @@ class ConnectionSampler(threading.Thread):
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
-        self.client = redis.Redis(port=port, socket_timeout=5)
+        self.client = redis.Redis(port=port, socket_timeout=5, client_name=RUNNER_NAME)
         self.client.ping()
         self.peak = 0
         self.calls = 0
@@ -174,8 +175,9 @@ class ConnectionSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            # Our own sampling connection is one of the clients: not counted.
-            self.peak = max(self.peak, int(self.client.info("clients")["connected_clients"]) - 2)
+            # Only the target's connections: the runner's own are named and left out.
+            clients = self.client.client_list(_type="normal")
+            self.peak = max(self.peak, sum(1 for c in clients if c.get("name") != RUNNER_NAME))
             self.calls += 1
             self._halt.wait(0.02)
 

@@ -13,6 +13,8 @@ import time
 
 import redis
 
+HARNESS = "test-harness"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -54,8 +56,9 @@ class RedisProcess:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if self.client().ping():
-                    return self
+                with self.client() as c:
+                    c.ping()
+                return self
             except redis.exceptions.AuthenticationError:
                 raise
             except redis.exceptions.RedisError:
@@ -64,7 +67,8 @@ class RedisProcess:
                 time.sleep(0.02)
 
     def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, db=db, socket_timeout=5)
+        """A connection of the harness's own, named so that client_count() leaves it out."""
+        return redis.Redis(port=self.port, password=self.password, db=db, socket_timeout=5, client_name=HARNESS)
 
     def stop(self) -> None:
         """Graceful: SIGTERM, so an AOF-enabled server persists before exiting."""
@@ -91,9 +95,9 @@ class RedisProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def client_count(self) -> int:
-        """Normal clients connected, not counting the one asking."""
+        """Normal clients connected, other than the harness's own connections."""
         with self.client() as c:
-            return len(c.client_list(_type="normal")) - 1
+            return sum(1 for x in c.client_list(_type="normal") if x.get("name") != HARNESS)
 
     def counter_sum(self, pattern: str = "ip:*", conn: redis.Redis | None = None) -> int:
         """Sum of the counters matching `pattern` (a given connection, or a new one)."""

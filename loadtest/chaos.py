@@ -1,0 +1,581 @@
+"""Fault scenarios against a real redis-server and the real gateway, with a table of what happened.
+
+Each scenario starts its own redis-server and an in-process gateway, drives it
+with closed-loop clients (each its own client IP in X-Forwarded-For), injects
+one fault, and reports: requests sent, answered, 5xx, p99 latency, count drift
+(Redis counters minus the increments the gateway confirmed), misdelivered
+replies, and Redis connections left open after the gateway closed.
+
+Misdelivery is checked through the count header: client i's counter starts at
+i * 1 000 000, so a reply carrying another client's value cannot go unnoticed,
+and each client's values must strictly grow.
+
+`python -m loadtest.chaos` (or `make chaos`) runs them all and prints the table;
+the test suite runs the same functions and asserts on their results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from gateway.app import Gateway, Running
+from gateway.config import Config, parse_redis_url
+
+from .procs import RedisProcess, free_port
+
+COUNT_HEADER = "X-Request-Count"
+BASE = 1_000_000
+SHARED_MODES = ("multiplexed", "batched")
+VALUE_MODES = ("naive", "pooled", "raw", "multiplexed")  # modes that return the new value
+ALL_MODES = ("naive", "pooled", "raw", "multiplexed", "batched")
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    mode: str
+    sent: int = 0
+    answered: int = 0
+    status_5xx: int = 0
+    other_status: int = 0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    drift: int = 0
+    mismatches: int = 0
+    conns_left: int = 0
+    recovery_s: float | None = None  # paused: from resume to the first confirmed increment
+    peak_conns: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific measurements
+    failures: dict[str, int] = field(default_factory=dict)
+    log_lines: int = 0
+    notes: str = ""
+
+
+def client_ip(i: int) -> str:
+    return f"10.77.{i // 256}.{i % 256}"
+
+
+def gateway_config(redis_url: str, mode: str, **kw: Any) -> Config:
+    base: dict[str, Any] = {
+        "listen": ("127.0.0.1", 0),
+        "admin_listen": None,
+        "trusted_proxies": (ipaddress.ip_network("127.0.0.1/32"),),
+        "count_header": COUNT_HEADER,
+        "shutdown_timeout_s": 3.0,
+    }
+    base.update(kw)
+    return Config(mode=mode, redis=parse_redis_url(redis_url), **base)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def gateway(config: Config) -> AsyncIterator[tuple[Gateway, str]]:
+    gw = Gateway(config)
+    running = Running(gw)
+    await running.start()
+    try:
+        host, port = running.addresses[0]
+        yield gw, f"http://{host}:{port}"
+    finally:
+        await running.stop()
+
+
+class LogCounter(logging.Handler):
+    """Counts warning-or-worse records from the gateway's loggers during a scenario."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> LogCounter:
+        logging.getLogger("gateway").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("gateway").removeHandler(self)
+
+
+class Load:
+    """Closed-loop clients: each sends one request at a time until told to stop."""
+
+    def __init__(self, base: str, clients: int = 20, timeout: float = 10.0) -> None:
+        self.base = base
+        self.clients = clients
+        self.timeout = timeout
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.sent = 0
+        self.errors = 0
+        self.mismatches = 0
+        self.last_value: dict[int, int] = {}
+        self.counted_at: list[float] = []  # when a reply carried a fresh count
+        self._stop = asyncio.Event()
+
+    async def _client(self, session: aiohttp.ClientSession, i: int) -> None:
+        headers = {"X-Forwarded-For": client_ip(i)}
+        while not self._stop.is_set():
+            self.sent += 1
+            t0 = time.monotonic()
+            try:
+                async with session.get(self.base + "/", headers=headers, allow_redirects=False) as r:
+                    await r.read()
+                    status, value = r.status, r.headers.get(COUNT_HEADER)
+            except (TimeoutError, aiohttp.ClientError):
+                self.errors += 1
+                await asyncio.sleep(0.01)
+                continue
+            now = time.monotonic()
+            self.latencies.append(now - t0)
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if value is not None:
+                v = int(value)
+                if v // BASE != i or v <= self.last_value.get(i, i * BASE):
+                    self.mismatches += 1
+                self.last_value[i] = v
+                self.counted_at.append(now)
+
+    async def run(self, fault: Callable[[], Awaitable[None]], settle: float = 0.0) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        connector = aiohttp.TCPConnector(limit=self.clients)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            tasks = [asyncio.create_task(self._client(session, i)) for i in range(self.clients)]
+            try:
+                await fault()
+                await asyncio.sleep(settle)
+            finally:
+                self._stop.set()
+                await asyncio.gather(*tasks)
+
+    @property
+    def answered(self) -> int:
+        return sum(self.statuses.values())
+
+    def p99_ms(self) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def seed_counters(server: RedisProcess, clients: int) -> None:
+    with server.client() as r:
+        r.mset({f"ip:{client_ip(i)}": i * BASE for i in range(clients)})
+
+
+def drift(server: RedisProcess, clients: int, gw: Gateway) -> int:
+    """Redis counters minus what the gateway accounted for: increments confirmed, plus (batched)
+    increments held during an outage. Positive: applied but unconfirmed; negative: lost."""
+    seeded = sum(i * BASE for i in range(clients))
+    return server.counter_sum("ip:10.77.*") - seeded - gw.counted - gw.deferred
+
+
+def fill(out: Outcome, load: Load, gw: Gateway, logs: LogCounter | None = None) -> Outcome:
+    out.sent = load.sent
+    out.answered = load.answered
+    out.status_5xx = sum(n for s, n in load.statuses.items() if s >= 500)
+    out.other_status = sum(n for s, n in load.statuses.items() if s not in (302,) and s < 500)
+    out.p99_ms = round(load.p99_ms(), 1)
+    out.max_ms = round(1000 * max(load.latencies, default=0.0), 1)
+    out.mismatches = load.mismatches
+    out.failures = dict(gw.failures)
+    if logs is not None:
+        out.log_lines = len(logs.records)
+    return out
+
+
+async def _connections_after(server: RedisProcess) -> int:
+    await asyncio.sleep(0.2)
+    return await asyncio.to_thread(server.client_count)
+
+
+# -- scenarios ---------------------------------------------------------------------------
+
+
+async def paused(mode: str, pause_s: float = 3.0, clients: int = 20) -> Outcome:
+    """Redis SIGSTOPped for `pause_s` under load, then resumed."""
+    server = RedisProcess().start()
+    out = Outcome("redis paused 3 s", mode)
+    try:
+        seed_counters(server, clients)
+        cfg = gateway_config(server.url, mode)
+        with LogCounter() as logs:
+            async with gateway(cfg) as (gw, base):
+                load = Load(base, clients)
+                resumed_at = 0.0
+
+                async def fault() -> None:
+                    nonlocal resumed_at
+                    await asyncio.sleep(1.0)
+                    server.pause()
+                    await asyncio.sleep(pause_s)
+                    server.resume()
+                    resumed_at = time.monotonic()
+                    await asyncio.sleep(2.0)
+
+                confirmed: list[float] = []
+
+                async def watch() -> None:
+                    last = gw.counted
+                    while True:
+                        await asyncio.sleep(0.005)
+                        if gw.counted > last:
+                            confirmed.append(time.monotonic())
+                            last = gw.counted
+
+                watcher = asyncio.create_task(watch())
+                await load.run(fault)
+                watcher.cancel()
+                await gw.backend.close()
+                out.drift = drift(server, clients, gw)
+                after = [t for t in confirmed if t > resumed_at]
+                out.recovery_s = round(after[0] - resumed_at, 3) if after else None
+                fill(out, load, gw, logs)
+        out.conns_left = await _connections_after(server)
+    finally:
+        server.cleanup()
+    return out
+
+
+async def connections_killed(mode: str, kill_for_s: float = 3.0, clients: int = 20) -> Outcome:
+    """CLIENT KILL TYPE normal every 100 ms under load."""
+    server = RedisProcess().start()
+    out = Outcome("connections killed every 100 ms", mode)
+    try:
+        seed_counters(server, clients)
+        cfg = gateway_config(server.url, mode, pool_size=10)
+        peak = 0
+        async with gateway(cfg) as (gw, base):
+            load = Load(base, clients)
+
+            async def fault() -> None:
+                nonlocal peak
+                killer = server.client()
+                deadline = time.monotonic() + kill_for_s
+                await asyncio.sleep(0.5)
+                while time.monotonic() < deadline:
+                    await asyncio.to_thread(killer.client_kill_filter, _type="normal", skipme=True)
+                    await asyncio.sleep(0.1)
+                    peak = max(peak, await asyncio.to_thread(server.client_count))
+                killer.close()
+                await asyncio.sleep(1.0)  # the pool recovers; requests count again
+                for _ in range(10):
+                    peak = max(peak, await asyncio.to_thread(server.client_count))
+                    await asyncio.sleep(0.05)
+
+            await load.run(fault)
+            await gw.backend.close()
+            fill(out, load, gw)
+            out.drift = drift(server, clients, gw)
+            allowed = cfg.mux_connections if mode in SHARED_MODES else cfg.pool_size
+            out.peak_conns = peak
+            out.extra["limit"] = allowed
+            out.notes = f"peak Redis connections {peak} (limit {allowed})"
+        out.conns_left = await _connections_after(server)
+    finally:
+        server.cleanup()
+    return out
+
+
+async def restarted(mode: str, down_s: float = 1.0, clients: int = 20) -> Outcome:
+    """Redis with AOF (fsync always) stopped gracefully and restarted under load."""
+    server = RedisProcess("--appendonly", "yes", "--appendfsync", "always").start()
+    out = Outcome("redis restarted (AOF)", mode)
+    try:
+        seed_counters(server, clients)
+        cfg = gateway_config(server.url, mode, pool_wait_ms=300, connect_timeout_ms=300, command_timeout_ms=300)
+        async with gateway(cfg) as (gw, base):
+            load = Load(base, clients)
+
+            async def fault() -> None:
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(server.stop)
+                await asyncio.sleep(down_s)
+                await asyncio.to_thread(server.start)
+                out.extra["counted_at_restart"] = gw.counted
+                await asyncio.sleep(2.0)
+
+            await load.run(fault)
+            await gw.backend.close()
+            fill(out, load, gw)
+            out.drift = drift(server, clients, gw)
+            out.extra["counted_after_restart"] = gw.counted - out.extra.get("counted_at_restart", 0)
+            out.notes = f"{out.extra['counted_after_restart']} increments confirmed after the restart"
+        out.conns_left = await _connections_after(server)
+    finally:
+        server.cleanup()
+    return out
+
+
+async def error_replies(kind: str, mode: str = "raw", clients: int = 10) -> Outcome:
+    """Redis answers errors: a key of the wrong type, maxclients, AUTH failure, a READONLY replica."""
+    extra: list[str] = []
+    password = None
+    if kind == "auth":
+        password = "right-password"
+    if kind == "maxclients":
+        extra = ["--maxclients", "2"]
+    server = RedisProcess(*extra, password=password).start()
+    replica: RedisProcess | None = None
+    holders: list[Any] = []
+    out = Outcome(f"error: {kind}", mode)
+    try:
+        url = server.url
+        if kind == "wrongtype":
+            with server.client() as r:
+                for i in range(clients):
+                    r.lpush(f"ip:{client_ip(i)}", "x")
+        elif kind == "maxclients":
+            # Take both client slots, so the gateway's connections are refused with an error reply.
+            holders = [server.client(), server.client()]
+            for h in holders:
+                h.ping()
+        elif kind == "auth":
+            url = f"redis://:wrong-password@127.0.0.1:{server.port}/0"
+        elif kind == "readonly":
+            replica = RedisProcess("--replicaof", "127.0.0.1", str(server.port)).start()
+            url = replica.url
+        cfg = gateway_config(url, mode, pool_wait_ms=200, connect_timeout_ms=200, command_timeout_ms=200)
+        with LogCounter() as logs:
+            async with gateway(cfg) as (gw, base):
+                load = Load(base, clients)
+
+                async def fault() -> None:
+                    await asyncio.sleep(1.5)
+
+                await load.run(fault)
+                await gw.backend.close()
+                fill(out, load, gw, logs)
+    finally:
+        for h in holders:
+            h.close()
+        if replica is not None:
+            replica.cleanup()
+        server.cleanup()
+    return out
+
+
+async def client_disconnects(mode: str, clients: int = 20) -> Outcome:
+    """Clients give up mid-request (Redis paused), then normal traffic checks every reply."""
+    server = RedisProcess().start()
+    out = Outcome("clients disconnect mid-request", mode)
+    try:
+        seed_counters(server, clients)
+        cfg = gateway_config(server.url, mode, pool_size=5, command_timeout_ms=2000, pool_wait_ms=2000)
+        async with gateway(cfg) as (gw, base):
+            server.pause()
+            impatient = aiohttp.ClientTimeout(total=0.1)
+            async with aiohttp.ClientSession(timeout=impatient) as s:
+
+                async def give_up(i: int) -> None:
+                    with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):
+                        async with s.get(base + "/", headers={"X-Forwarded-For": client_ip(i)}) as r:
+                            await r.read()
+
+                await asyncio.gather(*(give_up(i % clients) for i in range(60)))
+            server.resume()
+            await asyncio.sleep(0.5)
+            load = Load(base, clients)
+
+            async def steady() -> None:
+                await asyncio.sleep(1.5)
+
+            await load.run(steady)
+            stats = gw.backend.stats()
+            out.extra["in_use_after"] = stats.get("in_use", stats.get("in_flight", 0))
+            out.notes = f"in use after settle: {out.extra['in_use_after']}"
+            await gw.backend.close()
+            fill(out, load, gw)
+            out.drift = drift(server, clients, gw)
+            # The abandoned requests were received, so they were counted; only their answers went unseen.
+            seeded = sum(i * BASE for i in range(clients))
+            out.extra["abandoned_counted"] = server.counter_sum("ip:10.77.*") - seeded - load.statuses.get(302, 0)
+        out.conns_left = await _connections_after(server)
+    finally:
+        server.cleanup()
+    return out
+
+
+async def slowloris(mode: str = "raw", slow: int = 300, clients: int = 10) -> Outcome:
+    """`slow` connections trickle header bytes while normal clients are served."""
+    server = RedisProcess().start()
+    out = Outcome(f"slowloris ({slow} connections)", mode)
+    try:
+        seed_counters(server, clients)
+        cfg = gateway_config(server.url, mode, request_timeout_s=2.0)
+        async with gateway(cfg) as (gw, base):
+            host, port = base.removeprefix("http://").rsplit(":", 1)
+
+            async def trickle() -> None:
+                try:
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                except OSError:
+                    return
+                try:
+                    for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+                        writer.write(bytes([byte]))
+                        await writer.drain()
+                        await asyncio.sleep(0.25)
+                        if reader.at_eof():
+                            break
+                except (ConnectionError, OSError):
+                    pass
+                finally:
+                    writer.close()
+
+            load = Load(base, clients)
+            slow_tasks = [asyncio.create_task(trickle()) for _ in range(slow)]
+
+            async def fault() -> None:
+                await asyncio.sleep(4.0)
+
+            await load.run(fault)
+            await asyncio.wait_for(asyncio.gather(*slow_tasks), 10)
+            await gw.backend.close()
+            fill(out, load, gw)
+            guard = gw.server.stats() if gw.server else {}
+            out.extra["head_timeouts"] = guard.get("head_timeouts", 0)
+            out.notes = f"slow connections closed with 408: {out.extra['head_timeouts']}/{slow}"
+            out.drift = drift(server, clients, gw)
+        out.conns_left = await _connections_after(server)
+    finally:
+        server.cleanup()
+    return out
+
+
+async def graceful_shutdown(mode: str = "batched", clients: int = 20) -> Outcome:
+    """SIGTERM to a gateway process under load: drain, flush, close Redis, exit 0."""
+    server = RedisProcess().start()
+    out = Outcome("SIGTERM under load", mode)
+    port = free_port()
+    args = [sys.executable, "-m", "gateway", "--mode", mode, "--listen", f"127.0.0.1:{port}", "--admin-listen", "off",
+            "--redis-url", server.url, "--trusted-proxy", "127.0.0.1", "--count-header", COUNT_HEADER,
+            "--shutdown-timeout-s", "5", "--log-level", "WARNING"]  # fmt: skip
+    if mode == "batched":
+        # Hold increments for a long window: only the shutdown flush can write them.
+        args += ["--batch-window-ms", "60000", "--batch-ack", "none"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seed_counters(server, clients)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), 1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("gateway did not start") from None
+                await asyncio.sleep(0.05)
+        load = Load(f"http://127.0.0.1:{port}", clients)
+        exit_s = 0.0
+
+        async def fault() -> None:
+            nonlocal exit_s
+            await asyncio.sleep(1.5)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 20)
+            exit_s = time.monotonic() - t0
+
+        await load.run(fault)
+        out.sent, out.answered = load.sent, load.answered
+        out.status_5xx = sum(n for s, n in load.statuses.items() if s >= 500)
+        out.p99_ms = round(load.p99_ms(), 1)
+        seeded = sum(i * BASE for i in range(clients))
+        out.drift = server.counter_sum("ip:10.77.*") - seeded - load.statuses.get(302, 0)
+        out.extra["exit_s"] = round(exit_s, 2)
+        out.extra["returncode"] = proc.returncode
+        err = proc.stderr.read() if proc.stderr else ""
+        out.extra["traceback"] = "Traceback" in err
+        out.notes = f"exit {proc.returncode} after {exit_s:.2f} s" + ("; traceback!" if "Traceback" in err else "")
+        out.conns_left = await _connections_after(server)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.cleanup()
+    return out
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def table(rows: list[Outcome]) -> str:
+    lines = [
+        "| Scenario | Mode | Sent | Answered | 5xx | p99 ms | max ms | Count drift | Misdelivered "
+        "| Conns left | Notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        notes = r.notes
+        if r.failures:
+            notes = (notes + "; " if notes else "") + ", ".join(f"{k}={v}" for k, v in sorted(r.failures.items()))
+        if r.log_lines:
+            notes += f"; {r.log_lines} log line(s)"
+        if r.scenario.startswith("redis paused") and r.recovery_s is not None:
+            notes = f"counting again {r.recovery_s:.2f} s after resume; " + notes
+        lines.append(
+            f"| {r.scenario} | {r.mode} | {r.sent} | {r.answered} | {r.status_5xx} | {r.p99_ms:.0f} | {r.max_ms:.0f} "
+            f"| {r.drift} | {r.mismatches} | {r.conns_left} | {notes} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
+    plan: list[Callable[[], Awaitable[Outcome]]] = []
+    plan += [lambda m=m: paused(m) for m in modes]
+    plan += [lambda m=m: connections_killed(m) for m in modes]
+    plan += [lambda m=m: restarted(m) for m in modes]
+    plan += [lambda k=k: error_replies(k) for k in ("wrongtype", "maxclients", "auth", "readonly")]
+    plan += [lambda m=m: client_disconnects(m) for m in modes if m in VALUE_MODES]
+    plan += [lambda: slowloris(), lambda: graceful_shutdown("batched"), lambda: graceful_shutdown("raw")]
+    rows = []
+    for i, step in enumerate(plan, 1):
+        row = await step()
+        print(f"[{i}/{len(plan)}] {row.scenario} / {row.mode}: answered {row.answered}/{row.sent}, "
+              f"drift {row.drift}", file=sys.stderr, flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated modes (default: all)")
+    p.add_argument("--out", help="also write the table to this file")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        rows = runner.run(run_all(tuple(a.modes.split(","))))
+    text = table(rows)
+    print(text)
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
