@@ -61,7 +61,11 @@ class RedisConnection(asyncio.Protocol):
             if reply is NEED_DATA:
                 return
             if not inflight:
-                self.abort(AccountingError(errors.PROTOCOL, "reply received with no command in flight"))
+                if isinstance(reply, ReplyError):
+                    # Redis refusing the connection itself (maxclients, ...) before any command.
+                    self.abort(AccountingError(errors.reply_error_kind(reply.prefix), f"Redis closed on us: {reply}"))
+                else:
+                    self.abort(AccountingError(errors.PROTOCOL, "reply received with no command in flight"))
                 return
             fut = inflight.popleft()[0]
             if not fut.done():

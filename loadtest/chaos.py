@@ -429,13 +429,15 @@ async def slowloris(mode: str = "raw", slow: int = 300, clients: int = 10) -> Ou
                     return
                 try:
                     for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+                        if writer.is_closing():
+                            break
                         writer.write(bytes([byte]))
                         await writer.drain()
                         await asyncio.sleep(0.25)
                         if reader.at_eof():
                             break
-                except (ConnectionError, OSError):
-                    pass
+                except (ConnectionError, OSError, RuntimeError):
+                    pass  # closed by the gateway: what the scenario expects
                 finally:
                     writer.close()
 
@@ -547,7 +549,10 @@ async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
     plan += [lambda: slowloris(), lambda: graceful_shutdown("batched"), lambda: graceful_shutdown("raw")]
     rows = []
     for i, step in enumerate(plan, 1):
-        row = await step()
+        try:
+            row = await step()
+        except Exception as exc:  # one broken scenario must not hide the others' results
+            row = Outcome(f"step {i}", "?", notes=f"scenario failed: {exc!r}")
         print(f"[{i}/{len(plan)}] {row.scenario} / {row.mode}: answered {row.answered}/{row.sent}, "
               f"drift {row.drift}", file=sys.stderr, flush=True)  # fmt: skip
         rows.append(row)

@@ -252,10 +252,12 @@ class BatchedBackend(Backend):
         self._backoff = min(max(self._backoff * 2, 0.05), 1.0)
         self._retry_at = self._loop.time() + self._backoff
         deferred = AccountingError(errors.DEFERRED, f"flush failed ({exc}); increment held for retry")
-        for waiter in batch.waiters:
-            if not waiter.done():
-                waiter.set_exception(deferred)
-        batch.waiters.clear()
+        # The batch now filling waits behind this one: its requests are answered now too.
+        for held in (batch, self._batch):
+            for waiter in held.waiters:
+                if not waiter.done():
+                    waiter.set_exception(deferred)
+            held.waiters.clear()
 
     # -- admin and lifecycle ------------------------------------------------------
 

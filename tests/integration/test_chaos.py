@@ -21,6 +21,7 @@ async def test_redis_paused(fault_mode: str) -> None:
     assert out.mismatches == 0, out
     if fault_mode == "batched":
         assert out.drift == 0, out  # idempotent flushes: nothing lost, nothing doubled
+        assert out.max_ms < 1500, out  # a request never waits for the outage to end
     else:
         # Commands that timed out may still have run when Redis resumed: applied, unconfirmed.
         assert 0 <= out.drift <= out.failures.get("timeout", 0) + out.failures.get("connection_lost", 0), out
@@ -58,7 +59,7 @@ async def test_redis_restarted(fault_mode: str) -> None:
     ("kind", "expected"),
     [
         ("wrongtype", {"redis:WRONGTYPE"}),
-        ("maxclients", {"redis:ERR", "connection_lost", "connect_error"}),
+        ("maxclients", {"redis:ERR", "connection_lost"}),
         ("auth", {"redis:WRONGPASS"}),
         ("readonly", {"redis:READONLY"}),
     ],

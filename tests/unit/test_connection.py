@@ -69,6 +69,15 @@ async def test_unsolicited_reply_kills_connection() -> None:
         conn.send("PING")
 
 
+async def test_refusal_before_any_command_is_counted_by_its_code() -> None:
+    conn, transport = _conn()
+    conn.data_received(b"-ERR max number of clients reached\r\n")
+    assert transport.aborted
+    with pytest.raises(AccountingError) as exc:
+        conn.send("PING")
+    assert exc.value.kind == "redis:ERR" and "max number of clients" in str(exc.value)
+
+
 async def test_protocol_error_fails_everything_in_flight() -> None:
     conn, transport = _conn()
     futs = [conn.send("PING") for _ in range(3)]
