@@ -215,7 +215,9 @@ class Running:
     async def _add(self, runner: web.BaseRunner[Any], where: tuple[str, int]) -> None:
         self._runners.append(runner)
         await runner.setup()
-        site = web.TCPSite(runner, where[0], where[1])
+        # A deep accept queue: with aiohttp's 128, a burst of connects overflows it and the
+        # dropped SYNs are retried by clients only after a second.
+        site = web.TCPSite(runner, where[0], where[1], backlog=1024)
         try:
             await site.start()
         except OSError as exc:

@@ -565,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the table to this file")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    # The gateway's warnings are counted per scenario (LogCounter), not printed.
+    logging.getLogger("gateway").setLevel(logging.WARNING)
+    logging.getLogger("gateway").propagate = False
     try:
         import uvloop
 
