@@ -356,6 +356,12 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
 NUMERIC = [f for f in Sample.__dataclass_fields__ if f not in ("target", "round", "error")]
 
 
+def _median_ratio(a: list[Sample], b: list[Sample]) -> float | None:
+    rounds = {x.round: x.rps for x in b if x.error is None and x.rps}
+    ratios = [x.rps / rounds[x.round] for x in a if x.error is None and x.round in rounds]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
 def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     by_target: dict[str, list[Sample]] = {}
@@ -367,6 +373,14 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
         for f in NUMERIC:
             values = [getattr(g, f) for g in ok]
             row[f] = statistics.median(values) if values else None
+        # Ratios are taken within each round (the calibration ran minutes apart at most),
+        # then the median: drift on a shared machine cancels out far better than with
+        # a ratio of medians.
+        own_cal = "gateway/off" if name.startswith("gateway/") else "haproxy/calibration"
+        row["ratio_to_calibration"] = _median_ratio(by_target.get(name, []), by_target.get(own_cal, []))
+        peer = PEER_MODE.get(name.split("/", 1)[1])
+        if name.startswith("gateway/") and peer:
+            row["ratio_to_haproxy"] = _median_ratio(group, by_target.get(f"haproxy/{peer}", []))
         # Accuracy is judged on every round, not the median: one loss anywhere counts.
         row["min_extra"] = min((g.extra for g in ok), default=None)
         row["max_extra"] = max((g.extra for g in ok), default=None)
@@ -379,24 +393,20 @@ def _fmt_rps(v: float | None) -> str:
 
 
 def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str, str]) -> str:
-    def rps(name: str) -> float | None:
-        row = summary.get(name)
-        return row["rps"] if row else None
-
     lines = [
         "| Mode | Gateway req/s | vs own calibration | CPU user/sys | HAProxy+Lua req/s | vs own calibration "
         "| CPU user/sys | Gateway ÷ HAProxy |",
         "|---|---:|---:|---|---:|---:|---|---:|",
     ]
-    g_cal, h_cal = rps("gateway/off"), rps("haproxy/calibration")
     for mode in GATEWAY_MODES:
         g = summary.get(f"gateway/{mode}")
         peer = PEER_MODE.get(mode)
         h = summary.get(f"haproxy/{peer}") if peer else None
         label = {"off": "calibration (off)", "batched-noack": "batched, --batch-ack none"}.get(mode, mode)
 
-        def ratio(a: float | None, b: float | None) -> str:
-            return f"{a / b:.2f}×" if a and b else "–"
+        def ratio(row: dict[str, Any] | None, field: str) -> str:
+            value = (row or {}).get(field)
+            return f"{value:.2f}×" if value else "–"
 
         def cpu(row: dict[str, Any] | None) -> str:
             if not row or row["cpu_user_pct"] is None:
@@ -408,9 +418,9 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
 
         g_rps, h_rps = (g or {}).get("rps"), (h or {}).get("rps")
         lines.append(
-            f"| {label} | {_fmt_rps(g_rps)} | {ratio(g_rps, g_cal)} | {cpu(g)} | "
-            f"{_fmt_rps(h_rps) if peer else 'n/a'} | {ratio(h_rps, h_cal) if peer else 'n/a'} | "
-            f"{cpu(h) if peer else 'n/a'} | {ratio(g_rps, h_rps) if peer else 'n/a'} |"
+            f"| {label} | {_fmt_rps(g_rps)} | {ratio(g, 'ratio_to_calibration')} | {cpu(g)} | "
+            f"{_fmt_rps(h_rps) if peer else 'n/a'} | {ratio(h, 'ratio_to_calibration') if peer else 'n/a'} | "
+            f"{cpu(h) if peer else 'n/a'} | {ratio(g, 'ratio_to_haproxy') if peer else 'n/a'} |"
         )
     lines += [
         "",
@@ -433,7 +443,8 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
         lines.append(f"| {name} | skipped: {why} |||||||||")
     lines += [
         "",
-        f"Medians of {s.rounds} interleaved round(s); {s.duration:g} s per run after {s.warmup:g} s warm-up; "
+        f"Medians of {s.rounds} interleaved round(s); ratios are medians of per-round ratios. "
+        f"{s.duration:g} s per run after {s.warmup:g} s warm-up; "
         f"{s.injector}, {s.connections} connections, {s.threads} injector thread(s); "
         f"{s.client_ips} client IP(s), {s.distribution}. "
         "`counted − 302s seen` is the Redis counter total minus the 302s the injector saw: requests still in "

@@ -84,6 +84,7 @@ def gateway_config(redis_url: str, mode: str, **kw: Any) -> Config:
 
 @contextlib.asynccontextmanager
 async def gateway(config: Config) -> AsyncIterator[tuple[Gateway, str]]:
+    """A gateway in this event loop; yields it and the base URL of its front end."""
     gw = Gateway(config)
     running = Running(gw)
     await running.start()
@@ -525,16 +526,16 @@ def table(rows: list[Outcome]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        notes = r.notes
-        if r.failures:
-            notes = (notes + "; " if notes else "") + ", ".join(f"{k}={v}" for k, v in sorted(r.failures.items()))
-        if r.log_lines:
-            notes += f"; {r.log_lines} log line(s)"
+        notes = [r.notes] if r.notes else []
         if r.scenario.startswith("redis paused") and r.recovery_s is not None:
-            notes = f"counting again {r.recovery_s:.2f} s after resume; " + notes
+            notes.insert(0, f"counting again {r.recovery_s:.2f} s after resume")
+        if r.failures:
+            notes.append(", ".join(f"{k}={v}" for k, v in sorted(r.failures.items())))
+        if r.log_lines:
+            notes.append(f"{r.log_lines} log line(s)")
         lines.append(
             f"| {r.scenario} | {r.mode} | {r.sent} | {r.answered} | {r.status_5xx} | {r.p99_ms:.0f} | {r.max_ms:.0f} "
-            f"| {r.drift} | {r.mismatches} | {r.conns_left} | {notes} |"
+            f"| {r.drift} | {r.mismatches} | {r.conns_left} | {'; '.join(notes)} |"
         )
     return "\n".join(lines) + "\n"
 

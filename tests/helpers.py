@@ -4,17 +4,16 @@ faults only it can produce, and an in-process gateway."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.app import Gateway, Running
 from gateway.config import Config, parse_redis_url
 from gateway.resp import Parser, encode
+from loadtest.chaos import gateway as running_gateway
 from loadtest.procs import RedisProcess, free_port
 
 
@@ -102,19 +101,6 @@ class FakeRedis:
             for w in list(self._writers):
                 w.transport.abort()
             await self._server.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def running_gateway(config: Config) -> AsyncIterator[tuple[Gateway, str]]:
-    """A gateway in this event loop on free ports; yields it and its base URL."""
-    gw = Gateway(config)
-    running = Running(gw)
-    await running.start()
-    try:
-        host, port = running.addresses[0]
-        yield gw, f"http://{host}:{port}"
-    finally:
-        await running.stop()
 
 
 def make_config(redis_url: str, mode: str = "raw", **kw: object) -> Config:
