@@ -54,9 +54,9 @@ haproxy: redis
 test: system-deps venv lint
 	$(PY) -m pytest -q
 
-# The full benchmark (about 8 minutes on 2 cores): every gateway mode and every HAProxy+Lua mode.
+# The full benchmark (about 14 minutes on 2 cores): every gateway mode and every HAProxy+Lua mode, 5 rounds.
 bench: system-deps venv
-	$(PY) -m loadtest --out results/bench --report docs/benchmarks.md $(BENCH_ARGS)
+	$(PY) -m loadtest --rounds 5 --out results/bench --report docs/benchmarks.md $(BENCH_ARGS)
 
 # A smoke run of a few seconds per target: checks the whole pipeline, not for quoting.
 bench-quick: system-deps venv

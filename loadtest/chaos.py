@@ -500,6 +500,7 @@ async def graceful_shutdown(mode: str = "batched", clients: int = 20) -> Outcome
         out.sent, out.answered = load.sent, load.answered
         out.status_5xx = sum(n for s, n in load.statuses.items() if s >= 500)
         out.p99_ms = round(load.p99_ms(), 1)
+        out.max_ms = round(1000 * max(load.latencies, default=0.0), 1)
         seeded = sum(i * BASE for i in range(clients))
         out.drift = server.counter_sum("ip:10.77.*") - seeded - load.statuses.get(302, 0)
         out.extra["exit_s"] = round(exit_s, 2)
