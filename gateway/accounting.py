@@ -15,10 +15,6 @@ def counter_key(prefix: str, ip: str) -> str:
     return prefix + ip
 
 
-def incr_command(key: str, amount: int = 1) -> tuple[str, str, int]:
-    return ("INCRBY", key, amount)
-
-
 def read_incr_reply(reply: Reply) -> int:
     """The new counter value, or AccountingError for an error or unexpected reply."""
     if type(reply) is int:

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from . import errors
+from .accounting import counter_key
 from .backends import backend_class
 from .backends.base import Backend
 from .client_ip import ClientIPResolver
@@ -81,7 +82,7 @@ class Gateway:
             self.uncounted += 1
         else:
             try:
-                value = await self.backend.incr(self._prefix + ip)
+                value = await self.backend.incr(counter_key(self._prefix, ip))
             except AccountingError as err:
                 if self._failed(err):
                     return self._denied()

@@ -21,7 +21,7 @@ from collections import deque
 from . import errors
 from .config import RedisTarget
 from .errors import AccountingError
-from .resp import NEED_DATA, Parser, ProtocolError, Reply, ReplyError, encode
+from .resp import NEED_DATA, Parser, ProtocolError, Reply, ReplyError, encode, encode_many
 
 
 class RedisConnection(asyncio.Protocol):
@@ -196,7 +196,7 @@ async def open_connection(
             if target.db:
                 hello.append(("SELECT", target.db))
             if hello:
-                futs = conn.send_packed(b"".join(encode(*c) for c in hello), len(hello))
+                futs = conn.send_packed(encode_many(hello), len(hello))
                 for command, reply in zip(hello, await asyncio.gather(*futs), strict=False):
                     if isinstance(reply, ReplyError):
                         raise AccountingError(errors.reply_error_kind(reply.prefix), f"{command[0]} failed: {reply}")

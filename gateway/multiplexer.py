@@ -32,7 +32,7 @@ from .config import RedisTarget
 from .connection import RedisConnection, open_connection
 from .errors import AccountingError
 from .pool import Pool
-from .resp import Reply, encode
+from .resp import Reply, encode, encode_many
 
 log = logging.getLogger("gateway.multiplexer")
 
@@ -171,7 +171,7 @@ class Multiplexer:
         """Several commands sent together on one connection, replies in order."""
         for args in commands:
             check_multiplexable(args)
-        futs = self.connection().send_packed(b"".join(encode(*a) for a in commands), len(commands))
+        futs = self.connection().send_packed(encode_many(commands), len(commands))
         return list(await asyncio.gather(*futs))
 
     @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["NEED_DATA", "Parser", "ProtocolError", "Reply", "ReplyError", "encode"]
+__all__ = ["NEED_DATA", "Parser", "ProtocolError", "Reply", "ReplyError", "encode", "encode_many"]
 
 
 class _NeedData:

@@ -94,6 +94,11 @@ async def test_multiplexer_refuses_blocking_and_transactions(redis_server: Redis
                 await mux.execute(*cmd)
         assert await mux.execute("XREAD", "STREAMS", "s", "0") is None  # non-blocking XREAD is fine
         assert await mux.execute("PING") == "PONG"
+        # A pipeline: replies in order, an error reply returned in its place, not raised.
+        replies = await mux.pipeline([("SET", "p", "x"), ("INCR", "p"), ("INCRBY", "q", 5)])
+        assert replies[0] == "OK" and replies[1].prefix == "ERR" and replies[2] == 5  # type: ignore[union-attr]
+        with pytest.raises(UnsupportedCommand):
+            await mux.pipeline([("PING",), ("MULTI",)])
     finally:
         await mux.close()
 
