@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import errors
 from .accounting import counter_key
@@ -32,8 +33,12 @@ from .config import Config
 from .errors import AccountingError
 from .faultlog import FailureLog
 from .guard import GuardedServer
+from .metrics import exposition, registry_for
 
 log = logging.getLogger("gateway")
+# The combined log format, with the TCP peer as the client address; aiohttp's byte
+# count (%b) includes the response headers.
+COMBINED_LOG_FORMAT = '%a - - %t "%r" %s %b "%{Referer}i" "%{User-Agent}i"'
 
 
 class Gateway:
@@ -49,6 +54,7 @@ class Gateway:
         self._redirect = {"Location": config.target}
         self._count_header = config.count_header
         self.server: GuardedServer | None = None
+        self._registry = registry_for(self)
         self._started = time.monotonic()
         self.requests = 0
         self.counted = 0
@@ -149,6 +155,11 @@ class Gateway:
     async def _stats_view(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats(), dumps=_dumps)
 
+    async def _metrics_view(self, request: web.Request) -> web.Response:
+        resp = web.Response(body=exposition(self._registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
     async def _live_view(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
@@ -165,19 +176,23 @@ class Gateway:
     def admin_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/stats", self._stats_view)
+        app.router.add_get("/metrics", self._metrics_view)
         app.router.add_get("/healthz", self._live_view)
         app.router.add_get("/readyz", self._ready_view)
         return app
 
     def front_server(self) -> web.Server:
         c = self.config
-        # Access logging is off: a log line per request would cost more than the accounting.
+        # Access logging is off by default: a log line per request costs more than the accounting.
+        log_kwargs: dict[str, Any] = {"access_log": None}
+        if c.access_log == "combined":
+            log_kwargs = {"access_log": logging.getLogger("gateway.access"), "access_log_format": COMBINED_LOG_FORMAT}
         self.server = GuardedServer(
             self.handle,
             request_timeout=c.request_timeout_s,
             max_connections=c.max_connections,
-            access_log=None,
             keepalive_timeout=c.keepalive_timeout_s,
+            **log_kwargs,
         )
         return self.server
 

@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         None,
         "response header carrying the client's new counter value (naive, pooled, raw, multiplexed); off by default",
     )
+    opt(
+        "--access-log",
+        "GATEWAY_ACCESS_LOG",
+        "off",
+        "off, or combined (one line per request on stderr, logger gateway.access; costs throughput)",
+        choices=("off", "combined"),
+    )
     opt("--log-level", "GATEWAY_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -199,6 +206,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             keepalive_timeout_s=_checked(float, args.keepalive_timeout_s, "keep-alive timeout"),
             max_connections=_checked(int, args.max_connections, "max connections"),
             count_header=args.count_header or None,
+            access_log=args.access_log,
             log_level=level,
         )
     except ConfigError as exc:

@@ -16,6 +16,7 @@ Mode = Literal["off", "naive", "pooled", "raw", "multiplexed", "batched"]
 MODES: tuple[str, ...] = get_args(Mode)
 ErrorPolicy = Literal["allow", "deny"]
 BatchAck = Literal["flush", "none"]
+AccessLog = Literal["off", "combined"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -133,6 +134,7 @@ class Config:
     keepalive_timeout_s: float = 60.0
     max_connections: int = 10_000
     count_header: str | None = None
+    access_log: AccessLog = "off"
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -159,6 +161,8 @@ class Config:
             raise ConfigError("max-connections must be >= 1")
         if self.count_header is not None and not self.count_header.replace("-", "").isalnum():
             raise ConfigError(f"invalid count header name {self.count_header!r}: letters, digits and '-' only")
+        if self.access_log not in get_args(AccessLog):
+            raise ConfigError(f"invalid access-log {self.access_log!r}: choose off or combined")
         if self.batch_ack not in get_args(BatchAck):
             raise ConfigError(f"invalid batch-ack {self.batch_ack!r}: choose flush or none")
 

@@ -1,0 +1,100 @@
+"""Prometheus exposition of the gateway's counters, read at scrape time.
+
+Owns the mapping from /stats to metric families, and nothing on the request
+path: every value already exists as a plain counter, so a scrape costs work
+and a request costs none. Exposition is prometheus-client's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+# /stats pool fields that are gauges (current values) and counters (totals).
+_POOL_GAUGES = {
+    "max": "Most connections the pool may hold",
+    "size": "Connections open, including ones connecting",
+    "idle": "Idle pooled connections",
+    "in_use": "Connections checked out",
+    "waiting": "Requests waiting for a connection",
+    "in_flight": "Commands sent and not yet answered (shared connections)",
+    "pending_keys": "Batched: distinct keys held for the next flush or a retry",
+    "pending_increments": "Batched: increments held for the next flush or a retry",
+    "last_flush_keys": "Batched: keys in the last confirmed flush",
+}
+_POOL_COUNTERS = {
+    "created": "Redis connections opened",
+    "errors": "Redis connects that failed",
+    "discarded": "Connections closed as unsafe to reuse",
+    "wait_timeouts": "Checkouts that gave up waiting",
+    "disconnects": "Shared connections lost",
+    "flushes": "Batched: flushes confirmed",
+    "flush_failures": "Batched: flushes that failed and were kept for retry",
+    "duplicate_flushes": "Batched: resent flushes Redis had already applied",
+    "flushed_increments": "Batched: increments confirmed through flushes",
+    "overflow": "Batched: increments dropped because too many keys were held",
+}
+
+
+class GatewayCollector(Collector):
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._gw.stats()
+        mode = stats["mode"]
+        requests = CounterMetricFamily("gateway_requests", "Requests by accounting outcome", labels=["mode", "outcome"])
+        for outcome in ("counted", "deferred", "failed", "uncounted", "no_client_ip"):
+            requests.add_metric([mode, outcome], stats["requests"][outcome])
+        yield requests
+        failures = CounterMetricFamily(
+            "gateway_accounting_failures", "Failed increments by kind", labels=["mode", "kind"]
+        )
+        for kind, n in sorted(stats["failures"].items()):
+            failures.add_metric([mode, kind], n)
+        yield failures
+        pool = stats["pool"] or {}
+        for field, doc in _POOL_GAUGES.items():
+            if isinstance(pool.get(field), (int, float)) and not isinstance(pool.get(field), bool):
+                g = GaugeMetricFamily(f"gateway_redis_{field}", doc, labels=["mode"])
+                g.add_metric([mode], pool[field])
+                yield g
+        for field, doc in _POOL_COUNTERS.items():
+            if isinstance(pool.get(field), int):
+                c = CounterMetricFamily(f"gateway_redis_{field}", doc, labels=["mode"])
+                c.add_metric([mode], pool[field])
+                yield c
+        if isinstance(pool.get("last_flush_ms"), (int, float)):
+            g = GaugeMetricFamily(
+                "gateway_redis_last_flush_seconds", "Batched: latency of the last flush", labels=["mode"]
+            )
+            g.add_metric([mode], pool["last_flush_ms"] / 1000)
+            yield g
+        conns = stats.get("connections") or {}
+        if conns:
+            g = GaugeMetricFamily("gateway_client_connections", "Client connections open")
+            g.add_metric([], conns["open"])
+            yield g
+            c = CounterMetricFamily("gateway_client_head_timeouts", "Client connections closed with 408")
+            c.add_metric([], conns["head_timeouts"])
+            yield c
+            c = CounterMetricFamily("gateway_client_rejected", "Client connections refused at the limit")
+            c.add_metric([], conns["rejected"])
+            yield c
+
+
+def registry_for(gateway: Gateway) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gateway))
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
