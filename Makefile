@@ -29,8 +29,11 @@ system-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-# Starts a local redis-server if nothing answers at REDIS_URL (local addresses only).
-redis: system-deps venv
+# Starts a local redis-server if nothing answers at REDIS_URL (local addresses only);
+# installs only redis-server if it is missing (the test packages are `make test`'s business).
+redis: venv
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
 	@if redis-cli -u '$(REDIS_URL)' ping >/dev/null 2>&1; then \
 	  echo "redis: answering at $(REDIS_URL)"; \
 	else \
@@ -47,7 +50,7 @@ run: redis
 	REDIS_URL='$(REDIS_URL)' $(VENV)/bin/gateway
 
 # The HAProxy+Lua reference in the foreground, against the same local Redis (ports in haproxy/run.sh).
-haproxy: redis
+haproxy: redis system-deps
 	read host port < <($(PY) -c 'import sys; from gateway.config import parse_redis_url as p; t = p(sys.argv[1]); print(t.host, t.port)' '$(REDIS_URL)'); \
 	REF_REDIS_HOST="$$host" REF_REDIS_PORT="$$port" haproxy/run.sh
 
