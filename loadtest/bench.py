@@ -22,8 +22,6 @@ import os
 import re
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,7 @@ from typing import Any
 
 import redis
 
-from .procs import RedisProcess, free_port
+from .procs import RedisProcess, free_port, stop_process, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER_NAME = "bench-runner"  # the runner's own Redis connections, left out of the peak
@@ -118,31 +116,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}") from None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listening on {port} after {timeout} s") from None
-            time.sleep(0.02)
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 class Redis(RedisProcess):
@@ -325,7 +298,7 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
         # Less the INFO that took the first reading, and the sampler's INFOs.
         commands = db.commands() - commands_before - 1 - sampler.calls
         sample.peak_rss_mb = round(peak_rss_mb(proc.pid), 1)
-        stop(proc)
+        stop_process(proc)
         proc = None
         counted = db.counter_sum(conn=db.conn) - counted_before
         sample.rps = round(res["rps"], 1)
@@ -346,7 +319,7 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
     except Exception as exc:  # one broken target must not cost the whole run
         sample.error = str(exc)
     finally:
-        stop(proc)
+        stop_process(proc)
         db.close()
     return sample
 

@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ import aiohttp
 from gateway.app import Gateway, Running
 from gateway.config import Config, parse_redis_url
 
-from .procs import RedisProcess, free_port
+from .procs import RedisProcess, free_port, stop_process, wait_port
 
 COUNT_HEADER = "X-Request-Count"
 BASE = 1_000_000
@@ -126,7 +125,6 @@ class Load:
         self.errors = 0
         self.mismatches = 0
         self.last_value: dict[int, int] = {}
-        self.counted_at: list[float] = []  # when a reply carried a fresh count
         self._stop = asyncio.Event()
 
     async def _client(self, session: aiohttp.ClientSession, i: int) -> None:
@@ -150,7 +148,6 @@ class Load:
                 if v // BASE != i or v <= self.last_value.get(i, i * BASE):
                     self.mismatches += 1
                 self.last_value[i] = v
-                self.counted_at.append(now)
 
     async def run(self, fault: Callable[[], Awaitable[None]], settle: float = 0.0) -> None:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
@@ -476,15 +473,7 @@ async def graceful_shutdown(mode: str = "batched", clients: int = 20) -> Outcome
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         seed_counters(server, clients)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), 1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gateway did not start") from None
-                await asyncio.sleep(0.05)
+        await asyncio.to_thread(wait_port, port, proc)
         load = Load(f"http://127.0.0.1:{port}", clients)
         exit_s = 0.0
 
@@ -510,9 +499,7 @@ async def graceful_shutdown(mode: str = "batched", clients: int = 20) -> Outcome
         out.notes = f"exit {proc.returncode} after {exit_s:.2f} s" + ("; traceback!" if "Traceback" in err else "")
         out.conns_left = await _connections_after(server)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=5)
         server.cleanup()
     return out
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 import redis
 
@@ -20,6 +21,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """Block until something accepts on the loopback port; fail at once if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listening on {port} after {timeout} s") from None
+            time.sleep(0.02)
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 15.0) -> None:
+    """SIGTERM (after SIGCONT, in case it was paused), then SIGKILL if it has not exited in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGCONT)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class RedisProcess:
@@ -72,14 +101,7 @@ class RedisProcess:
 
     def stop(self) -> None:
         """Graceful: SIGTERM, so an AOF-enabled server persists before exiting."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
         self.proc = None
 
     def pause(self) -> None:

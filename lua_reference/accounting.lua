@@ -132,41 +132,39 @@ core.register_action("acct-naive", { "http-req" }, function(txn)
   tcp:close()
 end)
 
-core.register_action("acct-pooled", { "http-req" }, function(txn)
-  local key = cfg.prefix .. client_ip(txn)
-  local conn = pool:get(cfg.pool_wait)
-  if conn == nil then
-    return
+-- Runs `incr(conn, key)` on a pooled connection; the connection goes back to
+-- the pool when `incr` says the stream is still in sync, and is renewed otherwise.
+-- No connection within the wait: the request goes through uncounted.
+local function with_pooled(incr)
+  return function(txn)
+    local key = cfg.prefix .. client_ip(txn)
+    local conn = pool:get(cfg.pool_wait)
+    if conn == nil then
+      return
+    end
+    if incr(conn, key) then
+      pool:release(conn)
+    else
+      pool:renew(conn)
+    end
   end
+end
+
+core.register_action("acct-pooled", { "http-req" }, with_pooled(function(conn, key)
   -- pcall: redis-lua raises on any error, and an error escaping an action
   -- would abort the request and leak the connection (the seed's note).
-  local ok = pcall(conn.client.incrby, conn.client, key, 1)
-  if ok then
-    pool:release(conn)
-  else
-    pool:renew(conn)
-  end
-end)
+  return (pcall(conn.client.incrby, conn.client, key, 1))
+end))
 
-core.register_action("acct-raw", { "http-req" }, function(txn)
-  local key = cfg.prefix .. client_ip(txn)
-  local conn = pool:get(cfg.pool_wait)
-  if conn == nil then
-    return
-  end
+core.register_action("acct-raw", { "http-req" }, with_pooled(function(conn, key)
   if conn.tcp:send(resp_incr(key)) == nil then
-    pool:renew(conn)
-    return
+    return false
   end
   local line = conn.tcp:receive("*l")
-  if line == nil then
-    pool:renew(conn) -- timeout or closed: the reply may still come, never reuse
-  elseif line:sub(1, 1) == ":" or line:sub(1, 1) == "-" then
-    pool:release(conn) -- an integer, or an error reply (WRONGTYPE...): the stream is in sync
-  else
-    pool:renew(conn)
-  end
-end)
+  -- nil: timeout or closed, the reply may still come, so never reuse. An integer
+  -- or an error reply (WRONGTYPE...) leaves the stream in sync; anything else does not.
+  return line ~= nil and (line:sub(1, 1) == ":" or line:sub(1, 1) == "-")
+end))
 
 -- Pool counters for tests and operators: GET on the admin listener.
 core.register_service("acct-stats", "http", function(applet)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import Config, parse_redis_url
-from gateway.resp import Parser, encode
+from gateway.resp import Parser
 from loadtest.chaos import gateway as running_gateway
-from loadtest.procs import RedisProcess, free_port
+from loadtest.procs import RedisProcess, free_port, stop_process, wait_port
 
 
 class RedisServer(RedisProcess):
@@ -123,18 +122,6 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0, interval: 
         await asyncio.sleep(interval)
 
 
-__all__ = [
-    "FakeRedis",
-    "HAProxyReference",
-    "RedisServer",
-    "encode",
-    "eventually",
-    "free_port",
-    "make_config",
-    "running_gateway",
-]
-
-
 class HAProxyReference:
     """The HAProxy+Lua reference (haproxy/run.sh) on free ports, against a given Redis."""
 
@@ -161,24 +148,25 @@ class HAProxyReference:
 
     def start(self) -> HAProxyReference:
         self.proc = subprocess.Popen([self.script], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        for port in self.ports.values():
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        out = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                        raise RuntimeError(f"haproxy did not start: {out}") from None
-                    time.sleep(0.02)
+        try:
+            for port in self.ports.values():
+                wait_port(port, self.proc, timeout=10)
+        except RuntimeError as exc:
+            self.stop()
+            out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+            raise RuntimeError(f"haproxy did not start ({exc}): {out}") from None
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=5)
+
+
+__all__ = [
+    "FakeRedis",
+    "HAProxyReference",
+    "RedisServer",
+    "eventually",
+    "free_port",
+    "make_config",
+    "running_gateway",
+]
