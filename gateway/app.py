@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
+from time import perf_counter
 from typing import Any
 
 from aiohttp import web
@@ -33,6 +34,7 @@ from .config import Config
 from .errors import AccountingError
 from .faultlog import FailureLog
 from .guard import GuardedServer
+from .histogram import LATENCY_BOUNDS, Histogram
 from .metrics import exposition, registry_for
 
 log = logging.getLogger("gateway")
@@ -54,7 +56,7 @@ class Gateway:
         self._redirect = {"Location": config.target}
         self._count_header = config.count_header
         self.server: GuardedServer | None = None
-        self._registry = registry_for(self)
+        self._registry = registry_for(self.stats)
         self._started = time.monotonic()
         self.requests = 0
         self.counted = 0
@@ -62,6 +64,8 @@ class Gateway:
         self.uncounted = 0
         self.deferred = 0
         self.failures: Counter[str] = Counter()
+        # Time spent in backend.incr, successful or not (not for requests that skip Redis).
+        self.latency = Histogram(LATENCY_BOUNDS)
         self.failure_log = FailureLog(
             log, "requests are answered 503" if self._deny else "requests are let through uncounted"
         )
@@ -87,15 +91,19 @@ class Gateway:
         elif not self._uses_redis:
             self.uncounted += 1
         else:
+            started = perf_counter()
             try:
                 value = await self.backend.incr(counter_key(self._prefix, ip))
             except AccountingError as err:
+                self.latency.observe(perf_counter() - started)
                 if self._failed(err):
                     return self._denied()
             except Exception as exc:  # a bug in a backend must not become a 500 storm
+                self.latency.observe(perf_counter() - started)
                 if self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc):
                     return self._denied()
             else:
+                self.latency.observe(perf_counter() - started)
                 self.counted += 1
                 if self.failure_log.failing:
                     self.failure_log.success()
@@ -148,6 +156,7 @@ class Gateway:
                 "in_flight": self.requests - settled,
             },
             "failures": dict(self.failures),
+            "accounting_latency_s": self.latency.snapshot(),
             "pool": self.backend.stats(),
             "connections": self.server.stats() if self.server is not None else None,
         }

@@ -7,15 +7,16 @@ and a request costs none. Exposition is prometheus-client's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .app import Gateway
+from .histogram import cumulative
+
+StatsSource = Callable[[], dict[str, Any]]
 
 # /stats pool fields that are gauges (current values) and counters (totals).
 _POOL_GAUGES = {
@@ -43,12 +44,20 @@ _POOL_COUNTERS = {
 }
 
 
+def _histogram(name: str, doc: str, mode: str, snapshot: dict[str, Any]) -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, doc, labels=["mode"])
+    h.add_metric([mode], cumulative(snapshot), snapshot["sum"])
+    return h
+
+
 class GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
+    """Metric families from a /stats document: one gateway's, or the sum of its workers'."""
+
+    def __init__(self, stats: StatsSource) -> None:
+        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._gw.stats()
+        stats = self._stats()
         mode = stats["mode"]
         requests = CounterMetricFamily("gateway_requests", "Requests by accounting outcome", labels=["mode", "outcome"])
         for outcome in ("counted", "deferred", "failed", "uncounted", "no_client_ip"):
@@ -60,6 +69,13 @@ class GatewayCollector(Collector):
         for kind, n in sorted(stats["failures"].items()):
             failures.add_metric([mode, kind], n)
         yield failures
+        if stats.get("accounting_latency_s"):
+            yield _histogram(
+                "gateway_accounting_latency_seconds",
+                "Time a request spent on its increment, failed ones included",
+                mode,
+                stats["accounting_latency_s"],
+            )
         pool = stats["pool"] or {}
         for field, doc in _POOL_GAUGES.items():
             if isinstance(pool.get(field), (int, float)) and not isinstance(pool.get(field), bool):
@@ -77,6 +93,15 @@ class GatewayCollector(Collector):
             )
             g.add_metric([mode], pool["last_flush_ms"] / 1000)
             yield g
+        if pool.get("flush_keys"):
+            yield _histogram("gateway_batch_flush_keys", "Batched: keys per confirmed flush", mode, pool["flush_keys"])
+        if pool.get("flush_latency_s"):
+            yield _histogram(
+                "gateway_batch_flush_latency_seconds",
+                "Batched: send to confirmation of each confirmed flush",
+                mode,
+                pool["flush_latency_s"],
+            )
         conns = stats.get("connections") or {}
         if conns:
             g = GaugeMetricFamily("gateway_client_connections", "Client connections open")
@@ -90,9 +115,9 @@ class GatewayCollector(Collector):
             yield c
 
 
-def registry_for(gateway: Gateway) -> CollectorRegistry:
+def registry_for(stats: StatsSource) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(gateway))
+    registry.register(GatewayCollector(stats))
     return registry
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from .. import errors
 from ..errors import AccountingError
+from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
 from ..multiplexer import Multiplexer
 from ..resp import Reply, ReplyError, encode
 from .base import Backend
@@ -112,6 +113,8 @@ class BatchedBackend(Backend):
         self.overflow = 0
         self.last_flush_keys = 0
         self.last_flush_ms = 0.0
+        self.flush_keys = Histogram(SIZE_BOUNDS)
+        self.flush_latency = Histogram(LATENCY_BOUNDS)
         await self.mux.start(wait=c.connect_timeout)
 
     # -- request path ---------------------------------------------------------
@@ -230,7 +233,10 @@ class BatchedBackend(Backend):
             self.flushes += 1
             self.flushed_increments += sum(batch.counts[k] for k in keys if k not in key_errors)
             self.last_flush_keys = len(keys)
-            self.last_flush_ms = (time.perf_counter() - started) * 1000
+            elapsed = time.perf_counter() - started
+            self.last_flush_ms = elapsed * 1000
+            self.flush_keys.observe(len(keys))
+            self.flush_latency.observe(elapsed)
             result = key_errors or None
             for waiter in batch.waiters:
                 if not waiter.done():
@@ -284,6 +290,8 @@ class BatchedBackend(Backend):
             "overflow": self.overflow,
             "last_flush_keys": self.last_flush_keys,
             "last_flush_ms": round(self.last_flush_ms, 3),
+            "flush_keys": self.flush_keys.snapshot(),
+            "flush_latency_s": self.flush_latency.snapshot(),
             "failing": self.failing,
         }
 

@@ -44,9 +44,24 @@ async def test_metrics_reflect_stats(metrics_mode: str, redis_server: RedisServe
     assert samples[("gateway_accounting_failures_total", (("kind", "redis:WRONGTYPE"), *mode))] == 3
     assert samples[("gateway_redis_max", mode)] == (20 if metrics_mode == "raw" else 1)
     assert samples[("gateway_redis_created_total", mode)] >= 1
+    # Every increment, failed ones included, is one latency observation.
+    assert samples[("gateway_accounting_latency_seconds_count", mode)] == 10
+    assert samples[("gateway_accounting_latency_seconds_bucket", (("le", "+Inf"), *mode))] == 10
+    assert 0 < samples[("gateway_accounting_latency_seconds_sum", mode)] < 10
+    buckets = sorted(
+        (float(labels[0][1]), v)
+        for (name, labels), v in samples.items()
+        if name == "gateway_accounting_latency_seconds_bucket"
+    )
+    assert [v for _le, v in buckets] == sorted(v for _le, v in buckets)  # cumulative
     if metrics_mode == "batched":
         assert samples[("gateway_redis_flushes_total", mode)] >= 1
         assert ("gateway_redis_pending_increments", mode) in samples
+        flushes = samples[("gateway_redis_flushes_total", mode)]
+        assert samples[("gateway_batch_flush_keys_count", mode)] == flushes
+        # Sequential requests: each flush held one key.
+        assert samples[("gateway_batch_flush_keys_sum", mode)] == flushes
+        assert samples[("gateway_batch_flush_latency_seconds_count", mode)] == flushes
     assert samples[("gateway_client_connections", ())] >= 1
 
 
