@@ -214,6 +214,24 @@ class ListenError(OSError):
     """A listener could not bind; the message names the address."""
 
 
+async def start_site(runner: web.BaseRunner[Any], where: tuple[str, int] | str, reuse_port: bool = False) -> None:
+    """Listen on HOST:PORT, or on a Unix socket path; ListenError names the address."""
+    site: web.BaseSite
+    if isinstance(where, str):
+        site = web.UnixSite(runner, where)
+        name = f"unix:{where}"
+    else:
+        # A deep accept queue: with aiohttp's 128, a burst of connects overflows it and the
+        # dropped SYNs are retried by clients only after a second.
+        site = web.TCPSite(runner, where[0], where[1], backlog=1024, reuse_port=reuse_port or None)
+        name = f"{where[0]}:{where[1]}"
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"cannot listen on {name}: {reason}") from exc
+
+
 class Running:
     """The listeners of one running gateway; `stop()` shuts them down in order."""
 
@@ -227,7 +245,7 @@ class Running:
         try:
             grace = config.shutdown_timeout_s
             front = web.ServerRunner(self.gateway.front_server(), handle_signals=False, shutdown_timeout=grace)
-            await self._add(front, config.listen)
+            await self._add(front, config.listen, reuse_port=config.reuse_port)
             if config.admin_listen is not None:
                 admin = web.AppRunner(
                     self.gateway.admin_app(), handle_signals=False, access_log=None, shutdown_timeout=grace
@@ -237,24 +255,18 @@ class Running:
             await self.stop()
             raise
 
-    async def _add(self, runner: web.BaseRunner[Any], where: tuple[str, int]) -> None:
+    async def _add(self, runner: web.BaseRunner[Any], where: tuple[str, int] | str, reuse_port: bool = False) -> None:
         self._runners.append(runner)
         await runner.setup()
-        # A deep accept queue: with aiohttp's 128, a burst of connects overflows it and the
-        # dropped SYNs are retried by clients only after a second.
-        site = web.TCPSite(runner, where[0], where[1], backlog=1024)
-        try:
-            await site.start()
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenError(f"cannot listen on {where[0]}:{where[1]}: {reason}") from exc
+        await start_site(runner, where, reuse_port=reuse_port)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         out = []
         for runner in self._runners:
             for addr in runner.addresses:
-                out.append((addr[0], addr[1]))
+                if isinstance(addr, tuple):
+                    out.append((addr[0], addr[1]))
         return out
 
     async def stop(self) -> None:

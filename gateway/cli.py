@@ -16,7 +16,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from .config import MODES, Config, ConfigError, parse_listen, parse_networks, parse_redis_url
+from .config import (
+    MODES,
+    Config,
+    ConfigError,
+    parse_admin_listen,
+    parse_listen,
+    parse_networks,
+    parse_redis_url,
+    parse_workers,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -50,7 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-listen",
         "GATEWAY_ADMIN_LISTEN",
         "127.0.0.1:10061",
-        "HOST:PORT of the admin listener (/stats, /healthz, /readyz); 'off' disables it",
+        "HOST:PORT or unix:PATH of the admin listener (/stats, /metrics, /healthz, /readyz); 'off' disables it",
+    )
+    opt(
+        "--workers",
+        "GATEWAY_WORKERS",
+        "1",
+        "processes sharing the port (SO_REUSEPORT), each with its own Redis connections; 'auto' is one per "
+        "CPU; above 1 a supervisor restarts dead workers and its admin listener sums their /stats",
+    )
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=os.environ.get("GATEWAY_REUSE_PORT", "").lower() in ("1", "true", "yes"),
+        help="set SO_REUSEPORT on the front listener, so separately started gateways can share the port "
+        "(--workers sets it itself) [env GATEWAY_REUSE_PORT=1]",
     )
     opt(
         "--redis-url",
@@ -175,11 +198,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         trusted = args.trusted_proxy
         if trusted is None:
             trusted = [os.environ.get("GATEWAY_TRUSTED_PROXIES", "")]
-        admin = (
-            None
-            if str(args.admin_listen).lower() in ("", "off", "none")
-            else parse_listen(args.admin_listen, "127.0.0.1")
-        )
+        admin = parse_admin_listen(str(args.admin_listen))
         level = str(args.log_level).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"invalid log level {args.log_level!r}")
@@ -187,6 +206,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             mode=args.mode,
             listen=parse_listen(args.listen, "0.0.0.0"),
             admin_listen=admin,
+            workers=parse_workers(args.workers, len(os.sched_getaffinity(0))),
+            reuse_port=args.reuse_port,
             redis=parse_redis_url(args.redis_url),
             pool_size=_checked(int, args.pool_size, "pool size"),
             pool_wait_ms=_checked(float, args.pool_wait_ms, "pool wait"),
@@ -231,16 +252,21 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: draining requests, then closing Redis connections")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
+    # A repeated SIGTERM (a supervisor passing on a terminal's Ctrl-C, say) must not cut the
+    # drain short; a second SIGINT from a person at the terminal still forces the exit.
+    loop.add_signal_handler(signal.SIGTERM, lambda: None)
+    loop.remove_signal_handler(signal.SIGINT)
     await running.stop()
     log.info("stopped")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     config = config_from_args(argv)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = os.environ.get("GATEWAY_WORKER_INDEX")
+    who = f" worker {worker}" if worker is not None and config.workers == 1 else ""
+    logging.basicConfig(level=config.log_level, format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
     try:
         import uvloop
 
@@ -248,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # uvloop is a dependency, but the gateway still runs without it
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
+        if config.workers > 1:
+            from .supervisor import supervise
+
+            return runner.run(supervise(config, argv))
         return runner.run(serve(config))
 
 

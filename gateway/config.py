@@ -94,6 +94,31 @@ def parse_listen(text: str, default_host: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_admin_listen(text: str) -> tuple[str, int] | str | None:
+    """`HOST:PORT`, `unix:/path/to/socket`, or `off`."""
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ConfigError(f"invalid admin listen address {text!r}: unix: needs a socket path")
+        return path
+    return parse_listen(text, "127.0.0.1")
+
+
+def parse_workers(text: str | int, cpus: int) -> int:
+    """A worker count, or `auto`: one per CPU this process may run on."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return max(1, cpus)
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid workers {text!r}: expected a number or auto") from None
+    if n < 1:
+        raise ConfigError(f"invalid workers {n}: must be >= 1")
+    return n
+
+
 def parse_networks(items: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:
     nets = []
     for item in items:
@@ -112,8 +137,12 @@ def parse_networks(items: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:
 class Config:
     mode: Mode = "raw"
     listen: tuple[str, int] = ("0.0.0.0", 10060)
-    # None disables the admin listener.
-    admin_listen: tuple[str, int] | None = ("127.0.0.1", 10061)
+    # HOST, PORT; a str is a Unix socket path; None disables the admin listener.
+    admin_listen: tuple[str, int] | str | None = ("127.0.0.1", 10061)
+    # Processes sharing the listening port; above 1, this process supervises them.
+    workers: int = 1
+    # SO_REUSEPORT on the front listener (set for workers; also for separately started instances).
+    reuse_port: bool = False
     redis: RedisTarget = field(default_factory=RedisTarget)
     pool_size: int = 20
     pool_wait_ms: float = 1000.0
@@ -157,6 +186,8 @@ class Config:
             raise ConfigError("batch-max-keys and batch-max-pending must be >= 1")
         if self.request_timeout_s <= 0 or self.keepalive_timeout_s <= 0:
             raise ConfigError("request and keep-alive timeouts must be > 0")
+        if self.workers < 1:
+            raise ConfigError("workers must be >= 1")
         if self.max_connections < 1:
             raise ConfigError("max-connections must be >= 1")
         if self.count_header is not None and not self.count_header.replace("-", "").isalnum():

@@ -102,6 +102,14 @@ class GatewayCollector(Collector):
                 mode,
                 pool["flush_latency_s"],
             )
+        workers = stats.get("workers")
+        if workers:
+            g = GaugeMetricFamily("gateway_workers", "Worker processes answering the supervisor")
+            g.add_metric([], workers["answering"])
+            yield g
+            c = CounterMetricFamily("gateway_worker_restarts", "Workers restarted after exiting")
+            c.add_metric([], workers["restarts"])
+            yield c
         conns = stats.get("connections") or {}
         if conns:
             g = GaugeMetricFamily("gateway_client_connections", "Client connections open")

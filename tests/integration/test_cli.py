@@ -36,6 +36,9 @@ def test_help_documents_every_option() -> None:
         (["--trusted-proxy", "10.0.0.0/99"], "trusted proxy"),
         (["--pool-size", "0"], "pool size"),
         (["--listen", "x:y"], "listen"),
+        (["--workers", "0"], "workers"),
+        (["--workers", "many"], "workers"),
+        (["--admin-listen", "unix:"], "admin listen"),
     ],
 )
 def test_bad_value_is_one_line_and_exit_2(args: list[str], needle: str) -> None:
