@@ -39,7 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNER_NAME = "bench-runner"  # the runner's own Redis connections, left out of the peak
 GATEWAY_MODES = ("off", "naive", "pooled", "raw", "multiplexed", "batched", "batched-noack")
 # Targets that are a mode plus options, to measure a trade-off in the same run.
-GATEWAY_VARIANTS = {"batched-noack": ["--mode", "batched", "--batch-ack", "none"]}
+GATEWAY_VARIANTS = {
+    "batched-noack": ["--mode", "batched", "--batch-ack", "none"],
+    "off-w2": ["--mode", "off", "--workers", "2"],
+    "raw-w2": ["--mode", "raw", "--workers", "2"],
+    "batched-w2": ["--mode", "batched", "--workers", "2"],
+}
+# Measured only when named in --targets: with two workers the gateway takes every core,
+# sharing one with the injector and Redis, so these are not part of the per-core table.
+SCALING_MODES = ("off-w2", "raw-w2", "batched-w2")
 HAPROXY_MODES = ("calibration", "naive", "pooled", "raw")
 # Which HAProxy listener is the same mode as which gateway mode.
 PEER_MODE = {"off": "calibration", "calibration": "off", "naive": "naive", "pooled": "pooled", "raw": "raw"}
@@ -104,18 +112,36 @@ def pinned(cmd: list[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus is not None else cmd
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (a gateway with --workers is a supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo.extend(int(c) for c in task.read_text().split())
+    return out
+
+
 def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of a process, all threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User and system CPU seconds of a process tree, all threads included."""
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    user = system = 0.0
+    for p in process_tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        user += int(fields[11]) / tick
+        system += int(fields[12]) / tick
+    return user, system
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak resident memory, summed over the process tree."""
+    total = 0.0
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 class Redis(RedisProcess):
@@ -269,7 +295,8 @@ def run_locust(url: str, s: Settings, duration: float, cpus: str | None) -> dict
 def measure(t: Target, rnd: int, s: Settings) -> Sample:
     cores = os.cpu_count() or 1
     pin = s.pin and shutil.which("taskset") is not None and cores >= 2
-    target_cpus = "0" if pin else None
+    # A multi-worker gateway gets every core (it has to share one with the injector and Redis).
+    target_cpus = (f"0-{cores - 1}" if t.mode in SCALING_MODES else "0") if pin else None
     other_cpus = f"1-{cores - 1}" if pin else None
     sample = Sample(target=t.name, round=rnd)
     db = Redis(other_cpus)
@@ -354,6 +381,9 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
         peer = PEER_MODE.get(name.split("/", 1)[1])
         if name.startswith("gateway/") and peer:
             row["ratio_to_haproxy"] = _median_ratio(group, by_target.get(f"haproxy/{peer}", []))
+        if name.split("/", 1)[1] in SCALING_MODES:
+            one = name.rsplit("-w", 1)[0]
+            row["ratio_to_one_worker"] = _median_ratio(group, by_target.get(one, []))
         # Accuracy is judged on every round, not the median: one loss anywhere counts.
         row["min_extra"] = min((g.extra for g in ok), default=None)
         row["max_extra"] = max((g.extra for g in ok), default=None)
@@ -414,6 +444,23 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
         )
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} |||||||||")
+    scaling = [m for m in SCALING_MODES if f"gateway/{m}" in summary]
+    if scaling:
+        lines += [
+            "",
+            "| Workers (every core, shared with the injector and Redis) | req/s | vs 1 worker, same mode "
+            "| gateway CPU % | injector CPU % |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for m in scaling:
+            row = summary[f"gateway/{m}"]
+            if row["rps"] is None:
+                continue
+            r1 = row.get("ratio_to_one_worker")
+            lines.append(
+                f"| gateway/{m} | {row['rps']:,.0f} | {f'{r1:.2f}×' if r1 else '–'} | "
+                f"{row['cpu_user_pct'] + row['cpu_sys_pct']:.0f} | {row['injector_cpu_pct']:.0f} |"
+            )
     lines += [
         "",
         f"Medians of {s.rounds} interleaved round(s); ratios are medians of per-round ratios. "
@@ -483,6 +530,10 @@ def all_targets() -> list[Target]:
     return [Target("gateway", m) for m in GATEWAY_MODES] + [Target("haproxy", m) for m in HAPROXY_MODES]
 
 
+def known_targets() -> list[Target]:
+    return all_targets() + [Target("gateway", m) for m in SCALING_MODES]
+
+
 def parse_args(argv: list[str] | None) -> Settings:
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds of measurement per run (default 10)")
@@ -499,7 +550,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--report", help="also write a markdown page (table, chart, machine, command) to this path")
     a = p.parse_args(argv)
     targets = [t.name for t in all_targets()] if a.targets == "all" else [x.strip() for x in a.targets.split(",")]
-    known = {t.name for t in all_targets()}
+    known = {t.name for t in known_targets()}
     unknown = [t for t in targets if t not in known]
     if unknown:
         p.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -532,7 +583,7 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     s = parse_args(argv)
-    targets = [t for t in all_targets() if t.name in s.targets]
+    targets = [t for t in known_targets() if t.name in s.targets]
     skipped: dict[str, str] = {}
     if shutil.which("haproxy") is None:
         skipped.update({t.name: "haproxy is not installed" for t in targets if t.impl == "haproxy"})
