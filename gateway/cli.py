@@ -23,7 +23,7 @@ from .config import (
     parse_admin_listen,
     parse_listen,
     parse_networks,
-    parse_redis_url,
+    parse_redis_urls,
     parse_workers,
 )
 
@@ -79,7 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url",
         "REDIS_URL",
         DEFAULT_REDIS_URL,
-        "redis[s]://[[user][:password@]][host][:port][/db], honoured in every mode",
+        "redis[s]://[[user][:password@]][host][:port][/db], honoured in every mode; for a cluster, "
+        "redis+cluster://host:port[,host:port...] (seed nodes)",
+    )
+    p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        default=os.environ.get("GATEWAY_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
+        help="--redis-url names Redis Cluster seed nodes (comma-separated): keys are routed by hash slot, "
+        "MOVED and ASK followed; pooled, raw, multiplexed and batched modes [env GATEWAY_REDIS_CLUSTER=1]",
     )
     opt("--pool-size", "GATEWAY_POOL_SIZE", 20, "most Redis connections open at once", type=int)
     opt("--pool-wait-ms", "GATEWAY_POOL_WAIT_MS", 1000.0, "longest wait for a free pooled connection", type=float)
@@ -199,6 +207,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         if trusted is None:
             trusted = [os.environ.get("GATEWAY_TRUSTED_PROXIES", "")]
         admin = parse_admin_listen(str(args.admin_listen))
+        seeds, cluster = parse_redis_urls(args.redis_url, args.redis_cluster)
         level = str(args.log_level).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"invalid log level {args.log_level!r}")
@@ -208,7 +217,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             admin_listen=admin,
             workers=parse_workers(args.workers, len(os.sched_getaffinity(0))),
             reuse_port=args.reuse_port,
-            redis=parse_redis_url(args.redis_url),
+            redis=seeds[0],
+            cluster=cluster,
+            cluster_seeds=seeds[1:],
             pool_size=_checked(int, args.pool_size, "pool size"),
             pool_wait_ms=_checked(float, args.pool_wait_ms, "pool wait"),
             connect_timeout_ms=_checked(float, args.connect_timeout_ms, "connect timeout"),
@@ -245,7 +256,7 @@ async def serve(config: Config) -> int:
         return 1
     log = logging.getLogger("gateway")
     listening = ", ".join(f"{h}:{p}" for h, p in running.addresses)
-    log.info("gateway mode=%s listening on %s; redis %s", config.mode, listening, config.redis.url)
+    log.info("gateway mode=%s listening on %s; redis %s", config.mode, listening, config.redis_description)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -79,6 +79,35 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
+def parse_redis_urls(text: str, cluster: bool = False) -> tuple[tuple[RedisTarget, ...], bool]:
+    """One Redis URL, or cluster seed nodes: `redis+cluster://[auth@]h1:p1,h2:p2`,
+    `redis://h1:p1,h2:p2` with `cluster`, or several URLs separated by commas.
+
+    Returns the targets and whether they name a cluster.
+    """
+    text = text.strip()
+    for scheme, tls in (("redis+cluster://", False), ("rediss+cluster://", True)):
+        if text.startswith(scheme):
+            cluster = True
+            text = ("rediss://" if tls else "redis://") + text[len(scheme) :]
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        raise ConfigError(f"invalid Redis URL {text!r}: scheme must be redis:// or rediss://")
+    # Split `auth@h1:p1,h2:p2/db` into one URL per host, each with the auth and the path.
+    if "," in rest and "://" not in rest:
+        auth, at, hosts = rest.rpartition("@") if "@" in rest.split("/", 1)[0] else ("", "", rest)
+        hosts, slash, tail = hosts.partition("/")
+        urls = [f"{scheme}://{auth}{at}{h.strip()}{slash}{tail}" for h in hosts.split(",") if h.strip()]
+    else:
+        urls = [u.strip() for u in text.split(",") if u.strip()]
+    targets = tuple(parse_redis_url(u) for u in urls)
+    if len(targets) > 1 and not cluster:
+        raise ConfigError(f"several Redis addresses in {text!r}: for cluster seed nodes add --redis-cluster")
+    if cluster and any(t.db for t in targets):
+        raise ConfigError("Redis Cluster has only database 0")
+    return targets, cluster
+
+
 def parse_listen(text: str, default_host: str) -> tuple[str, int]:
     """Parse `HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT`."""
     host, sep, port_text = text.rpartition(":")
@@ -144,6 +173,9 @@ class Config:
     # SO_REUSEPORT on the front listener (set for workers; also for separately started instances).
     reuse_port: bool = False
     redis: RedisTarget = field(default_factory=RedisTarget)
+    # Redis Cluster: `redis` and `cluster_seeds` are seed nodes; the slot map comes from them.
+    cluster: bool = False
+    cluster_seeds: tuple[RedisTarget, ...] = ()
     pool_size: int = 20
     pool_wait_ms: float = 1000.0
     connect_timeout_ms: float = 1000.0
@@ -186,6 +218,10 @@ class Config:
             raise ConfigError("batch-max-keys and batch-max-pending must be >= 1")
         if self.request_timeout_s <= 0 or self.keepalive_timeout_s <= 0:
             raise ConfigError("request and keep-alive timeouts must be > 0")
+        if self.cluster and self.mode == "naive":
+            raise ConfigError("naive mode does not support Redis Cluster; use pooled, raw, multiplexed or batched")
+        if self.cluster and self.redis.db:
+            raise ConfigError("Redis Cluster has only database 0")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1")
         if self.max_connections < 1:
@@ -196,6 +232,17 @@ class Config:
             raise ConfigError(f"invalid access-log {self.access_log!r}: choose off or combined")
         if self.batch_ack not in get_args(BatchAck):
             raise ConfigError(f"invalid batch-ack {self.batch_ack!r}: choose flush or none")
+
+    @property
+    def seeds(self) -> tuple[RedisTarget, ...]:
+        """Every configured Redis address: the one server, or the cluster's seed nodes."""
+        return (self.redis, *self.cluster_seeds)
+
+    @property
+    def redis_description(self) -> str:
+        if not self.cluster:
+            return self.redis.url
+        return "cluster " + ",".join(t.url for t in self.seeds)
 
     @property
     def pool_wait(self) -> float:

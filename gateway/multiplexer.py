@@ -110,13 +110,25 @@ class Multiplexer:
 
     async def start(self, wait: float | None = None) -> None:
         """Start connecting every slot; with `wait`, give the first connects that long."""
+        self.connect_in_background()
+        if wait:
+            await self.wait_connected(wait, every=True)
+
+    def connect_in_background(self) -> None:
         for slot in self._slots:
             if slot.task is None:
                 slot.task = asyncio.create_task(self._keep_connected(slot))
-        if wait:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await asyncio.gather(*(s.ready.wait() for s in self._slots))
+
+    async def wait_connected(self, timeout: float, every: bool = False) -> None:
+        """Until one (or `every`) shared connection is up, or `timeout` has passed."""
+        waits = [asyncio.ensure_future(s.ready.wait()) for s in self._slots]
+        try:
+            await asyncio.wait(
+                waits, timeout=timeout, return_when=asyncio.ALL_COMPLETED if every else asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def _keep_connected(self, slot: _Slot) -> None:
         delay = self._backoff[0]

@@ -64,7 +64,7 @@ class Target:
 
     @property
     def calibration(self) -> bool:
-        return self.mode in ("off", "calibration")
+        return self.mode.split("-w", 1)[0] in ("off", "calibration")
 
 
 @dataclass
@@ -435,7 +435,7 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
         if row["rps"] is None:
             lines.append(f"| {name} | failed: {'; '.join(row['errors'])[:80]} |||||||||")
             continue
-        acc = "n/a" if name in ("gateway/off", "haproxy/calibration") else f"{row['min_extra']}..{row['max_extra']}"
+        acc = "n/a" if Target(*name.split("/", 1)).calibration else f"{row['min_extra']}..{row['max_extra']}"
         lines.append(
             f"| {name} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
             f"{row['cpu_user_pct'] + row['cpu_sys_pct']:.0f} | {row['peak_rss_mb']:.0f} | "

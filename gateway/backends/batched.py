@@ -23,6 +23,11 @@ Invariants:
   while Redis is unreachable requests are answered at once instead (failing
   open) and their increments wait for the retry.
 - Close flushes everything still held (bounded by the shutdown timeout).
+- With --redis-cluster, a flush is one such EVAL per hash slot (a script's keys
+  must share a slot), with a sequence marker per slot; the EVALs for one node
+  leave in one write. Groups confirmed are dropped from the batch; the rest
+  (node down, slot migrating: TRYAGAIN) is resent, same sequence number, until
+  confirmed. MOVED and ASK are followed.
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ from functools import partial
 from typing import Any
 
 from .. import errors
+from ..cluster import ClusterRouter, MuxNode
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
 from ..multiplexer import Multiplexer
 from ..resp import Reply, ReplyError, encode
+from ..slots import SlotTags, key_slot
 from .base import Backend
 
 log = logging.getLogger("gateway.batched")
@@ -82,6 +89,9 @@ class BatchedBackend(Backend):
     async def start(self) -> None:
         c = self.config
         self._loop = asyncio.get_running_loop()
+        self.router: ClusterRouter | None = None
+        self._tags = SlotTags()
+        self._cluster_flush: asyncio.Task[None] | None = None
         self.mux = Multiplexer(
             c.redis,
             connections=1,
@@ -115,7 +125,19 @@ class BatchedBackend(Backend):
         self.last_flush_ms = 0.0
         self.flush_keys = Histogram(SIZE_BOUNDS)
         self.flush_latency = Histogram(LATENCY_BOUNDS)
-        await self.mux.start(wait=c.connect_timeout)
+        if c.cluster:
+            self.router = ClusterRouter(
+                c.seeds,
+                lambda t: MuxNode(
+                    Multiplexer(t, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout),
+                    c.connect_timeout,
+                ),
+                connect_timeout=c.connect_timeout,
+                command_timeout=c.command_timeout,
+            )
+            await self.router.start()
+        else:
+            await self.mux.start(wait=c.connect_timeout)
 
     # -- request path ---------------------------------------------------------
 
@@ -187,6 +209,10 @@ class BatchedBackend(Backend):
             batch.seq = self._seq
         else:
             return
+        if self.router is not None:
+            self._inflight = batch
+            self._cluster_flush = asyncio.create_task(self._flush_cluster(batch))
+            return
         keys = list(batch.counts)
         command = ("EVAL", FLUSH_SCRIPT, len(keys) + 1, self.seq_key, *keys, batch.seq, SEQ_TTL_S,
                    *(batch.counts[k] for k in keys))  # fmt: skip
@@ -207,43 +233,98 @@ class BatchedBackend(Backend):
                 err = exc if isinstance(exc, AccountingError) else AccountingError(errors.INTERNAL, repr(exc))
                 self._flush_failed(batch, err)
                 return
-            reply = fut.result()
-            if isinstance(reply, ReplyError):
-                # Redis refused the whole script (READONLY, OOM, NOAUTH, ...): nothing was applied.
-                self._flush_failed(batch, AccountingError(errors.reply_error_kind(reply.prefix), str(reply)))
+            try:
+                key_errors = self._read_flush_reply(fut.result(), keys)
+            except AccountingError as err:
+                self._flush_failed(batch, err)
                 return
-            if not isinstance(reply, list) or not reply or not isinstance(reply[0], int):
-                self._flush_failed(batch, AccountingError(errors.PROTOCOL, f"flush answered {reply!r}"))
-                return
-            key_errors: dict[str, AccountingError] = {}
-            for i in range(1, len(reply) - 1, 2):
-                message = reply[i + 1]
-                text = message.decode() if isinstance(message, bytes) else str(message)
-                key_errors[keys[int(reply[i]) - 1]] = AccountingError(
-                    errors.reply_error_kind(text.split(" ", 1)[0]), text
-                )
-            if reply[0] == 0:
-                self.duplicate_flushes += 1  # applied by an earlier send whose reply was lost
-            if self.failing:
-                log.warning("batched: Redis reachable again; held increments flushed")
-            self.failing = False
-            self._unconfirmed = None
-            self._backoff = 0.0
-            self._retry_at = 0.0
-            self.flushes += 1
             self.flushed_increments += sum(batch.counts[k] for k in keys if k not in key_errors)
-            self.last_flush_keys = len(keys)
-            elapsed = time.perf_counter() - started
-            self.last_flush_ms = elapsed * 1000
-            self.flush_keys.observe(len(keys))
-            self.flush_latency.observe(elapsed)
-            result = key_errors or None
-            for waiter in batch.waiters:
-                if not waiter.done():
-                    waiter.set_result(result)
-            batch.waiters.clear()
+            self._confirmed(batch, len(keys), key_errors, started)
         finally:
             self._reschedule()
+
+    def _confirmed(self, batch: _Batch, nkeys: int, key_errors: dict[str, AccountingError], started: float) -> None:
+        if self.failing:
+            log.warning("batched: Redis reachable again; held increments flushed")
+        self.failing = False
+        self._unconfirmed = None
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self.flushes += 1
+        self.last_flush_keys = nkeys
+        elapsed = time.perf_counter() - started
+        self.last_flush_ms = elapsed * 1000
+        self.flush_keys.observe(nkeys)
+        self.flush_latency.observe(elapsed)
+        result = key_errors or None
+        for waiter in batch.waiters:
+            if not waiter.done():
+                waiter.set_result(result)
+        batch.waiters.clear()
+
+    # -- cluster flushing -------------------------------------------------------------
+
+    async def _flush_cluster(self, batch: _Batch) -> None:
+        started = time.perf_counter()
+        try:
+            assert self.router is not None
+            nkeys = len(batch.counts)
+            groups: dict[int, list[str]] = {}
+            for key in batch.counts:
+                groups.setdefault(key_slot(key), []).append(key)
+            # Concurrent sends: each node's multiplexer puts one tick's EVALs in one write.
+            outcomes = await asyncio.gather(
+                *(self._flush_group(slot, keys, batch) for slot, keys in groups.items()), return_exceptions=True
+            )
+            key_errors: dict[str, AccountingError] = {}
+            failure: AccountingError | None = None
+            for keys, outcome in zip(groups.values(), outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    if failure is None:
+                        failure = (
+                            outcome
+                            if isinstance(outcome, AccountingError)
+                            else AccountingError(errors.INTERNAL, repr(outcome))
+                        )
+                    continue
+                key_errors.update(outcome)
+                # Confirmed: off the batch, so a resend carries only what is still unconfirmed.
+                for key in keys:
+                    n = batch.counts.pop(key)
+                    if key not in outcome:
+                        self.flushed_increments += n
+            if batch.counts:
+                self._flush_failed(batch, failure or AccountingError(errors.INTERNAL, "flush incomplete"))
+            else:
+                self._confirmed(batch, nkeys, key_errors, started)
+        finally:
+            self._inflight = None
+            self._reschedule()
+
+    async def _flush_group(self, slot: int, keys: list[str], batch: _Batch) -> dict[str, AccountingError]:
+        """One slot's EVAL; the keys Redis refused, or AccountingError if nothing is confirmed."""
+        assert self.router is not None
+        seq_key = f"{self.seq_key}:{{{self._tags.tag(slot)}}}"
+        command = ("EVAL", FLUSH_SCRIPT, len(keys) + 1, seq_key, *keys, batch.seq, SEQ_TTL_S,
+                   *(batch.counts[k] for k in keys))  # fmt: skip
+        reply = await self.router.execute(slot, encode(*command))
+        return self._read_flush_reply(reply, keys)
+
+    def _read_flush_reply(self, reply: Reply, keys: list[str]) -> dict[str, AccountingError]:
+        """The keys Redis refused; AccountingError if the flush as a whole was not applied."""
+        if isinstance(reply, ReplyError):
+            # Redis refused the whole script (READONLY, OOM, NOAUTH, TRYAGAIN, ...): nothing was applied.
+            raise AccountingError(errors.reply_error_kind(reply.prefix), str(reply))
+        if not isinstance(reply, list) or not reply or not isinstance(reply[0], int):
+            raise AccountingError(errors.PROTOCOL, f"flush answered {reply!r}")
+        key_errors: dict[str, AccountingError] = {}
+        for i in range(1, len(reply) - 1, 2):
+            message = reply[i + 1]
+            text = message.decode() if isinstance(message, bytes) else str(message)
+            key_errors[keys[int(reply[i]) - 1]] = AccountingError(errors.reply_error_kind(text.split(" ", 1)[0]), text)
+        if reply[0] == 0:
+            self.duplicate_flushes += 1  # applied by an earlier send whose reply was lost
+        return key_errors
 
     def _reschedule(self) -> None:
         if self._unconfirmed is not None or self._batch.counts:
@@ -276,11 +357,14 @@ class BatchedBackend(Backend):
         return bool(self._batch.counts) or self._inflight is not None or self._unconfirmed is not None
 
     async def ping(self) -> None:
+        if self.router is not None:
+            await self.router.ping()
+            return
         await self.mux.execute("PING")
 
     def stats(self) -> dict[str, Any]:
         return {
-            **self.mux.stats(),
+            **(self.router.stats() if self.router is not None else self.mux.stats()),
             "pending_keys": self._held_keys(),
             "pending_increments": self.pending_increments,
             "flushes": self.flushes,
@@ -314,4 +398,6 @@ class BatchedBackend(Backend):
             log.error("batched: %d increments could not be flushed to Redis before shutdown", lost)
         if self._timer is not None:
             self._timer.cancel()
+        if self.router is not None:
+            await self.router.close()
         await self.mux.close()

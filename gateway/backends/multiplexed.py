@@ -2,6 +2,7 @@
 connection; commands from the same loop tick leave in one write.
 
 No checkout, no pool wait: a request costs an encode, a future and a parse.
+With --redis-cluster, one multiplexer per master node, keys routed by hash slot.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..accounting import read_incr_reply
+from ..cluster import ClusterRouter, MuxNode
+from ..config import RedisTarget
 from ..multiplexer import Multiplexer
 from ..resp import encode
+from ..slots import key_slot
 from .base import Backend
 
 
@@ -19,25 +23,45 @@ class MultiplexedBackend(Backend):
 
     async def start(self) -> None:
         c = self.config
-        self.mux = Multiplexer(
-            c.redis,
+        self.router: ClusterRouter | None = None
+        if c.cluster:
+            self.router = ClusterRouter(
+                c.seeds, lambda t: MuxNode(self._mux(t), c.connect_timeout), connect_timeout=c.connect_timeout,
+                command_timeout=c.command_timeout,
+            )  # fmt: skip
+            await self.router.start()
+        else:
+            self.mux = self._mux(c.redis)
+            await self.mux.start(wait=c.connect_timeout)
+
+    def _mux(self, target: RedisTarget) -> Multiplexer:
+        c = self.config
+        return Multiplexer(
+            target,
             connections=c.mux_connections,
             connect_timeout=c.connect_timeout,
             command_timeout=c.command_timeout,
             dedicated_pool_size=c.pool_size,
             dedicated_wait=c.pool_wait,
         )
-        await self.mux.start(wait=c.connect_timeout)
 
     async def incr(self, key: str) -> int:
+        if self.router is not None:
+            return read_incr_reply(await self.router.execute(key_slot(key), encode("INCRBY", key, 1)))
         reply = await self.mux.connection().send_packed(encode("INCRBY", key, 1))[0]
         return read_incr_reply(reply)
 
     async def ping(self) -> None:
+        if self.router is not None:
+            await self.router.ping()
+            return
         await self.mux.execute("PING")
 
     def stats(self) -> dict[str, Any]:
-        return self.mux.stats()
+        return self.router.stats() if self.router is not None else self.mux.stats()
 
     async def close(self) -> None:
-        await self.mux.close()
+        if self.router is not None:
+            await self.router.close()
+        else:
+            await self.mux.close()

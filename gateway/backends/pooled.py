@@ -3,14 +3,21 @@
 The library the seed recommends for production, bounded to --pool-size with a
 checkout that waits up to --pool-wait-ms. Pool counters come from the pool's
 own lists; "created" and "waiting" are counted here because it keeps no tally.
+
+With --redis-cluster it is redis-py's RedisCluster instead: --pool-size
+connections per node, slots and redirects handled by the library. Its per-node
+pool does not wait for a free connection: past the limit a command fails at once
+(`pool_timeout`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from ._redispy import connection_kwargs, translate
 from .base import Backend
@@ -32,13 +39,30 @@ class PooledBackend(Backend):
                 await super().on_connect()
 
         kwargs = connection_kwargs(self.config)
+        self._cluster: RedisCluster | None = None
+        if self.config.cluster:
+            for name in ("host", "port", "db"):
+                kwargs.pop(name)
+            self._cluster = RedisCluster(
+                startup_nodes=[ClusterNode(t.host, t.port) for t in self.config.seeds],
+                max_connections=self.config.pool_size,
+                connection_class=CountingConnection,
+                # Slots served by a node that is down must not stop the others from counting.
+                require_full_coverage=False,
+                **kwargs,
+            )
+            self._client = self._cluster
+            # The slot map is loaded on first use; a cluster that is down then fails open.
+            with contextlib.suppress(rexc.RedisError, OSError):
+                await self._cluster.initialize()
+            return
         self._pool = aioredis.BlockingConnectionPool(
             max_connections=self.config.pool_size,
             timeout=self.config.pool_wait,
             connection_class=CountingConnection,
             **kwargs,
         )
-        self._client = aioredis.Redis(connection_pool=self._pool, retry=kwargs["retry"])
+        self._client: aioredis.Redis | RedisCluster = aioredis.Redis(connection_pool=self._pool, retry=kwargs["retry"])
 
     async def incr(self, key: str) -> int:
         self._inflight += 1
@@ -61,10 +85,18 @@ class PooledBackend(Backend):
             raise translate(exc) from None
 
     def stats(self) -> dict[str, Any]:
-        idle = len(self._pool._available_connections)
-        in_use = len(self._pool._in_use_connections)
+        if self._cluster is not None:
+            nodes = self._cluster.get_nodes()
+            size = sum(len(n._connections) for n in nodes)
+            idle = sum(len(n._free) for n in nodes)
+            in_use = size - idle
+            limit = self.config.pool_size * max(1, len(nodes))
+        else:
+            idle = len(self._pool._available_connections)
+            in_use = len(self._pool._in_use_connections)
+            limit = self.config.pool_size
         return {
-            "max": self.config.pool_size,
+            "max": limit,
             "size": idle + in_use,
             "idle": idle,
             "in_use": in_use,
@@ -76,4 +108,5 @@ class PooledBackend(Backend):
 
     async def close(self) -> None:
         await self._client.aclose()
-        await self._pool.disconnect()
+        if self._cluster is None:
+            await self._pool.disconnect()

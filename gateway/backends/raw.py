@@ -2,7 +2,8 @@
 
 The seed's fastest mode, done properly: real source address, length-prefixed
 bulk strings, the reply actually read, and a connection with a reply still
-outstanding never reused.
+outstanding never reused. With --redis-cluster, one such pool per master node,
+keys routed by hash slot (`gateway.cluster`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from functools import partial
 from typing import Any
 
 from ..accounting import read_incr_reply
+from ..cluster import ClusterRouter, PoolNode
+from ..config import RedisTarget
 from ..connection import open_connection
 from ..pool import Pool
 from ..resp import encode
+from ..slots import key_slot
 from .base import Backend
 
 
@@ -22,12 +26,24 @@ class RawBackend(Backend):
 
     async def start(self) -> None:
         c = self.config
-        connect = partial(
-            open_connection, c.redis, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout
-        )
-        self.pool = Pool(connect, c.pool_size, c.pool_wait)
+        self.router: ClusterRouter | None = None
+        if c.cluster:
+            self.router = ClusterRouter(
+                c.seeds, lambda t: PoolNode(self._pool(t)), connect_timeout=c.connect_timeout,
+                command_timeout=c.command_timeout,
+            )  # fmt: skip
+            await self.router.start()
+        else:
+            self.pool = self._pool(c.redis)
+
+    def _pool(self, target: RedisTarget) -> Pool:
+        c = self.config
+        connect = partial(open_connection, target, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout)
+        return Pool(connect, c.pool_size, c.pool_wait)
 
     async def incr(self, key: str) -> int:
+        if self.router is not None:
+            return read_incr_reply(await self.router.execute(key_slot(key), encode("INCRBY", key, 1)))
         pool = self.pool
         conn = await pool.acquire()
         try:
@@ -37,11 +53,17 @@ class RawBackend(Backend):
         return read_incr_reply(reply)
 
     async def ping(self) -> None:
+        if self.router is not None:
+            await self.router.ping()
+            return
         async with self.pool.connection() as conn:
             await conn.execute("PING")
 
     def stats(self) -> dict[str, Any]:
-        return self.pool.stats()
+        return self.router.stats() if self.router is not None else self.pool.stats()
 
     async def close(self) -> None:
-        await self.pool.close()
+        if self.router is not None:
+            await self.router.close()
+        else:
+            await self.pool.close()
