@@ -4,6 +4,7 @@ scenarios and the tests. It owns its process and its data directory."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,6 +22,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
@@ -132,3 +147,91 @@ class RedisProcess:
         finally:
             if conn is None:
                 c.close()
+
+
+class RedisClusterProcesses:
+    """A real Redis Cluster: `masters` redis-servers with --cluster-enabled yes on free
+    ports, joined by `redis-cli --cluster create`, no replicas, AOF on (a restarted
+    node keeps its counters)."""
+
+    def __init__(self, masters: int = 3, node_timeout_ms: int = 5000) -> None:
+        self.nodes = [
+            RedisProcess(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms), "--appendonly", "yes",
+                # Counting must go on for the slots of the nodes that are up.
+                "--cluster-require-full-coverage", "no",
+                port=free_cluster_port(),
+            )
+            for _ in range(masters)
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> RedisClusterProcesses:
+        for n in self.nodes:
+            n.start()
+        cli = shutil.which("redis-cli") or "redis-cli"
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        out = subprocess.run(
+            [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+        self.wait_ok(timeout)
+        return self
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every node reports cluster_state:ok and agrees on all 16384 slots."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                good = True
+                for n in self.nodes:
+                    with n.client() as c:
+                        info = c.execute_command("CLUSTER", "INFO")
+                        text = info.decode() if isinstance(info, bytes) else str(info)
+                        good = good and "cluster_state:ok" in text and "cluster_slots_ok:16384" in text
+                if good:
+                    return
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def node_id(self, node: RedisProcess) -> str:
+        with node.client() as c:
+            return str(c.execute_command("CLUSTER", "MYID").decode())
+
+    def owner(self, slot: int) -> RedisProcess:
+        with self.nodes[0].client() as c:
+            for entry in c.execute_command("CLUSTER", "SLOTS"):
+                if entry[0] <= slot <= entry[1]:
+                    port = int(entry[2][1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"slot {slot} has no owner")
+
+    def counter_sum(self, pattern: str = "ip:*") -> int:
+        return sum(self.counters(pattern).values())
+
+    def counters(self, pattern: str = "ip:*", node: RedisProcess | None = None) -> dict[bytes, int]:
+        """Every counter in the cluster (or on one node), read from the node that holds it."""
+        out: dict[bytes, int] = {}
+        for n in [node] if node is not None else self.nodes:
+            with n.client() as c:
+                keys = list(c.scan_iter(match=pattern, count=1000))
+                # One GET per key: MGET across slots is refused in a cluster.
+                pipe = c.pipeline(transaction=False)
+                for k in keys:
+                    pipe.get(k)
+                for k, v in zip(keys, pipe.execute() if keys else [], strict=True):
+                    out[k] = int(v)
+        return out
+
+    def cleanup(self) -> None:
+        for n in self.nodes:
+            n.cleanup()

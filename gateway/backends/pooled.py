@@ -46,7 +46,6 @@ class PooledBackend(Backend):
             self._cluster = RedisCluster(
                 startup_nodes=[ClusterNode(t.host, t.port) for t in self.config.seeds],
                 max_connections=self.config.pool_size,
-                connection_class=CountingConnection,
                 # Slots served by a node that is down must not stop the others from counting.
                 require_full_coverage=False,
                 **kwargs,
@@ -101,7 +100,8 @@ class PooledBackend(Backend):
             "idle": idle,
             "in_use": in_use,
             "waiting": max(0, self._inflight - in_use),
-            "created": self._created,
+            # redis-py's cluster client takes no connection class to count connects with.
+            "created": self._created if self._cluster is None else None,
             "errors": self._errors,
             "wait_timeouts": self._wait_timeouts,
         }
