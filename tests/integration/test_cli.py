@@ -39,6 +39,8 @@ def test_help_documents_every_option() -> None:
         (["--workers", "0"], "workers"),
         (["--workers", "many"], "workers"),
         (["--admin-listen", "unix:"], "admin listen"),
+        (["--redis-url", "redis://a:1,b:2"], "--redis-cluster"),
+        (["--mode", "naive", "--redis-url", "redis+cluster://a:1"], "naive"),
     ],
 )
 def test_bad_value_is_one_line_and_exit_2(args: list[str], needle: str) -> None:

@@ -201,8 +201,11 @@ async def test_a_restarted_node_loses_nothing_it_confirmed(cmode: str, cluster: 
         assert sum(got.values()) == total
         assert got == {f"ip:{ip}".encode(): n for ip, n in sent.items()}
     else:
-        # Fail open: what was confirmed is in Redis, nothing twice, and some failed while the node was down.
-        assert sum(got.values()) == r["counted"]
+        # Fail open: every confirmed increment is in Redis, none twice, and some failed while the
+        # node was down. A command in flight as the node shut down may have been applied without
+        # its reply: a failure means "not confirmed", so Redis may hold up to `failed` more.
+        assert r["counted"] <= sum(got.values()) <= r["counted"] + r["failed"]
         assert r["failed"] > 0 and r["counted"] + r["failed"] == total
+        assert all(got.get(f"ip:{ip}".encode(), 0) <= n for ip, n in sent.items())
     # Counting resumed on the restarted node's keys.
     assert cluster.counters(node=victim)

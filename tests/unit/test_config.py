@@ -60,3 +60,23 @@ def test_bad_environment_value_is_one_line(monkeypatch: pytest.MonkeyPatch, caps
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pool-size" in err
+
+
+def test_cluster_seed_urls() -> None:
+    from gateway.config import parse_redis_urls
+
+    seeds, cluster = parse_redis_urls("redis+cluster://u:pw@a:7000,b:7001")
+    assert cluster and [(t.host, t.port, t.username, t.password) for t in seeds] == [
+        ("a", 7000, "u", "pw"),
+        ("b", 7001, "u", "pw"),
+    ]
+    seeds, cluster = parse_redis_urls("redis://a:7000,b:7001", cluster=True)
+    assert cluster and [t.port for t in seeds] == [7000, 7001]
+    seeds, cluster = parse_redis_urls("redis://a:7000/3")
+    assert not cluster and seeds[0].db == 3
+    with pytest.raises(ConfigError, match="--redis-cluster"):
+        parse_redis_urls("redis://a:7000,b:7001")
+    with pytest.raises(ConfigError, match="database 0"):
+        parse_redis_urls("redis+cluster://a:7000/2")
+    with pytest.raises(ConfigError, match="naive"):
+        Config(mode="naive", cluster=True)
