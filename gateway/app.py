@@ -144,7 +144,7 @@ class Gateway:
         settled = self.counted + self.deferred + failed + self.uncounted + self.no_client_ip
         return {
             "mode": self.config.mode,
-            "redis": self.config.redis.url if self.backend.uses_redis else None,
+            "redis": self.config.redis_description if self.backend.uses_redis else None,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "requests": {
                 "total": self.requests,

@@ -92,7 +92,8 @@ def test_compose_file_is_valid() -> None:
 
 def test_compose_matches_defaults() -> None:
     services = _compose()["services"]
-    assert set(services) == {"redis", "gateway", "haproxy", "locust-master", "locust-worker"}
+    default = {name for name, svc in services.items() if not svc.get("profiles")}
+    assert default == {"redis", "gateway", "haproxy", "locust-master", "locust-worker"}
     defaults = {a.dest: a.default for a in build_parser()._actions}
     env = services["gateway"]["environment"]
     # The gateway's ports, pool and prefix in compose are its own defaults.
@@ -113,6 +114,34 @@ def test_compose_matches_defaults() -> None:
     assert "--master" in services["locust-master"]["command"]
     assert "locust-master" in services["locust-worker"]["command"]
     assert env["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_compose_cluster_profile() -> None:
+    from gateway.cli import config_from_args
+
+    services = _compose()["services"]
+    cluster = {name for name, svc in services.items() if "cluster" in svc.get("profiles", [])}
+    assert cluster == {"redis-node-1", "redis-node-2", "redis-node-3", "redis-cluster-init", "gateway-cluster"}
+    ports = [services[f"redis-node-{i}"]["command"][2] for i in (1, 2, 3)]
+    assert ports == ["7001", "7002", "7003"]
+    for i in (1, 2, 3):
+        assert "--cluster-enabled" in services[f"redis-node-{i}"]["command"]
+    init = services["redis-cluster-init"]["command"][0]
+    assert all(f"redis-node-{i} " in init and f":{p}" in init for i, p in zip((1, 2, 3), ports, strict=True))
+    env = services["gateway-cluster"]["environment"]
+    # The gateway accepts its environment as given: a cluster of the three nodes.
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {k: str(v) for k, v in env.items()}):
+        config = config_from_args([])
+    assert config.cluster and [(t.host, t.port) for t in config.seeds] == [
+        (f"redis-node-{i}", int(p)) for i, p in zip((1, 2, 3), ports, strict=True)
+    ]
+    assert config.mode == "batched" and config.workers >= 1
+    proc = subprocess.run(["docker-compose", "-f", "compose.yaml", "--profile", "cluster", "config", "-q"], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_makefile_defaults_match_gateway() -> None:
