@@ -405,6 +405,8 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
         g = summary.get(f"gateway/{mode}")
         peer = PEER_MODE.get(mode)
         h = summary.get(f"haproxy/{peer}") if peer else None
+        if g is None and (h is None or mode != "off"):
+            continue  # not measured in this run
         label = {"off": "calibration (off)", "batched-noack": "batched, --batch-ack none"}.get(mode, mode)
 
         def ratio(row: dict[str, Any] | None, field: str) -> str:
