@@ -11,8 +11,11 @@ Owns the slot map and one client per master node: a `Pool` (raw mode) or a
 - A command whose outcome is unknown (timeout, connection lost) is never resent:
   an INCRBY may have been applied. It fails, and a map refresh is scheduled in
   case the node is gone.
-- The map is refreshed with `CLUSTER SLOTS` from any known node (seed nodes
-  first tried last), at most one refresh at a time and at most every 100 ms.
+- Two redirects in a row are followed at once; later hops wait a few milliseconds
+  (ownership changing node by node can bounce a command between two nodes).
+- The map is refreshed with `CLUSTER SLOTS` from any known node
+  (nodes in the map first, then the seeds), at most one refresh at a time and at
+  most every 100 ms.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ log = logging.getLogger("gateway.cluster")
 
 Address = tuple[str, int]
 ASKING = encode("ASKING")
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = 8
+# After two redirects in a row, wait a little before the next hop: a slot whose ownership is
+# being changed node by node can bounce a command between two nodes for a few milliseconds.
+REDIRECT_PAUSE_S = 0.005
 REFRESH_MIN_INTERVAL_S = 0.1
 
 
@@ -189,7 +195,9 @@ class ClusterRouter:
     async def execute(self, slot: int, packed: bytes, count: int = 1) -> Reply:
         """Send encoded commands for keys of one slot; the last reply, redirects followed."""
         ask: Address | None = None
-        for _ in range(MAX_REDIRECTS):
+        for hop in range(MAX_REDIRECTS):
+            if hop >= 2:
+                await asyncio.sleep(REDIRECT_PAUSE_S * (hop - 1))
             addr = ask or self._slots[slot]
             if addr is None:
                 self.schedule_refresh()

@@ -96,8 +96,13 @@ def _ips_in_one_slot(n: int) -> tuple[int, list[str]]:
     return slot, found
 
 
-def _migrate_slot(cluster: RedisClusterProcesses, slot: int, pause: float) -> tuple[int, int]:
-    """Move a slot to another master key by key, as `redis-cli --cluster reshard` does."""
+def _migrate_slot(
+    cluster: RedisClusterProcesses, slot: int, pause: float, source_first: bool = False
+) -> tuple[int, int]:
+    """Move a slot to another master key by key, as `redis-cli --cluster reshard` does.
+
+    `source_first` hands the slot over in the wrong order: for a moment the source says
+    MOVED to the target and the target, still importing, says MOVED back."""
     import time
 
     source = cluster.owner(slot)
@@ -113,14 +118,26 @@ def _migrate_slot(cluster: RedisClusterProcesses, slot: int, pause: float) -> tu
                 break
             src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
             time.sleep(pause)  # requests for the keys moved so far are answered -ASK meanwhile
-        for n in cluster.nodes:
+        # Target first, then source, then the rest, as the Redis Cluster spec orders it.
+        order = [source, target] if source_first else [target, source]
+        for n in [*order, *(n for n in cluster.nodes if n not in (source, target))]:
             with n.client() as c:
                 c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
     return source.port, target.port
 
 
-@pytest.mark.parametrize("cmode", CLUSTER_MODES)
-async def test_slot_migration_under_load_loses_nothing(cmode: str, cluster: RedisClusterProcesses) -> None:
+# Not pooled: redis-py's asyncio cluster client sends ASKING as a command of its own, on
+# whichever pooled connection is free, and the redirected command on another checkout. Under
+# concurrency another request's command can consume the ASKING flag: it then runs on the
+# importing node for a key that still lives on the migrating one, which splits the key and stops
+# the migration with BUSYKEY (seen in this test). The README says so.
+@pytest.mark.parametrize(
+    ("cmode", "source_first"),
+    [("raw", False), ("multiplexed", False), ("batched", False), ("multiplexed", True)],
+)
+async def test_slot_migration_under_load_loses_nothing(
+    cmode: str, source_first: bool, cluster: RedisClusterProcesses
+) -> None:
     slot, hot = _ips_in_one_slot(6)
     others = [f"10.9.{i}.1" for i in range(20)]
     sent: Counter[str] = Counter()
@@ -136,7 +153,7 @@ async def test_slot_migration_under_load_loses_nothing(cmode: str, cluster: Redi
 
         loaders = [asyncio.create_task(load(w)) for w in range(8)]
         await asyncio.sleep(0.3)
-        source, target = await asyncio.to_thread(_migrate_slot, cluster, slot, 0.15)
+        source, target = await asyncio.to_thread(_migrate_slot, cluster, slot, 0.15, source_first)
         await asyncio.sleep(0.5)  # traffic after the move: the old owner answers -MOVED
         stop.set()
         await asyncio.gather(*loaders)
@@ -147,22 +164,13 @@ async def test_slot_migration_under_load_loses_nothing(cmode: str, cluster: Redi
     counted = stats["requests"]["counted"]
     total = sum(sent.values())
     got = cluster.counters()
-    if cmode == "pooled":
-        # redis-py's cluster client rebuilds its node table on MOVED and closes connections
-        # with commands in flight: those requests fail, though Redis may have applied them.
-        # Nothing is counted twice, and every confirmed increment is there.
-        assert counted <= sum(got.values()) <= counted + failures
-        assert counted + failures == total
-        assert all(got[f"ip:{ip}".encode()] <= n for ip, n in sent.items())
-        return
     assert failures == 0, stats["failures"]
     assert got == {f"ip:{ip}".encode(): n for ip, n in sent.items()}
     assert counted + stats["requests"]["deferred"] == total
-    if cmode != "pooled":
-        # Both kinds of redirect were met and followed.
-        assert stats["pool"]["cluster"]["moved"] >= 1
-        if cmode != "batched":
-            assert stats["pool"]["cluster"]["asked"] >= 1
+    # Both kinds of redirect were met and followed.
+    assert stats["pool"]["cluster"]["moved"] >= 1
+    if cmode != "batched":
+        assert stats["pool"]["cluster"]["asked"] >= 1
 
 
 @pytest.mark.parametrize("cmode", CLUSTER_MODES)
