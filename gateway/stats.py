@@ -4,7 +4,8 @@ Counters and gauges add up: requests, failures by kind, connections open,
 pool `max` (so the sum is the Redis connection budget of the whole gateway,
 workers x pool size). Histograms add bucket by bucket. A few fields are not
 additive and say so in `_COMBINE`: uptime is the oldest worker's, a "last ..."
-value the largest, a flag is raised if any worker raises it. Text that differs
+value the largest, a flag is raised if any worker raises it, and a cluster's
+master count and slot coverage are each worker's view (the largest, the least). Text that differs
 between workers (it should not: they share one Config) becomes a sorted list
 rather than being silently dropped.
 """
@@ -18,6 +19,9 @@ _COMBINE: dict[str, Callable[[list[Any]], Any]] = {
     "uptime_s": max,
     "last_flush_ms": max,
     "last_flush_keys": max,
+    # Each worker maps the same cluster: the view, not a sum; the least complete map shows.
+    "masters": max,
+    "slots_mapped": min,
 }
 
 

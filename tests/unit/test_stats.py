@@ -43,3 +43,9 @@ def test_no_documents() -> None:
 def test_histograms_with_other_buckets_refuse() -> None:
     with pytest.raises(ValueError):
         merge([{"h": {"bounds": [1], "counts": [0, 0], "sum": 0}}, {"h": {"bounds": [2], "counts": [0, 0], "sum": 0}}])
+
+
+def test_cluster_view_is_not_summed() -> None:
+    a = {"pool": {"cluster": {"masters": 3, "slots_mapped": 16384, "moved": 2}}}
+    b = {"pool": {"cluster": {"masters": 3, "slots_mapped": 16000, "moved": 1}}}
+    assert merge([a, b])["pool"]["cluster"] == {"masters": 3, "slots_mapped": 16000, "moved": 3}
