@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -148,3 +149,18 @@ def test_makefile_defaults_match_gateway() -> None:
     from gateway.cli import DEFAULT_REDIS_URL
 
     assert f"REDIS_URL ?= {DEFAULT_REDIS_URL}" in (ROOT / "Makefile").read_text()
+
+
+def test_redis_cost_measures_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest import rediscost
+
+    if (os.cpu_count() or 1) < 2 or not shutil.which("wrk") or not shutil.which("redis-benchmark"):
+        pytest.skip("needs 2 cores, wrk and redis-benchmark")
+    assert rediscost.main(["--duration", "1", "--modes", "raw", "--benchmark-requests", "20000"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| raw |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    rps, us = float(cells[1].replace(",", "")), float(cells[3])
+    # Every raw request is one INCRBY round trip: Redis spends real, bounded time on each.
+    assert rps > 0 and 0.5 < us < 1000
+    assert "redis-benchmark -t incr -c 50 -P 16:" in out and "requests per second" in out
