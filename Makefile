@@ -7,7 +7,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 RUN_DIR := run
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint system-deps venv redis haproxy bench bench-quick chaos clean
+.PHONY: run test lint system-deps venv redis haproxy bench bench-quick bench-scaling redis-cost chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,14 @@ bench: system-deps venv
 # A smoke run of a few seconds per target: checks the whole pipeline, not for quoting.
 bench-quick: system-deps venv
 	$(PY) -m loadtest --duration 1 --warmup 1 --rounds 1 --out results/quick $(BENCH_ARGS)
+
+# One and two workers per mode, with HAProxy's calibration as the injector's ceiling (docs/scaling.md).
+bench-scaling: system-deps venv
+	$(PY) -m loadtest --targets gateway/off,gateway/off-w2,gateway/raw,gateway/raw-w2,gateway/batched,gateway/batched-w2,haproxy/calibration --rounds 3 --duration 10 --out results/scaling $(BENCH_ARGS)
+
+# Redis CPU per request in each mode, and redis-benchmark's INCR ceiling (the 16-core estimate).
+redis-cost: system-deps venv
+	$(PY) -m loadtest.rediscost
 
 # Fault scenarios (Redis paused, killed, restarted, erroring; slowloris; SIGTERM) as a table (about 2 minutes).
 chaos: system-deps venv
