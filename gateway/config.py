@@ -224,6 +224,8 @@ class Config:
             raise ConfigError("Redis Cluster has only database 0")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1")
+        if self.workers > 1 and self.listen[1] == 0:
+            raise ConfigError("--workers needs a fixed listen port: with port 0 each worker would get its own")
         if self.max_connections < 1:
             raise ConfigError("max-connections must be >= 1")
         if self.count_header is not None and not self.count_header.replace("-", "").isalnum():

@@ -38,6 +38,7 @@ def test_help_documents_every_option() -> None:
         (["--listen", "x:y"], "listen"),
         (["--workers", "0"], "workers"),
         (["--workers", "many"], "workers"),
+        (["--workers", "2", "--listen", "127.0.0.1:0"], "fixed listen port"),
         (["--admin-listen", "unix:"], "admin listen"),
         (["--redis-url", "redis://a:1,b:2"], "--redis-cluster"),
         (["--mode", "naive", "--redis-url", "redis+cluster://a:1"], "naive"),
