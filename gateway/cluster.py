@@ -137,6 +137,9 @@ class ClusterRouter:
     def node(self, addr: Address) -> NodeClient:
         node = self._nodes.get(addr)
         if node is None:
+            if self._closing:
+                # No new connections once closing (a last flush retried after close, say).
+                raise AccountingError(errors.UNAVAILABLE, "cluster client is closed")
             target = dataclasses.replace(self._seeds[0], host=addr[0], port=addr[1], db=0)
             node = self._nodes[addr] = self._make_node(target)
         return node

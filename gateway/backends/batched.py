@@ -116,6 +116,7 @@ class BatchedBackend(Backend):
         self._backoff = 0.0
         self.failing = False
         self._closed = False
+        self._stopped = False
         self.flushes = 0
         self.flush_failures = 0
         self.flushed_increments = 0
@@ -181,6 +182,8 @@ class BatchedBackend(Backend):
     # -- flushing ---------------------------------------------------------------
 
     def _schedule(self, delay: float) -> None:
+        if self._stopped:
+            return  # closed: what is still held was reported as lost
         if self._inflight is not None:
             return  # the flush in flight reschedules when it completes
         now = self._loop.time()
@@ -396,6 +399,7 @@ class BatchedBackend(Backend):
         lost = self.pending_increments
         if lost:
             log.error("batched: %d increments could not be flushed to Redis before shutdown", lost)
+        self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
         if self.router is not None:
