@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
@@ -162,7 +163,7 @@ class Gateway:
         }
 
     async def _stats_view(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats(), dumps=_dumps)
+        return json_response(self.stats())
 
     async def _metrics_view(self, request: web.Request) -> web.Response:
         resp = web.Response(body=exposition(self._registry))
@@ -183,12 +184,7 @@ class Gateway:
         return web.json_response({"status": "ready", "redis": "ok"})
 
     def admin_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/stats", self._stats_view)
-        app.router.add_get("/metrics", self._metrics_view)
-        app.router.add_get("/healthz", self._live_view)
-        app.router.add_get("/readyz", self._ready_view)
-        return app
+        return admin_application(self._stats_view, self._metrics_view, self._live_view, self._ready_view)
 
     def front_server(self) -> web.Server:
         c = self.config
@@ -208,6 +204,24 @@ class Gateway:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+View = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def admin_application(stats: View, metrics: View, live: View, ready: View) -> web.Application:
+    """The admin listener's routes, for one gateway or for a supervisor of workers."""
+    app = web.Application()
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", live)
+    app.router.add_get("/readyz", ready)
+    return app
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    """Indented, sorted JSON: /stats is read by people as often as by programs."""
+    return web.json_response(obj, status=status, dumps=_dumps)
 
 
 class ListenError(OSError):

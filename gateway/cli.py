@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     def opt(flag: str, env: str, default: Any, help: str, **kw: Any) -> None:
         p.add_argument(flag, default=_env(env, default), help=f"{help} [env {env}]", **kw)
 
+    def switch(flag: str, env: str, help: str) -> None:
+        on = os.environ.get(env, "").lower() in ("1", "true", "yes")
+        p.add_argument(flag, action="store_true", default=on, help=f"{help} [env {env}=1]")
+
     opt("--mode", "GATEWAY_MODE", "raw", "accounting mode: " + ", ".join(MODES), choices=MODES, metavar="MODE")
     opt("--listen", "GATEWAY_LISTEN", "0.0.0.0:10060", "HOST:PORT of the HTTP front end")
     opt(
@@ -68,12 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "processes sharing the port (SO_REUSEPORT), each with its own Redis connections; 'auto' is one per "
         "CPU; above 1 a supervisor restarts dead workers and its admin listener sums their /stats",
     )
-    p.add_argument(
+    switch(
         "--reuse-port",
-        action="store_true",
-        default=os.environ.get("GATEWAY_REUSE_PORT", "").lower() in ("1", "true", "yes"),
-        help="set SO_REUSEPORT on the front listener, so separately started gateways can share the port "
-        "(--workers sets it itself) [env GATEWAY_REUSE_PORT=1]",
+        "GATEWAY_REUSE_PORT",
+        "set SO_REUSEPORT on the front listener, so separately started gateways can share the port "
+        "(--workers sets it itself)",
     )
     opt(
         "--redis-url",
@@ -82,12 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "redis[s]://[[user][:password@]][host][:port][/db], honoured in every mode; for a cluster, "
         "redis+cluster://host:port[,host:port...] (seed nodes)",
     )
-    p.add_argument(
+    switch(
         "--redis-cluster",
-        action="store_true",
-        default=os.environ.get("GATEWAY_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
-        help="--redis-url names Redis Cluster seed nodes (comma-separated): keys are routed by hash slot, "
-        "MOVED and ASK followed; pooled, raw, multiplexed and batched modes [env GATEWAY_REDIS_CLUSTER=1]",
+        "GATEWAY_REDIS_CLUSTER",
+        "--redis-url names Redis Cluster seed nodes (comma-separated): keys are routed by hash slot, "
+        "MOVED and ASK followed; pooled, raw, multiplexed and batched modes",
     )
     opt("--pool-size", "GATEWAY_POOL_SIZE", 20, "most Redis connections open at once", type=int)
     opt("--pool-wait-ms", "GATEWAY_POOL_WAIT_MS", 1000.0, "longest wait for a free pooled connection", type=float)

@@ -104,23 +104,19 @@ class GatewayCollector(Collector):
             )
         workers = stats.get("workers")
         if workers:
-            g = GaugeMetricFamily("gateway_workers", "Worker processes answering the supervisor")
-            g.add_metric([], workers["answering"])
-            yield g
-            c = CounterMetricFamily("gateway_worker_restarts", "Workers restarted after exiting")
-            c.add_metric([], workers["restarts"])
-            yield c
+            yield GaugeMetricFamily(
+                "gateway_workers", "Worker processes answering the supervisor", workers["answering"]
+            )
+            yield CounterMetricFamily("gateway_worker_restarts", "Workers restarted after exiting", workers["restarts"])
         conns = stats.get("connections") or {}
         if conns:
-            g = GaugeMetricFamily("gateway_client_connections", "Client connections open")
-            g.add_metric([], conns["open"])
-            yield g
-            c = CounterMetricFamily("gateway_client_head_timeouts", "Client connections closed with 408")
-            c.add_metric([], conns["head_timeouts"])
-            yield c
-            c = CounterMetricFamily("gateway_client_rejected", "Client connections refused at the limit")
-            c.add_metric([], conns["rejected"])
-            yield c
+            yield GaugeMetricFamily("gateway_client_connections", "Client connections open", conns["open"])
+            yield CounterMetricFamily(
+                "gateway_client_head_timeouts", "Client connections closed with 408", conns["head_timeouts"]
+            )
+            yield CounterMetricFamily(
+                "gateway_client_rejected", "Client connections refused at the limit", conns["rejected"]
+            )
 
 
 def registry_for(stats: StatsSource) -> CollectorRegistry:

@@ -35,7 +35,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import stats as stats_merge
-from .app import ListenError, start_site
+from .app import ListenError, admin_application, json_response, start_site
 from .config import Config
 from .metrics import exposition, registry_for
 
@@ -228,7 +228,7 @@ class Supervisor:
 
     async def _stats_view(self, request: web.Request) -> web.Response:
         per_worker = request.query.get("per_worker", "") not in ("", "0", "false")
-        return web.json_response(await self.stats(per_worker), dumps=_dumps)
+        return json_response(await self.stats(per_worker))
 
     async def _metrics_view(self, request: web.Request) -> web.Response:
         doc = await self.stats()
@@ -248,16 +248,7 @@ class Supervisor:
         return web.json_response(body, status=status)
 
     def admin_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/stats", self._stats_view)
-        app.router.add_get("/metrics", self._metrics_view)
-        app.router.add_get("/healthz", self._live_view)
-        app.router.add_get("/readyz", self._ready_view)
-        return app
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+        return admin_application(self._stats_view, self._metrics_view, self._live_view, self._ready_view)
 
 
 async def supervise(config: Config, argv: Sequence[str]) -> int:
