@@ -42,12 +42,16 @@ GATEWAY_MODES = ("off", "naive", "pooled", "raw", "multiplexed", "batched", "bat
 GATEWAY_VARIANTS = {
     "batched-noack": ["--mode", "batched", "--batch-ack", "none"],
     "off-w2": ["--mode", "off", "--workers", "2"],
+    "batched-win05": ["--mode", "batched", "--batch-window-ms", "0.5"],
+    "batched-win1": ["--mode", "batched", "--batch-window-ms", "1"],
     "raw-w2": ["--mode", "raw", "--workers", "2"],
     "batched-w2": ["--mode", "batched", "--workers", "2"],
 }
 # Measured only when named in --targets: with two workers the gateway takes every core,
 # sharing one with the injector and Redis, so these are not part of the per-core table.
 SCALING_MODES = ("off-w2", "raw-w2", "batched-w2")
+# Also on demand: batched with a timed window instead of flushing at the end of each loop tick.
+WINDOW_MODES = ("batched-win05", "batched-win1")
 HAPROXY_MODES = ("calibration", "naive", "pooled", "raw")
 # Which HAProxy listener is the same mode as which gateway mode.
 PEER_MODE = {"off": "calibration", "calibration": "off", "naive": "naive", "pooled": "pooled", "raw": "raw"}
@@ -533,7 +537,7 @@ def all_targets() -> list[Target]:
 
 
 def known_targets() -> list[Target]:
-    return all_targets() + [Target("gateway", m) for m in SCALING_MODES]
+    return all_targets() + [Target("gateway", m) for m in SCALING_MODES + WINDOW_MODES]
 
 
 def parse_args(argv: list[str] | None) -> Settings:
