@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from .procs import RedisProcess, free_port, stop_process, wait_port
+from .procs import RedisClusterProcesses, RedisProcess, free_port, stop_process, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER_NAME = "bench-runner"  # the runner's own Redis connections, left out of the peak
@@ -44,6 +44,9 @@ GATEWAY_VARIANTS = {
     "off-w2": ["--mode", "off", "--workers", "2"],
     "batched-win05": ["--mode", "batched", "--batch-window-ms", "0.5"],
     "batched-win1": ["--mode", "batched", "--batch-window-ms", "1"],
+    "raw-cluster": ["--mode", "raw"],
+    "multiplexed-cluster": ["--mode", "multiplexed"],
+    "batched-cluster": ["--mode", "batched"],
     "raw-w2": ["--mode", "raw", "--workers", "2"],
     "batched-w2": ["--mode", "batched", "--workers", "2"],
 }
@@ -52,6 +55,9 @@ GATEWAY_VARIANTS = {
 SCALING_MODES = ("off-w2", "raw-w2", "batched-w2")
 # Also on demand: batched with a timed window instead of flushing at the end of each loop tick.
 WINDOW_MODES = ("batched-win05", "batched-win1")
+# And on demand: the own-codec modes against a 3-master Redis Cluster (all on the Redis core).
+# Use --client-ips to spread the keys over the masters.
+CLUSTER_MODES = ("raw-cluster", "multiplexed-cluster", "batched-cluster")
 HAPROXY_MODES = ("calibration", "naive", "pooled", "raw")
 # Which HAProxy listener is the same mode as which gateway mode.
 PEER_MODE = {"off": "calibration", "calibration": "off", "naive": "naive", "pooled": "pooled", "raw": "raw"}
@@ -155,47 +161,78 @@ class Redis(RedisProcess):
         super().__init__("--maxclients", "10000", cpus=cpus)
         self.start()
         self.conn = redis.Redis(port=self.port, socket_timeout=10, client_name=RUNNER_NAME)
+        self.ports = [self.port]
 
     def commands(self) -> int:
         """Commands processed so far; the INFO asking is counted in the next reading."""
         return int(self.conn.info("stats")["total_commands_processed"])
+
+    def counter_total(self) -> int:
+        return self.counter_sum(conn=self.conn)
 
     def close(self) -> None:
         self.conn.close()
         self.cleanup()
 
 
+class ClusterRedis:
+    """A 3-master Redis Cluster standing in for `Redis` in the -cluster targets."""
+
+    def __init__(self, cpus: str | None) -> None:
+        self.cluster = RedisClusterProcesses(3, 5000, "--maxclients", "10000", cpus=cpus).start()
+        self.url = self.cluster.url
+        self.ports = [n.port for n in self.cluster.nodes]
+        self.conns = [redis.Redis(port=p, socket_timeout=10, client_name=RUNNER_NAME) for p in self.ports]
+
+    def commands(self) -> int:
+        """Commands processed by all masters; each INFO asking is counted in the next reading."""
+        return sum(int(c.info("stats")["total_commands_processed"]) for c in self.conns)
+
+    def counter_total(self) -> int:
+        return self.cluster.counter_sum()
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.cluster.cleanup()
+
+
 class ConnectionSampler(threading.Thread):
     """Samples connected_clients every 20 ms; keeps the peak and how many INFOs it sent."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, ports: list[int]) -> None:
         super().__init__(daemon=True)
-        self.client = redis.Redis(port=port, socket_timeout=5, client_name=RUNNER_NAME)
-        self.client.ping()
+        self.clients = [redis.Redis(port=p, socket_timeout=5, client_name=RUNNER_NAME) for p in ports]
+        for c in self.clients:
+            c.ping()
         self.peak = 0
         self.calls = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
-            # Only the target's connections: the runner's own are named and left out.
-            clients = self.client.client_list(_type="normal")
-            self.peak = max(self.peak, sum(1 for c in clients if c.get("name") != RUNNER_NAME))
-            self.calls += 1
+            # Only the target's connections, over every server: the runner's own are left out.
+            total = 0
+            for client in self.clients:
+                clients = client.client_list(_type="normal")
+                total += sum(1 for c in clients if c.get("name") != RUNNER_NAME)
+                self.calls += 1
+            self.peak = max(self.peak, total)
             self._halt.wait(0.02)
 
     def finish(self) -> None:
         self._halt.set()
         self.join()
-        self.client.close()
+        for c in self.clients:
+            c.close()
 
 
-def start_target(t: Target, redis_port: int, cpus: str | None) -> tuple[subprocess.Popen[bytes], int]:
+def start_target(t: Target, db: Redis | ClusterRedis, cpus: str | None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     if t.impl == "gateway":
         mode_args = GATEWAY_VARIANTS.get(t.mode, ["--mode", t.mode])
         cmd = [sys.executable, "-m", "gateway", *mode_args, "--listen", f"127.0.0.1:{port}",
-               "--admin-listen", "off", "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+               "--admin-listen", "off", "--redis-url", db.url,
                "--trusted-proxy", "127.0.0.1", "--log-level", "WARNING"]  # fmt: skip
         env = dict(os.environ)
     else:
@@ -203,7 +240,7 @@ def start_target(t: Target, redis_port: int, cpus: str | None) -> tuple[subproce
         env = {
             **os.environ,
             "HAPROXY_BIND": "127.0.0.1",
-            "REF_REDIS_PORT": str(redis_port),
+            "REF_REDIS_PORT": str(db.ports[0]),
             "REF_TRUSTED_PROXIES": "127.0.0.1",
             **{f"HAPROXY_{m.upper()}_PORT": str(free_port()) for m in HAPROXY_MODES},
             "HAPROXY_STATS_PORT": str(free_port()),
@@ -303,17 +340,17 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
     target_cpus = (f"0-{cores - 1}" if t.mode in SCALING_MODES else "0") if pin else None
     other_cpus = f"1-{cores - 1}" if pin else None
     sample = Sample(target=t.name, round=rnd)
-    db = Redis(other_cpus)
+    db: Redis | ClusterRedis = ClusterRedis(other_cpus) if t.mode in CLUSTER_MODES else Redis(other_cpus)
     proc = None
     try:
-        proc, port = start_target(t, db.port, target_cpus)
+        proc, port = start_target(t, db, target_cpus)
         url = f"http://127.0.0.1:{port}"
         inject = run_wrk if s.injector == "wrk" else run_locust
         if s.warmup > 0:
             inject(url, s, s.warmup, other_cpus)
         time.sleep(0.3)
-        counted_before = db.counter_sum(conn=db.conn)
-        sampler = ConnectionSampler(db.port)  # connected now, so its handshake is not in the window
+        counted_before = db.counter_total()
+        sampler = ConnectionSampler(db.ports)  # connected now, so its handshake is not in the window
         commands_before = db.commands()
         u0, s0 = cpu_times(proc.pid)
         sampler.start()
@@ -326,12 +363,12 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
         injector_cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
         sampler.finish()
         time.sleep(0.5)  # let the last in-flight requests and any batch flush land
-        # Less the INFO that took the first reading, and the sampler's INFOs.
-        commands = db.commands() - commands_before - 1 - sampler.calls
+        # Less the INFOs that took the first reading (one per server), and the sampler's calls.
+        commands = db.commands() - commands_before - len(db.ports) - sampler.calls
         sample.peak_rss_mb = round(peak_rss_mb(proc.pid), 1)
         stop_process(proc)
         proc = None
-        counted = db.counter_sum(conn=db.conn) - counted_before
+        counted = db.counter_total() - counted_before
         sample.rps = round(res["rps"], 1)
         sample.requests = res["requests"]
         sample.p50_ms = round(res["p50_ms"], 3)
@@ -537,7 +574,7 @@ def all_targets() -> list[Target]:
 
 
 def known_targets() -> list[Target]:
-    return all_targets() + [Target("gateway", m) for m in SCALING_MODES + WINDOW_MODES]
+    return all_targets() + [Target("gateway", m) for m in SCALING_MODES + WINDOW_MODES + CLUSTER_MODES]
 
 
 def parse_args(argv: list[str] | None) -> Settings:

@@ -154,14 +154,14 @@ class RedisClusterProcesses:
     ports, joined by `redis-cli --cluster create`, no replicas, AOF on (a restarted
     node keeps its counters)."""
 
-    def __init__(self, masters: int = 3, node_timeout_ms: int = 5000) -> None:
+    def __init__(self, masters: int = 3, node_timeout_ms: int = 5000, *extra: str, cpus: str | None = None) -> None:
         self.nodes = [
             RedisProcess(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms), "--appendonly", "yes",
                 # Counting must go on for the slots of the nodes that are up.
-                "--cluster-require-full-coverage", "no",
-                port=free_cluster_port(),
+                "--cluster-require-full-coverage", "no", *extra,
+                port=free_cluster_port(), cpus=cpus,
             )
             for _ in range(masters)
         ]  # fmt: skip
