@@ -7,7 +7,8 @@ A request costs a dictionary update and an await (or no await with
 Invariants:
 - Every increment accepted is either confirmed in Redis, held for retry, or
   counted as overflow: none is dropped silently, and none is applied twice.
-- A flush is one EVAL of `FLUSH_SCRIPT` carrying a sequence number of this
+- A flush is one EVAL of `FLUSH_SCRIPT` (EVALSHA once Redis has it; on NOSCRIPT,
+  which means nothing ran, it is resent as EVAL) carrying a sequence number of this
   process. Redis applies it only if the number is above the last one it applied
   for this process, and records the number in the same atomic step (so it
   survives an AOF restart with the counts). A flush whose outcome is unknown
@@ -33,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -72,6 +74,7 @@ redis.call('SET', KEYS[1], seq, 'EX', ARGV[2])
 return out
 """
 SEQ_TTL_S = 86400
+FLUSH_SHA = hashlib.sha1(FLUSH_SCRIPT.encode()).hexdigest()
 
 
 class _Batch:
@@ -81,6 +84,10 @@ class _Batch:
         self.counts: dict[str, int] = {}
         self.waiters: list[asyncio.Future[_KeyErrors]] = []
         self.seq = 0  # given when the batch is first sent, kept across resends
+
+
+def _noscript(reply: Reply) -> bool:
+    return isinstance(reply, ReplyError) and reply.prefix == "NOSCRIPT"
 
 
 class BatchedBackend(Backend):
@@ -117,6 +124,7 @@ class BatchedBackend(Backend):
         self.failing = False
         self._closed = False
         self._stopped = False
+        self._sha_known = False
         self.flushes = 0
         self.flush_failures = 0
         self.flushed_increments = 0
@@ -217,7 +225,7 @@ class BatchedBackend(Backend):
             self._cluster_flush = asyncio.create_task(self._flush_cluster(batch))
             return
         keys = list(batch.counts)
-        command = ("EVAL", FLUSH_SCRIPT, len(keys) + 1, self.seq_key, *keys, batch.seq, SEQ_TTL_S,
+        command = (*self._script(), len(keys) + 1, self.seq_key, *keys, batch.seq, SEQ_TTL_S,
                    *(batch.counts[k] for k in keys))  # fmt: skip
         try:
             fut = self.mux.connection().send_packed(encode(*command))[0]
@@ -236,8 +244,16 @@ class BatchedBackend(Backend):
                 err = exc if isinstance(exc, AccountingError) else AccountingError(errors.INTERNAL, repr(exc))
                 self._flush_failed(batch, err)
                 return
+            reply = fut.result()
+            if _noscript(reply):
+                # Script cache empty (Redis restarted, SCRIPT FLUSH): nothing ran. Resend at once
+                # with the script itself, which loads it again; not a failure.
+                self._sha_known = False
+                self._unconfirmed = batch
+                return
+            self._sha_known = True
             try:
-                key_errors = self._read_flush_reply(fut.result(), keys)
+                key_errors = self._read_flush_reply(reply, keys)
             except AccountingError as err:
                 self._flush_failed(batch, err)
                 return
@@ -308,10 +324,15 @@ class BatchedBackend(Backend):
         """One slot's EVAL; the keys Redis refused, or AccountingError if nothing is confirmed."""
         assert self.router is not None
         seq_key = f"{self.seq_key}:{{{self._tags.tag(slot)}}}"
-        command = ("EVAL", FLUSH_SCRIPT, len(keys) + 1, seq_key, *keys, batch.seq, SEQ_TTL_S,
-                   *(batch.counts[k] for k in keys))  # fmt: skip
-        reply = await self.router.execute(slot, encode(*command))
+        args = (len(keys) + 1, seq_key, *keys, batch.seq, SEQ_TTL_S, *(batch.counts[k] for k in keys))
+        reply = await self.router.execute(slot, encode("EVALSHA", FLUSH_SHA, *args))
+        if _noscript(reply):  # this node has not seen the script yet: nothing ran
+            reply = await self.router.execute(slot, encode("EVAL", FLUSH_SCRIPT, *args))
         return self._read_flush_reply(reply, keys)
+
+    def _script(self) -> tuple[str, str]:
+        """EVALSHA once Redis has the script (fewer bytes, no hashing of the body per flush)."""
+        return ("EVALSHA", FLUSH_SHA) if self._sha_known else ("EVAL", FLUSH_SCRIPT)
 
     def _read_flush_reply(self, reply: Reply, keys: list[str]) -> dict[str, AccountingError]:
         """The keys Redis refused; AccountingError if the flush as a whole was not applied."""

@@ -164,3 +164,21 @@ def test_redis_cost_measures_what_it_says(capsys: pytest.CaptureFixture[str]) ->
     # Every raw request is one INCRBY round trip: Redis spends real, bounded time on each.
     assert rps > 0 and 0.5 < us < 1000
     assert "redis-benchmark -t incr -c 50 -P 16:" in out and "requests per second" in out
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_bench_cluster_target_counts_exactly(tmp_path: Path) -> None:
+    # The on-demand cluster targets: a fresh 3-master cluster, keys spread by --client-ips.
+    out = tmp_path / "cluster"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--targets", "gateway/multiplexed-cluster", "--duration", "1",
+         "--warmup", "1", "--rounds", "1", "--client-ips", "300", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads((out / "results.json").read_text())["summary"]["gateway/multiplexed-cluster"]
+    assert row["errors"] == [] and row["rps"] > 0 and row["non_3xx"] == 0
+    assert 0 <= row["min_extra"] <= row["max_extra"] <= 50
+    # One shared connection per master, all three in use.
+    assert row["peak_redis_connections"] == 3
+    assert 0.9 < row["redis_commands_per_request"] < 1.2

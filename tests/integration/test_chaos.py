@@ -50,8 +50,9 @@ async def test_redis_restarted(fault_mode: str) -> None:
     if fault_mode == "batched":
         assert out.drift == 0, out
     else:
-        # Only requests in flight at the fault can be applied without confirmation (20 clients).
-        assert 0 <= out.drift <= 20, out
+        # Applied without confirmation: requests in flight when Redis stopped (20 clients), and
+        # commands that timed out and were applied later anyway (Redis slow while it restarts).
+        assert 0 <= out.drift <= 20 + out.failures.get("timeout", 0), out
     assert out.conns_left == 0, out
 
 

@@ -217,3 +217,24 @@ async def test_batched_flush_at_max_keys(redis_server: RedisServer) -> None:
         statuses = await asyncio.wait_for(_spread(base, {f"10.4.0.{i}": 1 for i in range(10)}), 10)
         assert set(statuses) == {302}
         assert gw.backend.stats()["last_flush_keys"] == 10
+
+
+async def test_batched_uses_evalsha_and_survives_a_flushed_script_cache(redis_server: RedisServer) -> None:
+    cfg = make_config(redis_server.url, "batched", trusted_proxies=TRUST_LOCAL)
+    r = redis_server.client()
+    first = {f"10.4.0.{i}": 3 for i in range(20)}
+    second = {f"10.4.0.{i}": 2 for i in range(20)}
+    async with running_gateway(cfg) as (gw, base):
+        r.config_resetstat()
+        assert set(await _spread(base, first, concurrency=1)) == {302}  # a flush per request
+        calls = r.info("commandstats")
+        # The first flush loads the script; later flushes name it by its hash.
+        assert calls["cmdstat_eval"]["calls"] >= 1 and calls["cmdstat_evalsha"]["calls"] >= 1
+        r.script_flush()  # what a Redis restart without the script does to the cache
+        assert set(await _spread(base, second)) == {302}
+        stats = gw.stats()
+        # One EVALSHA met the empty cache (NOSCRIPT, nothing ran) and was resent as EVAL.
+        assert r.info("commandstats")["cmdstat_evalsha"]["failed_calls"] == 1
+    assert stats["requests"]["counted"] == 100 and not stats["failures"]
+    assert stats["pool"]["flush_failures"] == 0
+    assert all(r.get(f"ip:{ip}") == b"5" for ip in first)
