@@ -89,8 +89,8 @@ class MuxNode:
         mux.connect_in_background()
 
     async def send(self, packed: bytes, count: int) -> list[Reply]:
-        if not self.mux.connected:
-            # A node first seen through a redirect: give its connection a moment.
+        if not self.mux.connects:
+            # Never connected yet (a node first seen through a redirect): give it a moment.
             await self.mux.wait_connected(self._connect_timeout)
         futs = self.mux.connection().send_packed(packed, count)
         return [await futs[0]] if count == 1 else list(await asyncio.gather(*futs))
@@ -100,6 +100,23 @@ class MuxNode:
 
     async def close(self) -> None:
         await self.mux.close()
+
+
+class Direct:
+    """One Redis server behind the router's admin side (ping, stats, close), so a backend
+    treats one server and a cluster alike everywhere but on its request path."""
+
+    def __init__(self, node: NodeClient) -> None:
+        self.node = node
+
+    async def ping(self) -> None:
+        await self.node.send(encode("PING"), 1)
+
+    def stats(self) -> dict[str, Any]:
+        return self.node.stats()
+
+    async def close(self) -> None:
+        await self.node.close()
 
 
 class ClusterRouter:

@@ -10,7 +10,7 @@ calibration, or an increment acknowledged before it reached Redis), or raises
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from ..config import Config
 
@@ -42,3 +42,29 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """Finish or fail what is in flight and close every connection."""
         return None
+
+
+class RedisAccess(Protocol):
+    """The admin side of a backend's Redis: one server (`cluster.Direct`) or a cluster."""
+
+    async def ping(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+class OwnCodecBackend(Backend):
+    """A backend on the project's own codec; `start()` sets `redis`, which answers
+    readiness, stats and close whether it is one server or a cluster."""
+
+    redis: RedisAccess
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    def stats(self) -> dict[str, Any]:
+        return self.redis.stats()
+
+    async def close(self) -> None:
+        await self.redis.close()

@@ -42,13 +42,13 @@ from functools import partial
 from typing import Any
 
 from .. import errors
-from ..cluster import ClusterRouter, MuxNode
+from ..cluster import ClusterRouter, Direct, MuxNode
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
 from ..multiplexer import Multiplexer
 from ..resp import Reply, ReplyError, encode
 from ..slots import SlotTags, key_slot
-from .base import Backend
+from .base import OwnCodecBackend
 
 log = logging.getLogger("gateway.batched")
 
@@ -90,23 +90,16 @@ def _noscript(reply: Reply) -> bool:
     return isinstance(reply, ReplyError) and reply.prefix == "NOSCRIPT"
 
 
-class BatchedBackend(Backend):
+class BatchedBackend(OwnCodecBackend):
     name = "batched"
 
     async def start(self) -> None:
         c = self.config
         self._loop = asyncio.get_running_loop()
         self.router: ClusterRouter | None = None
+        self.mux: Multiplexer | None = None
         self._tags = SlotTags()
         self._cluster_flush: asyncio.Task[None] | None = None
-        self.mux = Multiplexer(
-            c.redis,
-            connections=1,
-            connect_timeout=c.connect_timeout,
-            command_timeout=c.command_timeout,
-            dedicated_pool_size=c.pool_size,
-            dedicated_wait=c.pool_wait,
-        )
         self._window = c.batch_window_ms / 1000
         self._max_keys = c.batch_max_keys
         self._max_pending = c.batch_max_pending
@@ -145,7 +138,17 @@ class BatchedBackend(Backend):
                 command_timeout=c.command_timeout,
             )
             await self.router.start()
+            self.redis = self.router
         else:
+            self.mux = Multiplexer(
+                c.redis,
+                connections=1,
+                connect_timeout=c.connect_timeout,
+                command_timeout=c.command_timeout,
+                dedicated_pool_size=c.pool_size,
+                dedicated_wait=c.pool_wait,
+            )
+            self.redis = Direct(MuxNode(self.mux, c.connect_timeout))
             await self.mux.start(wait=c.connect_timeout)
 
     # -- request path ---------------------------------------------------------
@@ -220,7 +223,7 @@ class BatchedBackend(Backend):
             batch.seq = self._seq
         else:
             return
-        if self.router is not None:
+        if self.mux is None:
             self._inflight = batch
             self._cluster_flush = asyncio.create_task(self._flush_cluster(batch))
             return
@@ -380,15 +383,9 @@ class BatchedBackend(Backend):
     def _pending(self) -> bool:
         return bool(self._batch.counts) or self._inflight is not None or self._unconfirmed is not None
 
-    async def ping(self) -> None:
-        if self.router is not None:
-            await self.router.ping()
-            return
-        await self.mux.execute("PING")
-
     def stats(self) -> dict[str, Any]:
         return {
-            **(self.router.stats() if self.router is not None else self.mux.stats()),
+            **self.redis.stats(),
             "pending_keys": self._held_keys(),
             "pending_increments": self.pending_increments,
             "flushes": self.flushes,
@@ -423,6 +420,4 @@ class BatchedBackend(Backend):
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
-        if self.router is not None:
-            await self.router.close()
-        await self.mux.close()
+        await self.redis.close()

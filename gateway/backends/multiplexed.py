@@ -7,18 +7,16 @@ With --redis-cluster, one multiplexer per master node, keys routed by hash slot.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..accounting import read_incr_reply
-from ..cluster import ClusterRouter, MuxNode
+from ..cluster import ClusterRouter, Direct, MuxNode
 from ..config import RedisTarget
 from ..multiplexer import Multiplexer
 from ..resp import encode
 from ..slots import key_slot
-from .base import Backend
+from .base import OwnCodecBackend
 
 
-class MultiplexedBackend(Backend):
+class MultiplexedBackend(OwnCodecBackend):
     name = "multiplexed"
 
     async def start(self) -> None:
@@ -30,8 +28,10 @@ class MultiplexedBackend(Backend):
                 command_timeout=c.command_timeout,
             )  # fmt: skip
             await self.router.start()
+            self.redis = self.router
         else:
             self.mux = self._mux(c.redis)
+            self.redis = Direct(MuxNode(self.mux, c.connect_timeout))
             await self.mux.start(wait=c.connect_timeout)
 
     def _mux(self, target: RedisTarget) -> Multiplexer:
@@ -50,18 +50,3 @@ class MultiplexedBackend(Backend):
             return read_incr_reply(await self.router.execute(key_slot(key), encode("INCRBY", key, 1)))
         reply = await self.mux.connection().send_packed(encode("INCRBY", key, 1))[0]
         return read_incr_reply(reply)
-
-    async def ping(self) -> None:
-        if self.router is not None:
-            await self.router.ping()
-            return
-        await self.mux.execute("PING")
-
-    def stats(self) -> dict[str, Any]:
-        return self.router.stats() if self.router is not None else self.mux.stats()
-
-    async def close(self) -> None:
-        if self.router is not None:
-            await self.router.close()
-        else:
-            await self.mux.close()

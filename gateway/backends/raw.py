@@ -9,19 +9,18 @@ keys routed by hash slot (`gateway.cluster`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 from ..accounting import read_incr_reply
-from ..cluster import ClusterRouter, PoolNode
+from ..cluster import ClusterRouter, Direct, PoolNode
 from ..config import RedisTarget
 from ..connection import open_connection
 from ..pool import Pool
 from ..resp import encode
 from ..slots import key_slot
-from .base import Backend
+from .base import OwnCodecBackend
 
 
-class RawBackend(Backend):
+class RawBackend(OwnCodecBackend):
     name = "raw"
 
     async def start(self) -> None:
@@ -33,8 +32,10 @@ class RawBackend(Backend):
                 command_timeout=c.command_timeout,
             )  # fmt: skip
             await self.router.start()
+            self.redis = self.router
         else:
             self.pool = self._pool(c.redis)
+            self.redis = Direct(PoolNode(self.pool))
 
     def _pool(self, target: RedisTarget) -> Pool:
         c = self.config
@@ -51,19 +52,3 @@ class RawBackend(Backend):
         finally:
             pool.release(conn)
         return read_incr_reply(reply)
-
-    async def ping(self) -> None:
-        if self.router is not None:
-            await self.router.ping()
-            return
-        async with self.pool.connection() as conn:
-            await conn.execute("PING")
-
-    def stats(self) -> dict[str, Any]:
-        return self.router.stats() if self.router is not None else self.pool.stats()
-
-    async def close(self) -> None:
-        if self.router is not None:
-            await self.router.close()
-        else:
-            await self.pool.close()
