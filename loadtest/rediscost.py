@@ -14,26 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .bench import Settings, cpu_times, run_wrk
 from .procs import RedisProcess, free_port, stop_process, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _wrk(port: int, seconds: int) -> str:
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", "-c50", f"-d{seconds}s", f"http://127.0.0.1:{port}/"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
 
 
 def measure_mode(mode: str, seconds: int) -> dict[str, float]:
@@ -47,19 +37,17 @@ def measure_mode(mode: str, seconds: int) -> dict[str, float]:
             cwd=ROOT,
         )  # fmt: skip
         wait_port(port, gateway)
-        _wrk(port, 1)  # warm-up
+        url = f"http://127.0.0.1:{port}"
+        wrk = Settings()  # one thread, 50 connections, one client address (no header)
+        run_wrk(url, wrk, 1, "1")  # warm-up
         assert redis.proc is not None
-        cpu0, t0 = _cpu_seconds(redis.proc.pid), time.monotonic()
-        out = _wrk(port, seconds)
-        cpu = _cpu_seconds(redis.proc.pid) - cpu0
+        cpu0, t0 = sum(cpu_times(redis.proc.pid)), time.monotonic()
+        res = run_wrk(url, wrk, seconds, "1")
+        cpu = sum(cpu_times(redis.proc.pid)) - cpu0
         elapsed = time.monotonic() - t0
-        found = re.search(r"(\d+) requests in", out)
-        rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-        if found is None or rate is None:
-            raise RuntimeError(f"wrk failed: {out[-300:]}")
-        requests = int(found.group(1))
+        requests = res["requests"]
         return {
-            "rps": float(rate.group(1)),
+            "rps": res["rps"],
             "redis_cpu_pct": 100 * cpu / elapsed,
             "redis_us_per_request": 1e6 * cpu / max(requests, 1),
             "requests_per_redis_core": requests / cpu if cpu else float("inf"),

@@ -7,6 +7,8 @@ import asyncio
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -170,3 +172,17 @@ __all__ = [
     "make_config",
     "running_gateway",
 ]
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a: object, **k: object) -> None:
+        return None
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """Status and body of a GET on a new connection, redirects not followed."""
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()

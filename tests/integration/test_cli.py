@@ -7,12 +7,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from ..helpers import RedisServer, free_port
+from ..helpers import RedisServer, free_port, http_get
 
 
 def _run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -60,19 +58,6 @@ def test_port_in_use_is_one_line_and_exit_1() -> None:
     assert "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
 
 
-def _get(url: str) -> tuple[int, bytes]:
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *a: object, **k: object) -> None:
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
-    try:
-        with opener.open(url, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def test_process_serves_reports_and_exits_0_on_sigterm(redis_server: RedisServer) -> None:
     port, admin = free_port(), free_port()
     proc = subprocess.Popen(
@@ -84,7 +69,7 @@ def test_process_serves_reports_and_exits_0_on_sigterm(redis_server: RedisServer
         deadline = time.monotonic() + 15
         while True:
             try:
-                status, _ = _get(f"http://127.0.0.1:{port}/hello")
+                status, _ = http_get(f"http://127.0.0.1:{port}/hello")
                 break
             except OSError:
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -92,13 +77,13 @@ def test_process_serves_reports_and_exits_0_on_sigterm(redis_server: RedisServer
         assert status == 302
         import json
 
-        status, body = _get(f"http://127.0.0.1:{admin}/stats")
+        status, body = http_get(f"http://127.0.0.1:{admin}/stats")
         stats = json.loads(body)
         assert stats["mode"] == "raw" and stats["requests"]["counted"] == 1
         for field in ("size", "idle", "in_use", "waiting", "created", "errors", "wait_timeouts"):
             assert field in stats["pool"]
-        assert _get(f"http://127.0.0.1:{admin}/healthz")[0] == 200
-        assert _get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
+        assert http_get(f"http://127.0.0.1:{admin}/healthz")[0] == 200
+        assert http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=15)

@@ -8,31 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..helpers import RedisServer, free_port
+from ..helpers import RedisServer, free_port, http_get
 
 POOL = 3
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *a: object, **k: object) -> None:
-        return None
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    # urllib opens a new connection per request, so the kernel picks a worker each time.
-    try:
-        with urllib.request.build_opener(_NoRedirect).open(url, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 @contextmanager
@@ -49,7 +33,7 @@ def _supervisor(redis_url: str, *extra: str) -> Iterator[tuple[subprocess.Popen[
         deadline = time.monotonic() + 30
         while True:
             try:
-                _get(admin_base + "/healthz")
+                http_get(admin_base + "/healthz")
                 break
             except OSError:
                 assert proc.poll() is None, proc.communicate()[1]
@@ -64,7 +48,7 @@ def _supervisor(redis_url: str, *extra: str) -> Iterator[tuple[subprocess.Popen[
 
 
 def _stats(admin_base: str, per_worker: bool = False) -> dict[str, Any]:
-    status, body = _get(admin_base + "/stats" + ("?per_worker=1" if per_worker else ""))
+    status, body = http_get(admin_base + "/stats" + ("?per_worker=1" if per_worker else ""))
     assert status == 200
     return json.loads(body)  # type: ignore[no-any-return]
 
@@ -80,7 +64,7 @@ def test_workers_share_the_port_and_stats_add_up(own_redis: RedisServer) -> None
     redis_server = own_redis
     with _supervisor(redis_server.url, "--mode", "raw") as (proc, base, admin):
         for _ in range(200):
-            assert _get(base + "/")[0] == 302
+            assert http_get(base + "/")[0] == 302
         doc = _stats(admin, per_worker=True)
         per = doc["per_worker"]
         assert len(per) == 2 and len({w["pid"] for w in per}) == 2 and proc.pid not in {w["pid"] for w in per}
@@ -90,7 +74,7 @@ def test_workers_share_the_port_and_stats_add_up(own_redis: RedisServer) -> None
         assert doc["accounting_latency_s"]["counts"] and sum(doc["accounting_latency_s"]["counts"]) == 200
         assert doc["pool"]["max"] == 2 * POOL  # the Redis connection budget: workers x pool size
         assert doc["workers"] == {**doc["workers"], "configured": 2, "answering": 2, "restarts": 0}
-        status, body = _get(admin + "/metrics")
+        status, body = http_get(admin + "/metrics")
         assert status == 200
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -100,7 +84,7 @@ def test_workers_share_the_port_and_stats_add_up(own_redis: RedisServer) -> None
         assert samples[("gateway_requests_total", (("mode", "raw"), ("outcome", "counted")))] == 200
         assert samples[("gateway_accounting_latency_seconds_count", (("mode", "raw"),))] == 200
         assert samples[("gateway_workers", ())] == 2
-        assert _get(admin + "/readyz")[0] == 200
+        assert http_get(admin + "/readyz")[0] == 200
     assert proc.returncode == 0
     assert redis_server.client().get("ip:127.0.0.1") == b"200"
     # Each worker kept to its own pool of POOL.
@@ -127,7 +111,7 @@ def test_a_dead_worker_is_restarted(redis_server: RedisServer) -> None:
         time.sleep(0.2)
         # The survivor serves meanwhile.
         for _ in range(20):
-            assert _get(base + "/")[0] == 302
+            assert http_get(base + "/")[0] == 302
 
         def restarted() -> bool:
             doc = _stats(admin, per_worker=True)
@@ -137,7 +121,7 @@ def test_a_dead_worker_is_restarted(redis_server: RedisServer) -> None:
         _wait(restarted)
         assert _stats(admin)["workers"]["restarts"] == 1
         for _ in range(100):
-            assert _get(base + "/")[0] == 302
+            assert http_get(base + "/")[0] == 302
         served = [w["stats"]["requests"]["total"] for w in _stats(admin, per_worker=True)["per_worker"]]
         assert all(n > 0 for n in served), served
     assert proc.returncode == 0
@@ -149,7 +133,7 @@ def test_sigterm_drains_every_worker(redis_server: RedisServer) -> None:
     extra = ("--mode", "batched", "--batch-ack", "none", "--batch-window-ms", "60000")
     with _supervisor(redis_server.url, *extra) as (proc, base, admin):
         for _ in range(150):
-            assert _get(base + "/")[0] == 302
+            assert http_get(base + "/")[0] == 302
         doc = _stats(admin, per_worker=True)
         assert doc["pool"]["pending_increments"] == 150
         assert all(w["stats"]["pool"]["pending_increments"] > 0 for w in doc["per_worker"])
