@@ -73,8 +73,14 @@ class Target:
         return f"{self.impl}/{self.mode}"
 
     @property
+    def base_mode(self) -> str:
+        """The --mode a variant runs (off for off-w2, batched for batched-win1, ...)."""
+        args = GATEWAY_VARIANTS.get(self.mode) if self.impl == "gateway" else None
+        return args[args.index("--mode") + 1] if args else self.mode
+
+    @property
     def calibration(self) -> bool:
-        return self.mode.split("-w", 1)[0] in ("off", "calibration")
+        return self.base_mode in ("off", "calibration")
 
 
 @dataclass
@@ -423,7 +429,7 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
         if name.startswith("gateway/") and peer:
             row["ratio_to_haproxy"] = _median_ratio(group, by_target.get(f"haproxy/{peer}", []))
         if name.split("/", 1)[1] in SCALING_MODES:
-            one = name.rsplit("-w", 1)[0]
+            one = f"gateway/{Target('gateway', name.split('/', 1)[1]).base_mode}"
             row["ratio_to_one_worker"] = _median_ratio(group, by_target.get(one, []))
         # Accuracy is judged on every round, not the median: one loss anywhere counts.
         row["min_extra"] = min((g.extra for g in ok), default=None)
