@@ -48,7 +48,8 @@ def translate(exc: Exception) -> AccountingError:
     if isinstance(exc, rexc.TimeoutError):
         return AccountingError(errors.TIMEOUT, str(exc) or "Redis command timed out")
     if isinstance(exc, rexc.ConnectionError):
-        if "No connection available" in str(exc):
+        # MaxConnectionsError: redis-py's cluster pool is full and does not wait.
+        if isinstance(exc, rexc.MaxConnectionsError) or "No connection available" in str(exc):
             return AccountingError(errors.POOL_TIMEOUT, str(exc))
         return AccountingError(errors.CONNECT, str(exc))
     if isinstance(exc, (OSError, TimeoutError)):

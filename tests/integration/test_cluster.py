@@ -62,7 +62,10 @@ async def test_exact_counts_across_many_keys(cmode: str, cluster: RedisClusterPr
     ips = [f"10.{i // 250}.{i % 250}.7" for i in range(300)]
     plan = [ip for ip in ips for _ in range(3)] + ips[:50]
     random.Random(7).shuffle(plan)
-    async with running_gateway(cluster_config(cluster, cmode)) as (gw, base), aiohttp.ClientSession() as s:
+    # redis-py's cluster pool fails at once past --pool-size on one node (it does not wait, see
+    # the README), so the pool is as large as the concurrency here.
+    cfg = cluster_config(cluster, cmode, pool_size=40)
+    async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
         sem = asyncio.Semaphore(40)
 
         async def one(ip: str) -> int:
@@ -72,7 +75,7 @@ async def test_exact_counts_across_many_keys(cmode: str, cluster: RedisClusterPr
         statuses = await asyncio.gather(*(one(ip) for ip in plan))
         stats = gw.stats()
     assert set(statuses) == {302}
-    assert stats["requests"]["counted"] + stats["requests"]["deferred"] == len(plan)
+    assert stats["requests"]["counted"] + stats["requests"]["deferred"] == len(plan), stats["failures"]
     expected = Counter(f"ip:{ip}".encode() for ip in plan)
     assert cluster.counters() == dict(expected)
     # The keys really are spread over every master.
@@ -217,3 +220,18 @@ async def test_a_restarted_node_loses_nothing_it_confirmed(cmode: str, cluster: 
         assert all(got.get(f"ip:{ip}".encode(), 0) <= n for ip, n in sent.items())
     # Counting resumed on the restarted node's keys.
     assert cluster.counters(node=victim)
+
+
+async def test_pooled_cluster_pool_limit_fails_fast_as_pool_timeout(cluster: RedisClusterProcesses) -> None:
+    # redis-py's cluster client does not queue for a connection: past --pool-size on a node,
+    # the increment fails at once, counted as pool_timeout, and the request is still answered.
+    async with running_gateway(cluster_config(cluster, "pooled", pool_size=1)) as (gw, base):
+        async with aiohttp.ClientSession() as s:
+            statuses = await asyncio.gather(*(_hit(s, base, f"10.60.{i % 50}.1") for i in range(200)))
+        stats = gw.stats()
+    assert set(statuses) == {302}
+    r = stats["requests"]
+    assert r["counted"] + r["failed"] == 200 and r["counted"] > 0
+    assert set(stats["failures"]) == {"pool_timeout"}
+    assert stats["pool"]["wait_timeouts"] == r["failed"] > 0
+    assert cluster.counter_sum() == r["counted"]
