@@ -30,6 +30,7 @@ from . import errors
 from .accounting import counter_key
 from .backends import backend_class
 from .backends.base import Backend
+from .backends.batched import HeldOutcome
 from .client_ip import ClientIPResolver
 from .config import Config
 from .errors import AccountingError
@@ -56,6 +57,9 @@ class Gateway:
         self._uses_redis = self.backend.uses_redis
         self._redirect = {"Location": config.target}
         self._count_header = config.count_header
+        # Responses wait for their flush without their handler waiting (gateway.holding); a deny
+        # policy must know the outcome before it builds the response, so it keeps the await.
+        self._hold = self.backend.holds_responses and not self._deny
         self.server: GuardedServer | None = None
         self._registry = registry_for(self.stats)
         self._started = time.monotonic()
@@ -70,6 +74,8 @@ class Gateway:
         self.failure_log = FailureLog(
             log, "requests are answered 503" if self._deny else "requests are let through uncounted"
         )
+        if self._hold:
+            self.backend.on_held = self._held_settled  # type: ignore[attr-defined]
 
     async def start(self) -> None:
         await self.backend.start()
@@ -91,6 +97,17 @@ class Gateway:
             self.no_client_ip += 1
         elif not self._uses_redis:
             self.uncounted += 1
+        elif self._hold:
+            try:
+                commit = self.backend.incr_held(counter_key(self._prefix, ip))
+            except AccountingError as err:
+                self._failed(err)
+            except Exception as exc:
+                self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
+            else:
+                transport = request.transport
+                if transport is not None:  # else the client is gone; the count stands
+                    transport.hold(commit)  # type: ignore[attr-defined]
         else:
             started = perf_counter()
             try:
@@ -118,6 +135,22 @@ class Gateway:
         if extra is None:
             return web.Response(status=302, headers=self._redirect)
         return web.Response(status=302, headers={**self._redirect, **extra})
+
+    def _held_settled(self, outcome: HeldOutcome) -> None:
+        """A batch holding responses settled; count its requests as the await path would have."""
+        n = outcome.requests
+        self.latency.observe_many(outcome.waited_s, n)
+        if outcome.deferred is not None:
+            self.deferred += n
+            return
+        refused = 0
+        for err, count in outcome.refused:
+            refused += count
+            self.failures[err.kind] += count
+            self.failure_log.failure(err, count)
+        self.counted += n - refused
+        if not refused and self.failure_log.failing:
+            self.failure_log.success()
 
     def _failed(self, err: AccountingError, cause: BaseException | None = None) -> bool:
         """Count and log a failure; True when policy says deny."""
@@ -197,6 +230,7 @@ class Gateway:
             request_timeout=c.request_timeout_s,
             max_connections=c.max_connections,
             keepalive_timeout=c.keepalive_timeout_s,
+            hold_responses=self._hold,
             **log_kwargs,
         )
         return self.server

@@ -89,8 +89,11 @@ class RedisConnection(asyncio.Protocol):
         """Commands sent whose reply has not been read, including abandoned ones."""
         return len(self._inflight)
 
-    def send_packed(self, data: bytes, count: int = 1) -> list[asyncio.Future[Reply]]:
-        """Send `count` already-encoded commands; one future per reply, in order."""
+    def send_packed(self, data: bytes, count: int = 1, now: bool = False) -> list[asyncio.Future[Reply]]:
+        """Send `count` already-encoded commands; one future per reply, in order.
+
+        `now` writes at once even on a coalescing connection (unless earlier commands
+        still wait in its buffer): for a caller that already gathered its commands."""
         if self._failure is not None or self._transport is None:
             raise self._failure or AccountingError(errors.CONNECTION_LOST, "connection is not open")
         timeout = self._timeout
@@ -100,7 +103,7 @@ class RedisConnection(asyncio.Protocol):
             fut = self._loop.create_future()
             self._inflight.append((fut, deadline))
             futs.append(fut)
-        if self._coalesce:
+        if self._wbuf or (self._coalesce and not now):
             if not self._wbuf:
                 self._loop.call_soon(self._flush)
             self._wbuf.append(data)

@@ -34,12 +34,13 @@ class FailureLog:
         self._total = 0
         self._window: Counter[str] = Counter()
 
-    def failure(self, err: AccountingError) -> None:
+    def failure(self, err: AccountingError, count: int = 1) -> None:
+        """`count` requests failed with `err` (more than one when a batch settles at once)."""
         now = self._clock()
         if not self.failing:
             self.failing = True
             self._started = self._reported = now
-            self._total = 1
+            self._total = count
             self._window.clear()
             self._log.warning(
                 "Redis accounting failing (%s: %s); %s",
@@ -50,8 +51,8 @@ class FailureLog:
                 exc_info=err if err.kind == INTERNAL else None,
             )
             return
-        self._total += 1
-        self._window[err.kind] += 1
+        self._total += count
+        self._window[err.kind] += count
         if now - self._reported >= self._every:
             kinds = ", ".join(f"{k}={n}" for k, n in self._window.most_common())
             self._log.warning(

@@ -11,6 +11,10 @@ limits on top of aiohttp, and nothing else:
 - at most `max_connections` client connections are open; a connection beyond
   that gets `503` and is closed at once.
 
+With `hold_responses`, each connection's transport is a `HeldTransport`, so a
+response can be held until the Redis flush holding its increment is confirmed
+(`gateway.holding`).
+
 The fast path costs one integer comparison per read: a timer is armed only
 when a read ends with a request head still incomplete.
 """
@@ -23,15 +27,26 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from .holding import HeldTransport
+
 _TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _BUSY_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
 class GuardedServer(web.Server):
-    def __init__(self, handler: Any, *, request_timeout: float, max_connections: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        request_timeout: float,
+        max_connections: int,
+        hold_responses: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self.request_timeout = request_timeout
         self.max_connections = max_connections
+        self.hold_responses = hold_responses
         self.head_timeouts = 0
         self.rejected = 0
 
@@ -58,6 +73,8 @@ class _GuardedHandler(RequestHandler):
         self._guard = self._manager  # type: ignore[assignment]
         self._head_timer = None
         self._seen_requests = 0
+        if self._guard.hold_responses:
+            transport = HeldTransport(transport)  # type: ignore[arg-type]
         super().connection_made(transport)
         if len(self._guard.connections) > self._guard.max_connections:
             self._guard.rejected += 1

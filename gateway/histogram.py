@@ -34,6 +34,11 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def observe_many(self, value: float, count: int) -> None:
+        """`count` observations of one value (the requests a batched flush answers together)."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
+
     def snapshot(self) -> dict[str, Any]:
         return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
 

@@ -13,6 +13,7 @@ import abc
 from typing import Any, ClassVar, Protocol
 
 from ..config import Config
+from ..holding import Commit
 
 
 class Backend(abc.ABC):
@@ -30,6 +31,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def incr(self, key: str) -> int | None:
         """Add 1 to `key`; the new value, None, or AccountingError."""
+
+    #: True when the backend offers `incr_held` (batched with --batch-ack flush).
+    holds_responses: bool = False
+
+    def incr_held(self, key: str) -> Commit:
+        """Add 1 to `key` without waiting; the response must be held until the returned commit
+        releases it (`gateway.holding`). Only backends with `holds_responses`."""
+        raise NotImplementedError(f"{self.name} does not hold responses")
 
     async def ping(self) -> None:
         """Raise AccountingError unless Redis answers now (readiness)."""

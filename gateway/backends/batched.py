@@ -22,7 +22,11 @@ Invariants:
 - With `--batch-ack flush` (the default) a request is answered once the flush
   that holds its increment is confirmed, so a 302 means the count is in Redis;
   while Redis is unreachable requests are answered at once instead (failing
-  open) and their increments wait for the retry.
+  open) and their increments wait for the retry. Two ways to wait: `incr()`
+  suspends the request until then; `incr_held()` returns at once with the
+  batch, and the gateway holds the response's bytes until the batch settles
+  (`gateway.holding`), which spares each request a future and a task step.
+  A settled batch reports its held requests through `on_held`.
 - Close flushes everything still held (bounded by the shutdown timeout).
 - With --redis-cluster, a flush is one such EVAL per hash slot (a script's keys
   must share a slot), with a sequence marker per slot; the EVALs for one node
@@ -38,6 +42,8 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -45,6 +51,7 @@ from .. import errors
 from ..cluster import ClusterRouter, Direct, MuxNode
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
+from ..holding import HeldTransport
 from ..multiplexer import Multiplexer
 from ..resp import Reply, ReplyError, encode
 from ..slots import SlotTags, key_slot
@@ -78,12 +85,33 @@ FLUSH_SHA = hashlib.sha1(FLUSH_SCRIPT.encode()).hexdigest()
 
 
 class _Batch:
-    __slots__ = ("counts", "seq", "waiters")
+    __slots__ = ("answered", "counts", "held", "held_since", "holders", "seq", "waiters")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.waiters: list[asyncio.Future[_KeyErrors]] = []
         self.seq = 0  # given when the batch is first sent, kept across resends
+        # Responses held until this batch settles (incr_held): their connections, their
+        # number, and when the first was held.
+        self.holders: list[HeldTransport] = []
+        self.held = 0
+        self.held_since = 0.0
+        # Increments (per key) whose requests were already answered without being held:
+        # counts[key] - answered[key] is what a refused key's held requests number.
+        self.answered: dict[str, int] | None = None
+
+
+@dataclass(slots=True)
+class HeldOutcome:
+    """How the held requests of one batch ended, for the gateway's counters."""
+
+    requests: int
+    #: From the batch's first held request to its release: an upper bound for each.
+    waited_s: float
+    #: The flush failed: the responses were released uncounted for now; the increments are retried.
+    deferred: AccountingError | None
+    #: Keys Redis refused (WRONGTYPE, ...): the error and how many held requests had that key.
+    refused: list[tuple[AccountingError, int]]
 
 
 def _noscript(reply: Reply) -> bool:
@@ -92,6 +120,12 @@ def _noscript(reply: Reply) -> bool:
 
 class BatchedBackend(OwnCodecBackend):
     name = "batched"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.holds_responses = config.batch_ack == "flush"
+        #: Called once per batch with held requests, when it is confirmed or fails.
+        self.on_held: Callable[[HeldOutcome], None] | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -153,8 +187,7 @@ class BatchedBackend(OwnCodecBackend):
 
     # -- request path ---------------------------------------------------------
 
-    async def incr(self, key: str) -> None:
-        batch = self._batch
+    def _add(self, batch: _Batch, key: str) -> None:
         counts = batch.counts
         n = counts.get(key)
         if n is None:
@@ -171,6 +204,29 @@ class BatchedBackend(OwnCodecBackend):
                 self._schedule(self._window)
         else:
             counts[key] = n + 1
+
+    def incr_held(self, key: str) -> _Batch:
+        """Add 1 to `key` without waiting: the batch whose settling the response must wait for.
+
+        Raises AccountingError like `incr` (DEFERRED while Redis is unreachable: the
+        increment is held for retry and the response need not wait).
+        """
+        batch = self._batch
+        self._add(batch, key)
+        if self.failing:
+            answered = batch.answered
+            if answered is None:
+                answered = batch.answered = {}
+            answered[key] = answered.get(key, 0) + 1
+            raise AccountingError(errors.DEFERRED, "Redis unreachable; increment held for retry")
+        if not batch.held:
+            batch.held_since = time.perf_counter()
+        batch.held += 1
+        return batch
+
+    async def incr(self, key: str) -> None:
+        batch = self._batch
+        self._add(batch, key)
         if not self._ack:
             return None
         if self.failing:
@@ -231,7 +287,8 @@ class BatchedBackend(OwnCodecBackend):
         command = (*self._script(), len(keys) + 1, self.seq_key, *keys, batch.seq, SEQ_TTL_S,
                    *(batch.counts[k] for k in keys))  # fmt: skip
         try:
-            fut = self.mux.connection().send_packed(encode(*command))[0]
+            # One write now: the batch is this tick's coalesced write already.
+            fut = self.mux.connection().send_packed(encode(*command), now=True)[0]
         except AccountingError as exc:
             self._flush_failed(batch, exc)
             self._reschedule()
@@ -261,11 +318,20 @@ class BatchedBackend(OwnCodecBackend):
                 self._flush_failed(batch, err)
                 return
             self.flushed_increments += sum(batch.counts[k] for k in keys if k not in key_errors)
-            self._confirmed(batch, len(keys), key_errors, started)
+            refused = {k: batch.counts[k] for k in key_errors}
+            self._confirmed(batch, len(keys), key_errors, refused, started)
         finally:
             self._reschedule()
 
-    def _confirmed(self, batch: _Batch, nkeys: int, key_errors: dict[str, AccountingError], started: float) -> None:
+    def _confirmed(
+        self,
+        batch: _Batch,
+        nkeys: int,
+        key_errors: dict[str, AccountingError],
+        refused: dict[str, int],
+        started: float,
+    ) -> None:
+        """`refused` is the increments per key in `key_errors`."""
         if self.failing:
             log.warning("batched: Redis reachable again; held increments flushed")
         self.failing = False
@@ -283,6 +349,28 @@ class BatchedBackend(OwnCodecBackend):
             if not waiter.done():
                 waiter.set_result(result)
         batch.waiters.clear()
+        if batch.held:
+            answered = batch.answered or {}
+            self._release(batch, None, [(err, refused[k] - answered.get(k, 0)) for k, err in key_errors.items()])
+
+    def _release(
+        self, batch: _Batch, deferred: AccountingError | None, refused: list[tuple[AccountingError, int]]
+    ) -> None:
+        """Send the responses held for `batch` and report how their requests ended."""
+        for holder in batch.holders:
+            holder.release(batch)
+        batch.holders.clear()
+        n = batch.held
+        if not n:
+            return
+        batch.held = 0
+        if deferred is not None:
+            # Its held requests are answered now; what it still counts was answered already.
+            batch.answered = dict(batch.counts)
+        if self.on_held is not None:
+            self.on_held(
+                HeldOutcome(n, time.perf_counter() - batch.held_since, deferred, [r for r in refused if r[1] > 0])
+            )
 
     # -- cluster flushing -------------------------------------------------------------
 
@@ -299,6 +387,7 @@ class BatchedBackend(OwnCodecBackend):
                 *(self._flush_group(slot, keys, batch) for slot, keys in groups.items()), return_exceptions=True
             )
             key_errors: dict[str, AccountingError] = {}
+            refused: dict[str, int] = {}
             failure: AccountingError | None = None
             for keys, outcome in zip(groups.values(), outcomes, strict=True):
                 if isinstance(outcome, BaseException):
@@ -313,12 +402,14 @@ class BatchedBackend(OwnCodecBackend):
                 # Confirmed: off the batch, so a resend carries only what is still unconfirmed.
                 for key in keys:
                     n = batch.counts.pop(key)
-                    if key not in outcome:
+                    if key in outcome:
+                        refused[key] = n
+                    else:
                         self.flushed_increments += n
             if batch.counts:
                 self._flush_failed(batch, failure or AccountingError(errors.INTERNAL, "flush incomplete"))
             else:
-                self._confirmed(batch, nkeys, key_errors, started)
+                self._confirmed(batch, nkeys, key_errors, refused, started)
         finally:
             self._inflight = None
             self._reschedule()
@@ -368,10 +459,15 @@ class BatchedBackend(OwnCodecBackend):
         deferred = AccountingError(errors.DEFERRED, f"flush failed ({exc}); increment held for retry")
         # The batch now filling waits behind this one: its requests are answered now too.
         for held in (batch, self._batch):
-            for waiter in held.waiters:
-                if not waiter.done():
-                    waiter.set_exception(deferred)
-            held.waiters.clear()
+            self._answer_now(held, deferred)
+
+    def _answer_now(self, batch: _Batch, err: AccountingError) -> None:
+        """Everyone waiting on `batch` gets `err` now (fail open); the increments stay held."""
+        for waiter in batch.waiters:
+            if not waiter.done():
+                waiter.set_exception(err)
+        batch.waiters.clear()
+        self._release(batch, err, [])
 
     # -- admin and lifecycle ------------------------------------------------------
 
@@ -417,6 +513,9 @@ class BatchedBackend(OwnCodecBackend):
         lost = self.pending_increments
         if lost:
             log.error("batched: %d increments could not be flushed to Redis before shutdown", lost)
+            unconfirmed = AccountingError(errors.DEFERRED, "shutting down before Redis confirmed the increment")
+            for batch in {self._batch, self._inflight, self._unconfirmed} - {None}:
+                self._answer_now(batch, unconfirmed)  # type: ignore[arg-type]
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
