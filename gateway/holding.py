@@ -29,13 +29,15 @@ class Commit(Protocol):
 
 
 class HeldTransport:
-    __slots__ = ("_buffer", "_close", "_commit", "_transport")
+    __slots__ = ("_buffer", "_close", "_commit", "_transport", "is_closing")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._buffer: list[bytes] = []
         self._commit: Commit | None = None
         self._close = False
+        # Called before every write; the transport's own method spares a Python frame.
+        self.is_closing = transport.is_closing
 
     @property
     def holding(self) -> bool:
@@ -73,9 +75,6 @@ class HeldTransport:
 
     def writelines(self, chunks: Any) -> None:
         self.write(b"".join(chunks))
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
 
     def close(self) -> None:
         if self._commit is None:

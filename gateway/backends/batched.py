@@ -191,19 +191,24 @@ class BatchedBackend(OwnCodecBackend):
         counts = batch.counts
         n = counts.get(key)
         if n is None:
-            if self._closed:
-                raise AccountingError(errors.UNAVAILABLE, "gateway is shutting down")
-            held = self._held_keys()
-            if held >= self._max_pending:
-                self.overflow += 1
-                raise AccountingError(errors.OVERFLOW, f"{held} keys already held for Redis; increment dropped")
-            counts[key] = 1
-            if len(counts) >= self._max_keys:
-                self._schedule(0.0)
-            elif self._timer is None:
-                self._schedule(self._window)
+            self._add_key(batch, key)
         else:
             counts[key] = n + 1
+
+    def _add_key(self, batch: _Batch, key: str) -> None:
+        """A key new to this batch: bounded by --batch-max-pending, and it may start a flush."""
+        if self._closed:
+            raise AccountingError(errors.UNAVAILABLE, "gateway is shutting down")
+        held = self._held_keys()
+        if held >= self._max_pending:
+            self.overflow += 1
+            raise AccountingError(errors.OVERFLOW, f"{held} keys already held for Redis; increment dropped")
+        counts = batch.counts
+        counts[key] = 1
+        if len(counts) >= self._max_keys:
+            self._schedule(0.0)
+        elif self._timer is None:
+            self._schedule(self._window)
 
     def incr_held(self, key: str) -> _Batch:
         """Add 1 to `key` without waiting: the batch whose settling the response must wait for.
@@ -212,7 +217,12 @@ class BatchedBackend(OwnCodecBackend):
         increment is held for retry and the response need not wait).
         """
         batch = self._batch
-        self._add(batch, key)
+        counts = batch.counts
+        n = counts.get(key)
+        if n is None:
+            self._add_key(batch, key)
+        else:
+            counts[key] = n + 1  # the common case, inlined: this runs once per request
         if self.failing:
             answered = batch.answered
             if answered is None:
