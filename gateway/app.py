@@ -2,9 +2,12 @@
 
 HTTP request -> client IP -> backend.incr(key) -> 302 to the target (200 for the
 target itself, so a client that follows redirects does not loop; it is still
-counted). Owns policy: when accounting fails the request is let through
-(`allow`, the default) or answered 503 (`deny`), the failure is counted by kind
-and logged once per burst. It never lets an accounting failure escape as a 500.
+counted). A backend that holds responses (batched, ack flush) is called without
+waiting and the response's bytes wait on the connection instead; those requests
+are counted when their batch settles (`_held_settled`). Owns policy: when
+accounting fails the request is let through (`allow`, the default) or answered
+503 (`deny`), the failure is counted by kind and logged once per burst. It never
+lets an accounting failure escape as a 500.
 
 The front end is aiohttp's low-level `web.Server`: one handler, no router, no
 middleware, because every request takes the same path.
