@@ -72,7 +72,7 @@ async def test_error_replies_counted_by_kind(kind: str, expected: set[str]) -> N
     assert 1 <= out.log_lines <= 3, out
 
 
-@pytest.mark.parametrize("fault_mode", chaos.VALUE_MODES)
+@pytest.mark.parametrize("fault_mode", chaos.ALL_MODES)
 async def test_client_disconnects_leave_no_dirty_connection(fault_mode: str) -> None:
     out = await chaos.client_disconnects(fault_mode)
     assert out.answered == out.sent > 0 and out.mismatches == 0, out
