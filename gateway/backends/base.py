@@ -10,9 +10,11 @@ calibration, or an increment acknowledged before it reached Redis), or raises
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from ..config import Config
+from ..cluster import ClusterRouter, NodeClient
+from ..config import Config, RedisTarget
 from ..holding import Commit
 
 
@@ -68,6 +70,16 @@ class OwnCodecBackend(Backend):
     readiness, stats and close whether it is one server or a cluster."""
 
     redis: RedisAccess
+    router: ClusterRouter | None = None
+
+    async def _start_cluster(self, make_node: Callable[[RedisTarget], NodeClient]) -> None:
+        """--redis-cluster: a router with one `make_node(master)` per master answers for Redis."""
+        c = self.config
+        self.router = ClusterRouter(
+            c.seeds, make_node, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout
+        )
+        await self.router.start()
+        self.redis = self.router
 
     async def ping(self) -> None:
         await self.redis.ping()

@@ -48,7 +48,7 @@ from functools import partial
 from typing import Any
 
 from .. import errors
-from ..cluster import ClusterRouter, Direct, MuxNode
+from ..cluster import Direct, MuxNode
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
 from ..holding import HeldTransport
@@ -130,7 +130,6 @@ class BatchedBackend(OwnCodecBackend):
     async def start(self) -> None:
         c = self.config
         self._loop = asyncio.get_running_loop()
-        self.router: ClusterRouter | None = None
         self.mux: Multiplexer | None = None
         self._tags = SlotTags()
         self._cluster_flush: asyncio.Task[None] | None = None
@@ -162,17 +161,12 @@ class BatchedBackend(OwnCodecBackend):
         self.flush_keys = Histogram(SIZE_BOUNDS)
         self.flush_latency = Histogram(LATENCY_BOUNDS)
         if c.cluster:
-            self.router = ClusterRouter(
-                c.seeds,
+            await self._start_cluster(
                 lambda t: MuxNode(
                     Multiplexer(t, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout),
                     c.connect_timeout,
-                ),
-                connect_timeout=c.connect_timeout,
-                command_timeout=c.command_timeout,
+                )
             )
-            await self.router.start()
-            self.redis = self.router
         else:
             self.mux = Multiplexer(
                 c.redis,

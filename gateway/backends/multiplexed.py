@@ -8,7 +8,7 @@ With --redis-cluster, one multiplexer per master node, keys routed by hash slot.
 from __future__ import annotations
 
 from ..accounting import read_incr_reply
-from ..cluster import ClusterRouter, Direct, MuxNode
+from ..cluster import Direct, MuxNode
 from ..config import RedisTarget
 from ..multiplexer import Multiplexer
 from ..resp import encode
@@ -21,14 +21,8 @@ class MultiplexedBackend(OwnCodecBackend):
 
     async def start(self) -> None:
         c = self.config
-        self.router: ClusterRouter | None = None
         if c.cluster:
-            self.router = ClusterRouter(
-                c.seeds, lambda t: MuxNode(self._mux(t), c.connect_timeout), connect_timeout=c.connect_timeout,
-                command_timeout=c.command_timeout,
-            )  # fmt: skip
-            await self.router.start()
-            self.redis = self.router
+            await self._start_cluster(lambda t: MuxNode(self._mux(t), c.connect_timeout))
         else:
             self.mux = self._mux(c.redis)
             self.redis = Direct(MuxNode(self.mux, c.connect_timeout))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..accounting import read_incr_reply
-from ..cluster import ClusterRouter, Direct, PoolNode
+from ..cluster import Direct, PoolNode
 from ..config import RedisTarget
 from ..connection import open_connection
 from ..pool import Pool
@@ -25,14 +25,8 @@ class RawBackend(OwnCodecBackend):
 
     async def start(self) -> None:
         c = self.config
-        self.router: ClusterRouter | None = None
         if c.cluster:
-            self.router = ClusterRouter(
-                c.seeds, lambda t: PoolNode(self._pool(t)), connect_timeout=c.connect_timeout,
-                command_timeout=c.command_timeout,
-            )  # fmt: skip
-            await self.router.start()
-            self.redis = self.router
+            await self._start_cluster(lambda t: PoolNode(self._pool(t)))
         else:
             self.pool = self._pool(c.redis)
             self.redis = Direct(PoolNode(self.pool))
