@@ -181,14 +181,6 @@ class BatchedBackend(OwnCodecBackend):
 
     # -- request path ---------------------------------------------------------
 
-    def _add(self, batch: _Batch, key: str) -> None:
-        counts = batch.counts
-        n = counts.get(key)
-        if n is None:
-            self._add_key(batch, key)
-        else:
-            counts[key] = n + 1
-
     def _add_key(self, batch: _Batch, key: str) -> None:
         """A key new to this batch: bounded by --batch-max-pending, and it may start a flush."""
         if self._closed:
@@ -230,7 +222,12 @@ class BatchedBackend(OwnCodecBackend):
 
     async def incr(self, key: str) -> None:
         batch = self._batch
-        self._add(batch, key)
+        counts = batch.counts
+        n = counts.get(key)
+        if n is None:
+            self._add_key(batch, key)
+        else:
+            counts[key] = n + 1
         if not self._ack:
             return None
         if self.failing:
