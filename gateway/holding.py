@@ -9,8 +9,9 @@ reach the socket. The client-visible guarantee is the same: a response on the
 wire means the count is in Redis.
 
 A `HeldTransport` wraps one client connection's transport; everything but
-`write`, `writelines` and `close` passes straight through. While it holds, writes
-are buffered in order and a close waits for the release. Commits are confirmed
+`write`, `writelines`, `close` and `write_eof` passes straight through. While it
+holds, writes are buffered in order and a close or half-close waits for the
+release. Commits are confirmed
 in sequence (one flush at a time), so when a connection holds for a second
 commit before the first is released (HTTP pipelining), it simply keeps holding
 until the later one: releasing the later commit releases everything before it.
@@ -28,16 +29,20 @@ class Commit(Protocol):
     holders: list[HeldTransport]
 
 
-class HeldTransport:
-    __slots__ = ("_buffer", "_close", "_commit", "_transport", "is_closing")
+class HeldTransport(asyncio.Transport):
+    # Every method is spelled out rather than forwarded by __getattr__: a class with
+    # __getattr__ routes every attribute access through a slower lookup hook, and
+    # aiohttp reads `write` and `is_closing` on this object for every response.
+    __slots__ = ("_buffer", "_close", "_commit", "_eof", "_transport", "is_closing")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._buffer: list[bytes] = []
         self._commit: Commit | None = None
         self._close = False
+        self._eof = False
         # Called before every write; the transport's own method spares a Python frame.
-        self.is_closing = transport.is_closing
+        self.is_closing = transport.is_closing  # type: ignore[method-assign]
 
     @property
     def holding(self) -> bool:
@@ -62,19 +67,23 @@ class HeldTransport:
         if buffer:
             transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
             buffer.clear()
+        if self._eof:
+            self._eof = False
+            transport.write_eof()
         if self._close:
             transport.close()
 
-    # -- asyncio.Transport, as aiohttp uses it --------------------------------------
+    # -- what is held ------------------------------------------------------------------
 
     def write(self, data: Any) -> None:
         if self._commit is None:
             self._transport.write(data)
         else:
-            self._buffer.append(bytes(data))
+            # A copy only of what the writer might reuse (a bytearray, a memoryview).
+            self._buffer.append(data if type(data) is bytes else bytes(data))
 
-    def writelines(self, chunks: Any) -> None:
-        self.write(b"".join(chunks))
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
 
     def close(self) -> None:
         if self._commit is None:
@@ -82,6 +91,44 @@ class HeldTransport:
         else:
             self._close = True
 
-    def __getattr__(self, name: str) -> Any:
-        # abort, get_extra_info, pause_reading, resume_reading, set_write_buffer_limits, ...
-        return getattr(self._transport, name)
+    # -- passed through --------------------------------------------------------------
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._buffer))
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        # Half-closing ends the response stream, so like close it waits for the held bytes.
+        if self._commit is None:
+            self._transport.write_eof()
+        else:
+            self._eof = True

@@ -70,11 +70,20 @@ def encode(*args: object) -> bytes:
     if not args:
         raise ValueError("a command needs at least one argument")
     parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
     for arg in args:
-        data = _to_bytes(arg)
-        parts.append(b"$%d\r\n" % len(data))
-        parts.append(data)
-        parts.append(_CRLF)
+        # The types every command here is made of, without _to_bytes's isinstance chain;
+        # `type(x) is` keeps bools (an int subclass) and subclasses on the checked path.
+        kind = type(arg)
+        if kind is str:
+            data = arg.encode()  # type: ignore[attr-defined]
+        elif kind is bytes:
+            data = arg  # type: ignore[assignment]
+        elif kind is int:
+            data = b"%d" % arg  # type: ignore[str-format]
+        else:
+            data = _to_bytes(arg)
+        append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.holding import HeldTransport
@@ -14,6 +15,7 @@ class RecordingTransport:
         self.written: list[bytes] = []
         self.closed = False
         self.aborted = False
+        self.eof = False
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
@@ -24,6 +26,10 @@ class RecordingTransport:
 
     def close(self) -> None:
         self.closed = True
+
+    def write_eof(self) -> None:
+        assert not self.closed, "write_eof after close"
+        self.eof = True
 
     def abort(self) -> None:
         self.aborted = True
@@ -113,3 +119,37 @@ def test_other_transport_calls_pass_through() -> None:
     t, _ = held()
     assert t.get_extra_info("peername") == ("127.0.0.1", 5555)
     assert not t.is_closing()
+
+
+def test_half_close_waits_for_the_release() -> None:
+    t, raw = held()
+    c = Commit()
+    t.hold(c)
+    t.write(b"response")
+    t.write_eof()
+    assert not raw.eof
+    t.release(c)
+    assert raw.written == [b"response"] and raw.eof
+
+
+def test_a_held_bytearray_is_copied() -> None:
+    # The writer may reuse its buffer once write returns.
+    t, raw = held()
+    c = Commit()
+    t.hold(c)
+    data = bytearray(b"abc")
+    t.write(data)
+    data[:] = b"xyz"
+    t.release(c)
+    assert raw.written == [b"abc"]
+
+
+def test_every_transport_method_is_implemented() -> None:
+    # No method may fall back to asyncio.Transport's NotImplementedError stubs.
+    missing = [
+        name
+        for name in dir(asyncio.Transport)
+        if not name.startswith("_") and getattr(HeldTransport, name) is getattr(asyncio.Transport, name)
+    ]
+    assert missing == []
+    assert isinstance(held()[0], asyncio.Transport)

@@ -85,6 +85,17 @@ def test_encode_is_length_prefixed_bulk_strings() -> None:
     assert encode(b"GET", "\u00e9") == b"*2\r\n$3\r\nGET\r\n$2\r\n\xc3\xa9\r\n"
 
 
+def test_encode_every_argument_type_as_its_text() -> None:
+    class Key(str):
+        pass
+
+    args = (-12, 2**70, 1.5, bytearray(b"ba"), memoryview(b"mv"), Key("sub"), b"")
+    assert encode(*args) == b"".join(
+        [b"*7\r\n"]
+        + [b"$%d\r\n%b\r\n" % (len(x), x) for x in (b"-12", b"%d" % 2**70, b"1.5", b"ba", b"mv", b"sub", b"")]
+    )
+
+
 def test_encode_cannot_be_injected() -> None:
     # A key carrying CRLF and a second command stays one bulk string of one command.
     key = "x\r\n*1\r\n$8\r\nFLUSHALL\r\n"
