@@ -7,7 +7,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 RUN_DIR := run
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint system-deps venv redis haproxy bench bench-quick bench-scaling redis-cost chaos clean
+.PHONY: run test lint system-deps venv redis haproxy bench bench-quick bench-scaling redis-cost instructions chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,13 @@ bench-scaling: system-deps venv
 # Redis CPU per request in each mode, and redis-benchmark's INCR ceiling (the 16-core estimate).
 redis-cost: system-deps venv
 	$(PY) -m loadtest.rediscost
+
+# User-space instructions per request of each gateway mode under valgrind's callgrind (about a
+# minute per mode): the cost without this machine's run-to-run noise (python -m loadtest.instructions).
+instructions: system-deps venv
+	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq valgrind; }
+	$(PY) -m loadtest.instructions $(INSTRUCTIONS_ARGS)
 
 # Fault scenarios (Redis paused, killed, restarted, erroring; slowloris; SIGTERM) as a table (about 2 minutes).
 chaos: system-deps venv

@@ -182,3 +182,19 @@ def test_bench_cluster_target_counts_exactly(tmp_path: Path) -> None:
     # One shared connection per master, all three in use.
     assert row["peak_redis_connections"] == 3
     assert 0.9 < row["redis_commands_per_request"] < 1.2
+
+
+@pytest.mark.skipif(
+    not (shutil.which("valgrind") and shutil.which("wrk")), reason="needs valgrind (make instructions) and wrk"
+)
+def test_instructions_per_request_are_counted(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest import instructions
+
+    assert instructions.main(["--targets", "batched", "--duration", "1", "--warmup", "1"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| gateway/batched |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    per_request, served, commands = float(cells[1].replace(",", "")), int(cells[3].replace(",", "")), float(cells[4])
+    # A request through aiohttp and the batcher is tens of thousands of instructions, not zero
+    # (nothing counted) and not millions (startup or the warm-up counted too).
+    assert served > 0 and 10_000 < per_request < 1_000_000
+    assert 0 < commands < 1  # flushes carry many requests each
