@@ -11,10 +11,10 @@ wire means the count is in Redis.
 A `HeldTransport` wraps one client connection's transport; everything but
 `write`, `writelines`, `close` and `write_eof` passes straight through. While it
 holds, writes are buffered in order and a close or half-close waits for the
-release. Commits are confirmed
-in sequence (one flush at a time), so when a connection holds for a second
-commit before the first is released (HTTP pipelining), it simply keeps holding
-until the later one: releasing the later commit releases everything before it.
+release. Commits are confirmed in sequence (one flush at a time), so when a
+connection holds for a second commit before the first is released (HTTP
+pipelining), it simply keeps holding until the later one: releasing the later
+commit releases everything before it.
 """
 
 from __future__ import annotations
