@@ -32,8 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from . import errors
 from .accounting import counter_key
 from .backends import backend_class
-from .backends.base import Backend
-from .backends.batched import HeldOutcome
+from .backends.base import Backend, HeldOutcome
 from .client_ip import ClientIPResolver
 from .config import Config
 from .errors import AccountingError
@@ -78,7 +77,7 @@ class Gateway:
             log, "requests are answered 503" if self._deny else "requests are let through uncounted"
         )
         if self._hold:
-            self.backend.on_held = self._held_settled  # type: ignore[attr-defined]
+            self.backend.on_held = self._held_settled
 
     async def start(self) -> None:
         await self.backend.start()

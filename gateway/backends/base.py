@@ -11,11 +11,26 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from ..cluster import ClusterRouter, NodeClient
 from ..config import Config, RedisTarget
+from ..errors import AccountingError
 from ..holding import Commit
+
+
+@dataclass(slots=True)
+class HeldOutcome:
+    """How the held requests of one batch ended, for the gateway's counters."""
+
+    requests: int
+    #: From the batch's first held request to its release: an upper bound for each.
+    waited_s: float
+    #: The flush failed: the responses were released uncounted for now; the increments are retried.
+    deferred: AccountingError | None
+    #: Keys Redis refused (WRONGTYPE, ...): the error and how many held requests had that key.
+    refused: list[tuple[AccountingError, int]]
 
 
 class Backend(abc.ABC):
@@ -36,6 +51,9 @@ class Backend(abc.ABC):
 
     #: True when the backend offers `incr_held` (batched with --batch-ack flush).
     holds_responses: bool = False
+    #: Set by the gateway when `holds_responses`: called once per commit with held
+    #: requests, when it is confirmed or fails.
+    on_held: Callable[[HeldOutcome], None] | None = None
 
     def incr_held(self, key: str) -> Commit:
         """Add 1 to `key` without waiting; the response must be held until the returned commit

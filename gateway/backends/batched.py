@@ -42,8 +42,6 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -55,7 +53,7 @@ from ..holding import HeldTransport
 from ..multiplexer import Multiplexer
 from ..resp import Reply, ReplyError, encode
 from ..slots import SlotTags, key_slot
-from .base import OwnCodecBackend
+from .base import HeldOutcome, OwnCodecBackend
 
 log = logging.getLogger("gateway.batched")
 
@@ -101,19 +99,6 @@ class _Batch:
         self.answered: dict[str, int] | None = None
 
 
-@dataclass(slots=True)
-class HeldOutcome:
-    """How the held requests of one batch ended, for the gateway's counters."""
-
-    requests: int
-    #: From the batch's first held request to its release: an upper bound for each.
-    waited_s: float
-    #: The flush failed: the responses were released uncounted for now; the increments are retried.
-    deferred: AccountingError | None
-    #: Keys Redis refused (WRONGTYPE, ...): the error and how many held requests had that key.
-    refused: list[tuple[AccountingError, int]]
-
-
 def _noscript(reply: Reply) -> bool:
     return isinstance(reply, ReplyError) and reply.prefix == "NOSCRIPT"
 
@@ -124,8 +109,6 @@ class BatchedBackend(OwnCodecBackend):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.holds_responses = config.batch_ack == "flush"
-        #: Called once per batch with held requests, when it is confirmed or fails.
-        self.on_held: Callable[[HeldOutcome], None] | None = None
 
     async def start(self) -> None:
         c = self.config
