@@ -164,20 +164,27 @@ class BatchedBackend(OwnCodecBackend):
 
     # -- request path ---------------------------------------------------------
 
-    def _add_key(self, batch: _Batch, key: str) -> None:
-        """A key new to this batch: bounded by --batch-max-pending, and it may start a flush."""
+    def _add(self, key: str) -> _Batch:
+        """Add 1 to `key` in the filling batch, and return it. A key new to the batch is
+        bounded by --batch-max-pending and may start a flush."""
+        batch = self._batch
+        counts = batch.counts
+        n = counts.get(key)
+        if n is not None:
+            counts[key] = n + 1
+            return batch
         if self._closed:
             raise AccountingError(errors.UNAVAILABLE, "gateway is shutting down")
         held = self._held_keys()
         if held >= self._max_pending:
             self.overflow += 1
             raise AccountingError(errors.OVERFLOW, f"{held} keys already held for Redis; increment dropped")
-        counts = batch.counts
         counts[key] = 1
         if len(counts) >= self._max_keys:
             self._schedule(0.0)
         elif self._timer is None:
             self._schedule(self._window)
+        return batch
 
     def incr_held(self, key: str) -> _Batch:
         """Add 1 to `key` without waiting: the batch whose settling the response must wait for.
@@ -185,13 +192,7 @@ class BatchedBackend(OwnCodecBackend):
         Raises AccountingError like `incr` (DEFERRED while Redis is unreachable: the
         increment is held for retry and the response need not wait).
         """
-        batch = self._batch
-        counts = batch.counts
-        n = counts.get(key)
-        if n is None:
-            self._add_key(batch, key)
-        else:
-            counts[key] = n + 1  # the common case, inlined: this runs once per request
+        batch = self._add(key)
         if self.failing:
             answered = batch.answered
             if answered is None:
@@ -204,13 +205,7 @@ class BatchedBackend(OwnCodecBackend):
         return batch
 
     async def incr(self, key: str) -> None:
-        batch = self._batch
-        counts = batch.counts
-        n = counts.get(key)
-        if n is None:
-            self._add_key(batch, key)
-        else:
-            counts[key] = n + 1
+        batch = self._add(key)
         if not self._ack:
             return None
         if self.failing:
