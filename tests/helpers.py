@@ -163,17 +163,6 @@ class HAProxyReference:
         stop_process(self.proc, timeout=5)
 
 
-__all__ = [
-    "FakeRedis",
-    "HAProxyReference",
-    "RedisServer",
-    "eventually",
-    "free_port",
-    "make_config",
-    "running_gateway",
-]
-
-
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *a: object, **k: object) -> None:
         return None
@@ -186,3 +175,15 @@ def http_get(url: str) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+__all__ = [
+    "FakeRedis",
+    "HAProxyReference",
+    "RedisServer",
+    "eventually",
+    "free_port",
+    "http_get",
+    "make_config",
+    "running_gateway",
+]
