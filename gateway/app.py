@@ -1,16 +1,10 @@
-"""The request path and the admin listener, wired to one backend.
+"""One gateway: the request path wired to one backend and one HTTP front end, and its admin listener.
 
-HTTP request -> client IP -> backend.incr(key) -> 302 to the target (200 for the
-target itself, so a client that follows redirects does not loop; it is still
-counted). A backend that holds responses (batched, ack flush) is called without
-waiting and the response's bytes wait on the connection instead; those requests
-are counted when their batch settles (`_held_settled`). Owns policy: when
-accounting fails the request is let through (`allow`, the default) or answered
-503 (`deny`), the failure is counted by kind and logged once per burst. It never
-lets an accounting failure escape as a 500.
+    front end (gateway.http) -> Pipeline (gateway.pipeline) -> backend (gateway.backends)
 
-The front end is aiohttp's low-level `web.Server`: one handler, no router, no
-middleware, because every request takes the same path.
+`Gateway` assembles them from a Config and answers the admin views (/stats,
+/metrics, /healthz, /readyz) on aiohttp, which is fine for a handful of requests
+a minute; `Running` starts and stops the listeners in order.
 """
 
 from __future__ import annotations
@@ -18,66 +12,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from time import perf_counter
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import errors
-from .accounting import counter_key
 from .backends import backend_class
-from .backends.base import Backend, HeldOutcome
-from .client_ip import ClientIPResolver
+from .backends.base import Backend
 from .config import Config
 from .errors import AccountingError
 from .faultlog import FailureLog
-from .guard import GuardedServer
-from .histogram import LATENCY_BOUNDS, Histogram
+from .histogram import Histogram
+from .http import BACKLOG, FrontEnd, ListenError, front_end_class, listen_error
 from .metrics import exposition, registry_for
+from .pipeline import Pipeline
 
-log = logging.getLogger("gateway")
-# The combined log format, with the TCP peer as the client address; aiohttp's byte
-# count (%b) includes the response headers.
-COMBINED_LOG_FORMAT = '%a - - %t "%r" %s %b "%{Referer}i" "%{User-Agent}i"'
+__all__ = ["Gateway", "ListenError", "Running", "admin_application", "json_response", "start_site"]
 
 
 class Gateway:
     def __init__(self, config: Config, backend: Backend | None = None) -> None:
         self.config = config
         self.backend = backend or backend_class(config.mode)(config)
-        self.resolver = ClientIPResolver(config.trusted_proxies)
-        self._use_xff = bool(config.trusted_proxies)
-        self._prefix = config.key_prefix
-        self._target = config.target
-        self._deny = config.on_redis_error == "deny"
-        self._uses_redis = self.backend.uses_redis
-        self._redirect = {"Location": config.target}
-        self._count_header = config.count_header
-        # Responses wait for their flush without their handler waiting (gateway.holding); a deny
-        # policy must know the outcome before it builds the response, so it keeps the await.
-        self._hold = self.backend.holds_responses and not self._deny
-        self.server: GuardedServer | None = None
+        self.pipeline = Pipeline(config, self.backend)
+        self.server: FrontEnd = front_end_class(config.http)(self.pipeline, config)
         self._registry = registry_for(self.stats)
         self._started = time.monotonic()
-        self.requests = 0
-        self.counted = 0
-        self.no_client_ip = 0
-        self.uncounted = 0
-        self.deferred = 0
-        self.failures: Counter[str] = Counter()
-        # Time spent in backend.incr, successful or not (not for requests that skip Redis).
-        self.latency = Histogram(LATENCY_BOUNDS)
-        self.failure_log = FailureLog(
-            log, "requests are answered 503" if self._deny else "requests are let through uncounted"
-        )
-        if self._hold:
-            self.backend.on_held = self._held_settled
 
     async def start(self) -> None:
         await self.backend.start()
@@ -85,116 +48,44 @@ class Gateway:
     async def close(self) -> None:
         await self.backend.close()
 
-    # -- the request path -----------------------------------------------------
+    # The request counters live in the pipeline; these read them for tests and tools.
+    @property
+    def requests(self) -> int:
+        return self.pipeline.requests
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        self.requests += 1
-        xff = None
-        if self._use_xff:
-            values = request.headers.getall("X-Forwarded-For", ())
-            xff = ",".join(values) if values else None
-        ip = self.resolver.resolve(request.remote, xff)
-        if ip is None:
-            # Not even the peer parses (a Unix socket, say): nothing to count under.
-            self.no_client_ip += 1
-        elif not self._uses_redis:
-            self.uncounted += 1
-        elif self._hold:
-            try:
-                commit = self.backend.incr_held(counter_key(self._prefix, ip))
-            except AccountingError as err:
-                self._failed(err)
-            except Exception as exc:
-                self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
-            else:
-                transport = request.transport
-                if transport is not None:  # else the client is gone; the count stands
-                    transport.hold(commit)  # type: ignore[attr-defined]
-        else:
-            started = perf_counter()
-            try:
-                value = await self.backend.incr(counter_key(self._prefix, ip))
-            except AccountingError as err:
-                self.latency.observe(perf_counter() - started)
-                if self._failed(err):
-                    return self._denied()
-            except Exception as exc:  # a bug in a backend must not become a 500 storm
-                self.latency.observe(perf_counter() - started)
-                if self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc):
-                    return self._denied()
-            else:
-                self.latency.observe(perf_counter() - started)
-                self.counted += 1
-                if self.failure_log.failing:
-                    self.failure_log.success()
-                if self._count_header is not None and value is not None:
-                    return self._answer(request, {self._count_header: str(value)})
-        return self._answer(request)
+    @property
+    def counted(self) -> int:
+        return self.pipeline.counted
 
-    def _answer(self, request: web.BaseRequest, extra: dict[str, str] | None = None) -> web.Response:
-        if request.path == self._target:
-            return web.Response(text="ok\n", headers=extra)
-        if extra is None:
-            return web.Response(status=302, headers=self._redirect)
-        return web.Response(status=302, headers={**self._redirect, **extra})
+    @property
+    def deferred(self) -> int:
+        return self.pipeline.deferred
 
-    def _held_settled(self, outcome: HeldOutcome) -> None:
-        """A batch holding responses settled; count its requests as the await path would have."""
-        n = outcome.requests
-        self.latency.observe_many(outcome.waited_s, n)
-        if outcome.deferred is not None:
-            self.deferred += n
-            return
-        refused = 0
-        for err, count in outcome.refused:
-            refused += count
-            self.failures[err.kind] += count
-            self.failure_log.failure(err, count)
-        self.counted += n - refused
-        if not refused and self.failure_log.failing:
-            self.failure_log.success()
+    @property
+    def failures(self) -> Counter[str]:
+        return self.pipeline.failures
 
-    def _failed(self, err: AccountingError, cause: BaseException | None = None) -> bool:
-        """Count and log a failure; True when policy says deny."""
-        if err.kind == errors.DEFERRED:
-            # Not lost: held by the batcher and applied once Redis is back (it logs the outage).
-            self.deferred += 1
-            return self._deny
-        self.failures[err.kind] += 1
-        if cause is not None:
-            err.__cause__ = cause
-        self.failure_log.failure(err)
-        return self._deny
+    @property
+    def latency(self) -> Histogram:
+        return self.pipeline.latency
 
-    def _denied(self) -> web.Response:
-        return web.Response(
-            status=503,
-            text="request accounting unavailable\n",
-            headers={"Retry-After": str(self.config.retry_after_s)},
-        )
+    @property
+    def failure_log(self) -> FailureLog:
+        return self.pipeline.failure_log
 
     # -- admin ------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        failed = sum(self.failures.values())
-        settled = self.counted + self.deferred + failed + self.uncounted + self.no_client_ip
         return {
             "mode": self.config.mode,
+            "http": self.config.http,
             "redis": self.config.redis_description if self.backend.uses_redis else None,
             "uptime_s": round(time.monotonic() - self._started, 3),
-            "requests": {
-                "total": self.requests,
-                "counted": self.counted,
-                "deferred": self.deferred,
-                "failed": failed,
-                "uncounted": self.uncounted,
-                "no_client_ip": self.no_client_ip,
-                "in_flight": self.requests - settled,
-            },
+            "requests": self.pipeline.request_stats(),
             "failures": dict(self.failures),
             "accounting_latency_s": self.latency.snapshot(),
             "pool": self.backend.stats(),
-            "connections": self.server.stats() if self.server is not None else None,
+            "connections": self.server.stats(),
         }
 
     async def _stats_view(self, request: web.Request) -> web.Response:
@@ -221,22 +112,6 @@ class Gateway:
     def admin_app(self) -> web.Application:
         return admin_application(self._stats_view, self._metrics_view, self._live_view, self._ready_view)
 
-    def front_server(self) -> web.Server:
-        c = self.config
-        # Access logging is off by default: a log line per request costs more than the accounting.
-        log_kwargs: dict[str, Any] = {"access_log": None}
-        if c.access_log == "combined":
-            log_kwargs = {"access_log": logging.getLogger("gateway.access"), "access_log_format": COMBINED_LOG_FORMAT}
-        self.server = GuardedServer(
-            self.handle,
-            request_timeout=c.request_timeout_s,
-            max_connections=c.max_connections,
-            keepalive_timeout=c.keepalive_timeout_s,
-            hold_responses=self._hold,
-            **log_kwargs,
-        )
-        return self.server
-
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
@@ -260,26 +135,19 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.json_response(obj, status=status, dumps=_dumps)
 
 
-class ListenError(OSError):
-    """A listener could not bind; the message names the address."""
-
-
 async def start_site(runner: web.BaseRunner[Any], where: tuple[str, int] | str, reuse_port: bool = False) -> None:
     """Listen on HOST:PORT, or on a Unix socket path; ListenError names the address."""
     site: web.BaseSite
     if isinstance(where, str):
         site = web.UnixSite(runner, where)
-        name = f"unix:{where}"
     else:
         # A deep accept queue: with aiohttp's 128, a burst of connects overflows it and the
         # dropped SYNs are retried by clients only after a second.
-        site = web.TCPSite(runner, where[0], where[1], backlog=1024, reuse_port=reuse_port or None)
-        name = f"{where[0]}:{where[1]}"
+        site = web.TCPSite(runner, where[0], where[1], backlog=BACKLOG, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ListenError(f"cannot listen on {name}: {reason}") from exc
+        raise listen_error(where, exc) from exc
 
 
 class Running:
@@ -287,42 +155,43 @@ class Running:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._runners: list[web.BaseRunner[Any]] = []
+        self._front: FrontEnd | None = None
+        self._admin: web.BaseRunner[Any] | None = None
 
     async def start(self) -> None:
         config = self.gateway.config
         await self.gateway.start()
         try:
-            grace = config.shutdown_timeout_s
-            front = web.ServerRunner(self.gateway.front_server(), handle_signals=False, shutdown_timeout=grace)
-            await self._add(front, config.listen, reuse_port=config.reuse_port)
+            self._front = self.gateway.server
+            await self._front.start(config.listen, reuse_port=config.reuse_port)
             if config.admin_listen is not None:
-                admin = web.AppRunner(
-                    self.gateway.admin_app(), handle_signals=False, access_log=None, shutdown_timeout=grace
+                self._admin = web.AppRunner(
+                    self.gateway.admin_app(),
+                    handle_signals=False,
+                    access_log=None,
+                    shutdown_timeout=config.shutdown_timeout_s,
                 )
-                await self._add(admin, config.admin_listen)
+                await self._admin.setup()
+                await start_site(self._admin, config.admin_listen)
         except BaseException:
             await self.stop()
             raise
 
-    async def _add(self, runner: web.BaseRunner[Any], where: tuple[str, int] | str, reuse_port: bool = False) -> None:
-        self._runners.append(runner)
-        await runner.setup()
-        await start_site(runner, where, reuse_port=reuse_port)
-
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        out = []
-        for runner in self._runners:
-            for addr in runner.addresses:
-                if isinstance(addr, tuple):
-                    out.append((addr[0], addr[1]))
+        out = list(self._front.addresses) if self._front is not None else []
+        if self._admin is not None:
+            out += [(a[0], a[1]) for a in self._admin.addresses if isinstance(a, tuple)]
         return out
 
     async def stop(self) -> None:
-        # Stop accepting and let in-flight requests finish, then close Redis.
-        for runner in self._runners:
+        # Stop accepting and let in-flight requests finish, then close Redis (which flushes batches).
+        if self._front is not None:
             with contextlib.suppress(Exception):
-                await runner.cleanup()
-        self._runners.clear()
+                await self._front.stop()
+            self._front = None
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                await self._admin.cleanup()
+            self._admin = None
         await self.gateway.close()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from .config import (
+    HTTP_FRONT_ENDS,
     MODES,
     Config,
     ConfigError,
@@ -58,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, action="store_true", default=on, help=f"{help} [env {env}=1]")
 
     opt("--mode", "GATEWAY_MODE", "raw", "accounting mode: " + ", ".join(MODES), choices=MODES, metavar="MODE")
+    opt(
+        "--http",
+        "GATEWAY_HTTP",
+        "httptools",
+        "HTTP front end: httptools (the own HTTP/1.1 protocol over llhttp) or aiohttp (aiohttp's server, "
+        "kept for comparison)",
+        choices=HTTP_FRONT_ENDS,
+        metavar="FRONT_END",
+    )
     opt("--listen", "GATEWAY_LISTEN", "0.0.0.0:10060", "HOST:PORT of the HTTP front end")
     opt(
         "--admin-listen",
@@ -177,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
     )
     opt(
+        "--max-body-bytes",
+        "GATEWAY_MAX_BODY_BYTES",
+        1024 * 1024,
+        "request bodies are read and discarded up to this size; larger ones get 413 (httptools front end)",
+        type=int,
+    )
+    opt(
         "--count-header",
         "GATEWAY_COUNT_HEADER",
         None,
@@ -215,6 +232,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             raise ConfigError(f"invalid log level {args.log_level!r}")
         return Config(
             mode=args.mode,
+            http=args.http,
             listen=parse_listen(args.listen, "0.0.0.0"),
             admin_listen=admin,
             workers=parse_workers(args.workers, len(os.sched_getaffinity(0))),
@@ -239,6 +257,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             request_timeout_s=_checked(float, args.request_timeout_s, "request timeout"),
             keepalive_timeout_s=_checked(float, args.keepalive_timeout_s, "keep-alive timeout"),
             max_connections=_checked(int, args.max_connections, "max connections"),
+            max_body_bytes=_checked(int, args.max_body_bytes, "max body bytes"),
             count_header=args.count_header or None,
             access_log=args.access_log,
             log_level=level,
@@ -258,7 +277,13 @@ async def serve(config: Config) -> int:
         return 1
     log = logging.getLogger("gateway")
     listening = ", ".join(f"{h}:{p}" for h, p in running.addresses)
-    log.info("gateway mode=%s listening on %s; redis %s", config.mode, listening, config.redis_description)
+    log.info(
+        "gateway mode=%s http=%s listening on %s; redis %s",
+        config.mode,
+        config.http,
+        listening,
+        config.redis_description,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,8 @@ MODES: tuple[str, ...] = get_args(Mode)
 ErrorPolicy = Literal["allow", "deny"]
 BatchAck = Literal["flush", "none"]
 AccessLog = Literal["off", "combined"]
+HttpFrontEnd = Literal["httptools", "aiohttp"]
+HTTP_FRONT_ENDS: tuple[str, ...] = get_args(HttpFrontEnd)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -165,6 +167,8 @@ def parse_networks(items: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:
 @dataclass(frozen=True)
 class Config:
     mode: Mode = "raw"
+    # The HTTP front end: the own protocol over llhttp, or aiohttp's server (for comparison).
+    http: HttpFrontEnd = "httptools"
     listen: tuple[str, int] = ("0.0.0.0", 10060)
     # HOST, PORT; a str is a Unix socket path; None disables the admin listener.
     admin_listen: tuple[str, int] | str | None = ("127.0.0.1", 10061)
@@ -194,6 +198,8 @@ class Config:
     request_timeout_s: float = 10.0
     keepalive_timeout_s: float = 60.0
     max_connections: int = 10_000
+    # Request bodies are read and discarded up to this size; larger ones get 413 (httptools front end).
+    max_body_bytes: int = 1024 * 1024
     count_header: str | None = None
     access_log: AccessLog = "off"
     log_level: str = "INFO"
@@ -226,6 +232,10 @@ class Config:
             raise ConfigError("workers must be >= 1")
         if self.workers > 1 and self.listen[1] == 0:
             raise ConfigError("--workers needs a fixed listen port: with port 0 each worker would get its own")
+        if self.http not in HTTP_FRONT_ENDS:
+            raise ConfigError(f"invalid http front end {self.http!r}: choose from {', '.join(HTTP_FRONT_ENDS)}")
+        if self.max_body_bytes < 0:
+            raise ConfigError("max-body-bytes must be >= 0")
         if self.max_connections < 1:
             raise ConfigError("max-connections must be >= 1")
         if self.count_header is not None and not self.count_header.replace("-", "").isalnum():

@@ -23,10 +23,19 @@ import asyncio
 from typing import Any, Protocol
 
 
+class Holder(Protocol):
+    """A client connection that can keep response bytes back until a commit settles: a
+    `HeldTransport` (aiohttp front end) or the own front end's connection protocol."""
+
+    def hold(self, commit: Commit) -> None: ...
+
+    def release(self, commit: Commit) -> None: ...
+
+
 class Commit(Protocol):
     """What a response can be held for: it lists its holders and releases them once settled."""
 
-    holders: list[HeldTransport]
+    holders: list[Holder]
 
 
 class HeldTransport(asyncio.Transport):

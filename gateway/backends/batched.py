@@ -49,7 +49,7 @@ from .. import errors
 from ..cluster import Direct, MuxNode
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
-from ..holding import HeldTransport
+from ..holding import Holder
 from ..multiplexer import Multiplexer
 from ..resp import Reply, ReplyError, encode
 from ..slots import SlotTags, key_slot
@@ -91,7 +91,7 @@ class _Batch:
         self.seq = 0  # given when the batch is first sent, kept across resends
         # Responses held until this batch settles (incr_held): their connections, their
         # number, and when the first was held.
-        self.holders: list[HeldTransport] = []
+        self.holders: list[Holder] = []
         self.held = 0
         self.held_since = 0.0
         # Increments (per key) whose requests were already answered without being held:

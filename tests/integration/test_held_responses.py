@@ -47,7 +47,7 @@ async def _read_heads(reader: asyncio.StreamReader, n: int) -> list[bytes]:
 async def test_response_waits_for_its_flush(redis_server: RedisServer) -> None:
     redis_server.client().delete("ip:127.0.0.1")
     async with running_gateway(_config(redis_server)) as (gw, base), aiohttp.ClientSession() as s:
-        assert gw.server is not None and gw.server.hold_responses
+        assert gw.pipeline.holds
         _pause(redis_server)
         t0 = time.monotonic()
         async with s.get(base + "/", allow_redirects=False) as r:

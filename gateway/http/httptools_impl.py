@@ -1,0 +1,645 @@
+"""The own HTTP/1.1 front end (`--http httptools`, the default): an asyncio protocol over llhttp.
+
+llhttp (through httptools, the parser uvicorn uses) does the framing and rejects
+the request-smuggling shapes: Content-Length together with Transfer-Encoding,
+differing or repeated Content-Lengths, a Transfer-Encoding whose last coding is
+not chunked, invalid characters, obsolete line folding. This module owns the
+rest of a server's duties, per connection:
+
+- requests are answered in order, pipelined or not; a request is handed to the
+  request path (`Pipeline.handle`) once it is complete, body included (bodies
+  are read and discarded up to `--max-body-bytes`, else 413);
+- keep-alive as the request asks (HTTP/1.0 closes unless it asks for keep-alive),
+  `Expect: 100-continue`, HEAD (no body), absolute-form targets;
+- limits: the request target (414), one header field and the whole head (431),
+  the header count (431), a missing or repeated Host (400); a malformed request
+  gets its 4xx after the responses before it and the connection is closed;
+- timeouts, from a clock the server ticks (no timer per request): a request head
+  must complete within `--request-timeout-s` of its first byte, a body may not
+  stall longer than that between reads (408 either way); an idle keep-alive
+  connection is closed after `--keepalive-timeout-s`;
+- `--max-connections` (503 and close beyond it) and the graceful drain;
+- backpressure: reading pauses while the socket's write buffer is above its
+  high-water mark, while too many responses wait in order, or while too many
+  held bytes wait for a flush;
+- held responses (batched, `--batch-ack flush`): the connection is the holder; its
+  response bytes stay here, in order, until the flush holding the increments
+  settles (`release`). A client that leaves meanwhile is still counted.
+
+The hot path is one callback per parser event and no task, future or timer for
+a request that is answered at once; a request that waits for Redis costs one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from email.utils import formatdate
+from typing import Any
+
+import httptools
+
+from ..holding import Commit
+from ..pipeline import Response, request_path
+from . import BACKLOG, FrontEnd, listen_error
+
+access_log = logging.getLogger("gateway.access")
+
+# Limits no stricter than a client may need, no looser than aiohttp's defaults
+# (8190-byte request line and header fields); a head is bounded as HAProxy's buffer is.
+MAX_TARGET = 8190
+MAX_FIELD = 8190
+MAX_HEAD = 16384
+MAX_HEADERS = 100
+# Responses waiting in order (pipelining) before reading pauses, and held bytes
+# (batched) before reading pauses until the flush settles.
+MAX_QUEUED = 64
+MAX_HELD_BYTES = 256 * 1024
+
+# What the connection is doing, for its timeouts.
+IDLE, HEAD, BODY = 0, 1, 2
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_REASONS = {
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+_NO_BODY_STATUS = frozenset((204, 304))
+
+
+def _plain(status: int, reason: str = "") -> bytes:
+    """A complete error response that closes the connection."""
+    body = f"{reason or _REASONS[status]}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+class _Reject(Exception):
+    """Raised from a parser callback: answer `status` and close."""
+
+    def __init__(self, status: int, reason: str = "") -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Stop(Exception):
+    """Raised from a parser callback: ignore the rest of the input (the connection is closing)."""
+
+
+class _Slot:
+    """A response waiting its turn: requests on one connection are answered in order."""
+
+    __slots__ = ("close", "conn", "data", "info", "variant")
+
+    def __init__(self, conn: _Connection, data: bytes | None, close: bool) -> None:
+        self.conn = conn
+        self.data = data
+        self.close = close
+        self.variant = 0
+        self.info: tuple[bytes, bytes, bool, bytes, bytes] | None = None
+
+    def __call__(self, task: asyncio.Task[Response]) -> None:
+        """The request path finished: encode its answer and send what is ready."""
+        self.conn._settled(self, task)
+
+
+class HttpToolsFrontEnd(FrontEnd):
+    name = "httptools"
+
+    def __init__(self, pipeline: Any, config: Any) -> None:
+        super().__init__(pipeline, config)
+        c = config
+        self.request_timeout = c.request_timeout_s
+        self.keepalive_timeout = c.keepalive_timeout_s
+        self.max_connections = c.max_connections
+        self.max_body = c.max_body_bytes
+        self.access_log = c.access_log == "combined"
+        self.target = c.target
+        self.target_bytes = c.target.encode()
+        self.connections: set[_Connection] = set()
+        self.servers: list[asyncio.Server] = []
+        self.head_timeouts = 0
+        self.rejected = 0
+        self.bad_requests = 0
+        self.draining = False
+        # The clock every connection's timeouts read: ticked, not called per request.
+        # Timeouts then fire within one tick of their nominal time.
+        self.tick = min(1.0, max(0.02, min(self.request_timeout, self.keepalive_timeout) / 5))
+        self.now = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._date = b""
+        self._date_second = -1
+        # Encoded responses by (response, variant); rebuilt when the Date changes.
+        self._wire: dict[tuple[int, int], bytes] = {}
+        self._update_date()
+
+    # -- listening -------------------------------------------------------------
+
+    async def start(self, where: tuple[str, int] | str, reuse_port: bool = False) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self.now = loop.time()
+        try:
+            if isinstance(where, str):
+                server = await loop.create_unix_server(self._connection, where, backlog=BACKLOG)
+            else:
+                server = await loop.create_server(
+                    self._connection, where[0], where[1], backlog=BACKLOG, reuse_port=reuse_port or None
+                )
+        except OSError as exc:
+            raise listen_error(where, exc) from exc
+        self.servers.append(server)
+        if self._ticker is None:
+            self._ticker = loop.call_later(self.tick, self._on_tick)
+
+    def _connection(self) -> _Connection:
+        return _Connection(self)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self.servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    out.append((name[0], name[1]))
+        return out
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish, close idle connections; cut the rest
+        after the shutdown timeout."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.drain()
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.abort()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self.servers.clear()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "open": len(self.connections),
+            "max": self.max_connections,
+            "head_timeouts": self.head_timeouts,
+            "rejected": self.rejected,
+            "bad_requests": self.bad_requests,
+        }
+
+    # -- the clock ---------------------------------------------------------------
+
+    def _on_tick(self) -> None:
+        assert self._loop is not None
+        now = self.now = self._loop.time()
+        self._update_date()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        self._ticker = self._loop.call_later(self.tick, self._on_tick)
+
+    def _update_date(self) -> None:
+        second = int(time.time())
+        if second != self._date_second:
+            self._date_second = second
+            self._date = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
+            self._wire.clear()
+
+    # -- encoding ----------------------------------------------------------------
+
+    def encode(self, response: Response, variant: int) -> bytes:
+        """Bytes of `response`. `variant`: 1 keep-alive (else close), 2 HTTP/1.0 keep-alive, 4 HEAD."""
+        key = (id(response), variant)
+        data = self._wire.get(key)
+        if data is None:
+            data = self._encode(response, variant)
+            if response in (self.pipeline.redirect, self.pipeline.target_ok, self.pipeline.denied):
+                self._wire[key] = data
+        return data
+
+    def _encode(self, response: Response, variant: int) -> bytes:
+        lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n".encode(), self._date]
+        for name, value in response.headers:
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if response.status not in _NO_BODY_STATUS:
+            lines.append(b"Content-Length: %d\r\n" % len(response.body))
+        if not variant & 1:
+            lines.append(b"Connection: close\r\n")
+        elif variant & 2:
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        if not variant & 4:
+            lines.append(response.body)
+        return b"".join(lines)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parser callbacks, the response order, holding, timeouts."""
+
+    def __init__(self, server: HttpToolsFrontEnd) -> None:
+        self.server = server
+        self.pipeline = server.pipeline
+        self.loop = server._loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer: str | None = None
+        self.phase = IDLE
+        self.since = server.now
+        self.served = False  # a request was answered: the idle timeout is the keep-alive one
+        self.closing = False  # answer what is queued, then close; ignore further requests
+        # The request being parsed.
+        self.url = b""
+        self.xff: list[bytes] | None = None
+        self.headers = 0
+        self.hosts = 0
+        self.head_bytes = 0
+        self.body_bytes = 0
+        self.expect: bytes | None = None
+        self.content_length = -1
+        self.chunked = False
+        self.http10 = False
+        self.referer = b""
+        self.user_agent = b""
+        # Responses waiting for an earlier one (pipelining with a request waiting for Redis).
+        self.queue: deque[_Slot] | None = None
+        self.waiting = 0  # requests whose response is not written yet (or held)
+        # Held responses (batched, --batch-ack flush).
+        self.commit: Commit | None = None
+        self.held: list[bytes] = []
+        self.held_bytes = 0
+        self.close_when_released = False
+        # Why reading is paused: the socket's buffer, the order queue, held bytes.
+        self.write_paused = False
+        self.read_paused = False
+
+    # -- connection events ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        if len(server.connections) >= server.max_connections or server.draining:
+            server.rejected += 1
+            transport.write(_plain(503, "too many connections"))
+            transport.close()
+            return
+        server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple | list) and peer:
+            self.peer = str(peer[0])
+        self.since = server.now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.held.clear()
+        self.queue = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # a request asked to close, or a malformed one was answered: nothing more is read
+        if self.phase == BODY:
+            self.since = self.server.now
+        else:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.status, cause.reason)
+            elif not isinstance(cause, _Stop):
+                raise
+        except httptools.HttpParserUpgrade:
+            # The request before the upgrade was answered as any other; the gateway speaks no other
+            # protocol, so the connection ends after the answers.
+            self._finish()
+        except httptools.HttpParserInvalidURLError:
+            self._reject(400, "invalid request target")
+        except httptools.HttpParserInvalidMethodError:
+            self._reject(400, "invalid method")
+        except httptools.HttpParserError as exc:
+            self._reject(400, str(exc))
+        if self.phase == HEAD and self.head_bytes > MAX_HEAD and not self.closing:
+            self._reject(431 if self.headers else 414)
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client still gets the answers to the requests it completed.
+        self._finish()
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = (
+            self.write_paused
+            or (self.queue is not None and len(self.queue) >= MAX_QUEUED)
+            or self.held_bytes > MAX_HELD_BYTES
+        )
+        if pause != self.read_paused:
+            self.read_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    # -- parser callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise _Stop
+        self.phase = HEAD
+        self.since = self.server.now
+        self.url = b""
+        self.xff = None
+        self.headers = self.hosts = self.body_bytes = 0
+        self.expect = None
+        self.content_length = -1
+        self.chunked = self.http10 = False
+        if self.server.access_log:
+            self.referer = self.user_agent = b""
+
+    def on_url(self, url: bytes) -> None:
+        url = self.url + url if self.url else url
+        if len(url) > MAX_TARGET:
+            raise _Reject(414)
+        self.url = url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += 1
+        if self.headers > MAX_HEADERS:
+            raise _Reject(431, "too many header fields")
+        if len(value) + len(name) > MAX_FIELD:
+            raise _Reject(431, "header field too large")
+        name = name.lower()
+        if name == b"host":
+            self.hosts += 1
+        elif name == b"x-forwarded-for":
+            if self.xff is None:
+                self.xff = [value]
+            else:
+                self.xff.append(value)
+        elif name == b"content-length":
+            self.content_length = int(value)  # llhttp has checked it is digits
+        elif name == b"transfer-encoding":
+            self.chunked = True  # llhttp accepts it only with chunked last
+        elif name == b"expect":
+            self.expect = value.lower()
+        elif name == b"referer":
+            self.referer = value
+        elif name == b"user-agent":
+            self.user_agent = value
+
+    def on_headers_complete(self) -> None:
+        self.phase = BODY
+        self.since = self.server.now
+        self.head_bytes = 0
+        version = self.parser.get_http_version()
+        if version != "1.1":
+            if version != "1.0":
+                raise _Reject(505 if version >= "2" else 400, f"HTTP/{version} is not supported")
+            self.http10 = True
+        elif self.hosts != 1:
+            raise _Reject(400, "a request needs exactly one Host header")
+        if self.hosts > 1:
+            raise _Reject(400, "a request needs at most one Host header")
+        if self.content_length > self.server.max_body:
+            raise _Reject(413)
+        if self.expect is not None:
+            if self.expect != b"100-continue":
+                raise _Reject(417)
+            if not self.http10 and (self.content_length > 0 or self.chunked):
+                self._send_ready(_CONTINUE, False, count=False)
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.server.max_body:
+            raise _Reject(413)
+
+    def on_message_complete(self) -> None:
+        self.phase = IDLE
+        parser = self.parser
+        keep_alive = parser.should_keep_alive() and not self.server.draining
+        method = parser.get_method()
+        url = self.url
+        server = self.server
+        if url == server.target_bytes:
+            path = server.target
+        else:
+            path = request_path(url.decode("latin-1"))
+        if method == b"CONNECT":
+            self._send_ready(_plain(405, "CONNECT is not supported"), True, count=False)
+            self._finish()
+            return
+        xff = None
+        if self.xff is not None and self.pipeline.uses_forwarded_for:
+            xff = b",".join(self.xff).decode("latin-1")
+        variant = (1 | (2 if self.http10 else 0)) if keep_alive else 0
+        if method == b"HEAD":
+            variant |= 4
+        info = (method, url, self.http10, self.referer, self.user_agent) if server.access_log else None
+        self.waiting += 1
+        answer = self.pipeline.handle(path, self.peer, xff, self)
+        if type(answer) is Response:
+            data = server.encode(answer, variant)
+            if info is not None:
+                self._log(info, answer, len(data))
+            self._send_ready(data, not keep_alive)
+        else:
+            assert self.loop is not None
+            slot = _Slot(self, None, not keep_alive)
+            slot.variant = variant
+            slot.info = info
+            if self.queue is None:
+                self.queue = deque()
+            self.queue.append(slot)
+            self.loop.create_task(answer).add_done_callback(slot)  # type: ignore[arg-type]
+            if len(self.queue) >= MAX_QUEUED:
+                self._update_reading()
+        if not keep_alive:
+            self._finish()
+
+    # -- answering, in order ---------------------------------------------------------
+
+    def _send_ready(self, data: bytes, close: bool, count: bool = True) -> None:
+        """A response that is ready now: write it, or queue it behind earlier ones."""
+        queue = self.queue
+        if queue:
+            queue.append(_Slot(self, data, close))
+            if not count:
+                self.waiting += 1  # interim responses wait in the queue like the others
+            self._update_reading()
+        else:
+            if not count:
+                self.waiting += 1
+            self._write(data, close)
+
+    def _settled(self, slot: _Slot, task: asyncio.Task[Response]) -> None:
+        if self.queue is None:
+            return  # the client is gone; the request was counted all the same
+        try:
+            answer = task.result()
+        except BaseException:  # the request path catches errors; this is a last resort
+            logging.getLogger("gateway").exception("request path failed")
+            answer = Response(500, "Internal Server Error", (), b"internal error\n")
+            slot.close = True
+            self.closing = True
+        variant = slot.variant & 4 if slot.close else slot.variant
+        data = self.server.encode(answer, variant)
+        if slot.info is not None:
+            self._log(slot.info, answer, len(data))
+        slot.data = data
+        queue = self.queue
+        while queue and queue[0].data is not None:
+            head = queue.popleft()
+            assert head.data is not None
+            self._write(head.data, head.close)
+        self._update_reading()
+
+    def _write(self, data: bytes, close: bool) -> None:
+        self.waiting -= 1
+        if self.commit is not None:
+            self.held.append(data)
+            self.held_bytes += len(data)
+            if close:
+                self.close_when_released = True
+            if self.held_bytes > MAX_HELD_BYTES:
+                self._update_reading()
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(data)
+        self.served = True
+        if self.waiting == 0:
+            self.since = self.server.now
+            if self.server.draining and self.phase == IDLE:
+                close = True
+        if close:
+            transport.close()
+
+    def _finish(self) -> None:
+        """Answer what was asked, then close: no further request is read."""
+        if self.closing:
+            return
+        self.closing = True
+        if self.waiting == 0 and self.commit is None and self.transport is not None:
+            self.transport.close()
+
+    def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
+        if bad:
+            self.server.bad_requests += 1
+        if self.closing:
+            return
+        self._send_ready(_plain(status, reason), True, count=False)
+        self.closing = True
+        self.phase = IDLE
+
+    # -- holding (gateway.holding.Holder) ------------------------------------------------
+
+    def hold(self, commit: Commit) -> None:
+        """Keep what is written from now on until `commit` is released."""
+        if self.commit is not commit:
+            self.commit = commit
+            commit.holders.append(self)
+
+    def release(self, commit: Commit) -> None:
+        if self.commit is not commit:
+            return  # holding for a later commit now, which releases everything
+        self.commit = None
+        transport = self.transport
+        held = self.held
+        if transport is None or transport.is_closing():
+            held.clear()
+            return
+        if held:
+            transport.write(held[0] if len(held) == 1 else b"".join(held))
+            held.clear()
+            self.held_bytes = 0
+            self.served = True
+            if self.read_paused:
+                self._update_reading()
+        if self.waiting == 0:
+            self.since = self.server.now
+            if self.close_when_released or self.closing or (self.server.draining and self.phase == IDLE):
+                transport.close()
+
+    # -- timeouts and the drain -----------------------------------------------------------
+
+    def check_timeouts(self, now: float) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        phase = self.phase
+        if phase == IDLE:
+            if self.waiting or self.commit is not None or self.closing:
+                return  # answers are on their way (Redis has its own timeouts)
+            limit = self.server.keepalive_timeout if self.served else self.server.request_timeout
+            if now - self.since >= limit:
+                if self.served:
+                    transport.close()  # an idle keep-alive connection: nothing is owed
+                else:
+                    self._timed_out()
+        elif now - self.since >= self.server.request_timeout:
+            self._timed_out()
+
+    def _timed_out(self) -> None:
+        self.server.head_timeouts += 1
+        self._reject(408, bad=False)
+
+    def drain(self) -> None:
+        """Shutdown: close now if nothing is owed; else the request being read is still
+        answered (with Connection: close) and the connection closes after its last answer."""
+        if self.phase == IDLE and not self.waiting and self.commit is None and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- access log -------------------------------------------------------------------
+
+    def _log(self, info: tuple[bytes, bytes, bool, bytes, bytes], answer: Response, size: int) -> None:
+        method, url, http10, referer, agent = info
+        stamp = time.strftime("[%d/%b/%Y:%H:%M:%S %z]")
+        version = "1.0" if http10 else "1.1"
+        access_log.info(
+            '%s - - %s "%s %s HTTP/%s" %d %d "%s" "%s"',
+            self.peer or "-",
+            stamp,
+            method.decode("latin-1"),
+            url.decode("latin-1"),
+            version,
+            answer.status,
+            size,
+            referer.decode("latin-1") or "-",
+            agent.decode("latin-1") or "-",
+        )
