@@ -38,7 +38,7 @@ import logging
 import time
 from collections import deque
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -295,8 +295,7 @@ class _Connection(asyncio.Protocol):
     # -- connection events ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         server = self.server
         if len(server.connections) >= server.max_connections or server.draining:
             server.rejected += 1
