@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.backends import BACKENDS
+from gateway.http import FRONT_ENDS
 
 from .helpers import RedisServer
 
@@ -17,6 +18,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("mode", list(BACKENDS))
     if "redis_mode" in metafunc.fixturenames:
         metafunc.parametrize("redis_mode", REDIS_MODES)
+    if "http" in metafunc.fixturenames:
+        metafunc.parametrize("http", list(FRONT_ENDS))
 
 
 @pytest.fixture(scope="session")

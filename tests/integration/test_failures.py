@@ -68,12 +68,17 @@ async def test_wrong_type_key(redis_mode: str, redis_server: RedisServer) -> Non
     assert gw.stats()["failures"].get("redis:WRONGTYPE", 0) == 10
 
 
-async def test_deny_policy_answers_503(redis_mode: str) -> None:
+async def test_deny_policy_answers_503(redis_mode: str, http: str) -> None:
     fake = await FakeRedis().start()
     port = fake.port
     await fake.close()
     cfg = make_config(
-        f"redis://127.0.0.1:{port}/0", redis_mode, on_redis_error="deny", pool_wait_ms=100, shutdown_timeout_s=0.2
+        f"redis://127.0.0.1:{port}/0",
+        redis_mode,
+        on_redis_error="deny",
+        pool_wait_ms=100,
+        shutdown_timeout_s=0.2,
+        http=http,
     )
     async with running_gateway(cfg) as (_gw, base), aiohttp.ClientSession() as s:
         async with s.get(base + "/", allow_redirects=False) as r:

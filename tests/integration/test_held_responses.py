@@ -24,8 +24,8 @@ def _count(redis_server: RedisServer) -> int:
     return int(redis_server.client().get("ip:127.0.0.1") or 0)
 
 
-def _config(redis_server: RedisServer, **kw: object) -> object:
-    return make_config(redis_server.url, "batched", command_timeout_ms=5000, **kw)
+def _config(redis_server: RedisServer, http: str, **kw: object) -> object:
+    return make_config(redis_server.url, "batched", command_timeout_ms=5000, http=http, **kw)
 
 
 async def _open(base: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -44,9 +44,9 @@ async def _read_heads(reader: asyncio.StreamReader, n: int) -> list[bytes]:
     return heads
 
 
-async def test_response_waits_for_its_flush(redis_server: RedisServer) -> None:
+async def test_response_waits_for_its_flush(redis_server: RedisServer, http: str) -> None:
     redis_server.client().delete("ip:127.0.0.1")
-    async with running_gateway(_config(redis_server)) as (gw, base), aiohttp.ClientSession() as s:
+    async with running_gateway(_config(redis_server, http)) as (gw, base), aiohttp.ClientSession() as s:
         assert gw.pipeline.holds
         _pause(redis_server)
         t0 = time.monotonic()
@@ -62,9 +62,9 @@ async def test_response_waits_for_its_flush(redis_server: RedisServer) -> None:
         assert sum(latency["counts"]) == 1 and latency["sum"] >= (PAUSE_MS - 100) / 1000
 
 
-async def test_pipelined_requests_answered_in_order(redis_server: RedisServer) -> None:
+async def test_pipelined_requests_answered_in_order(redis_server: RedisServer, http: str) -> None:
     redis_server.client().delete("ip:127.0.0.1")
-    async with running_gateway(_config(redis_server)) as (gw, base):
+    async with running_gateway(_config(redis_server, http)) as (gw, base):
         reader, writer = await _open(base)
         paths = ["/", "/ok"] * 10
         _pause(redis_server, 300)  # the first flush is held, later requests join the next batch
@@ -76,8 +76,8 @@ async def test_pipelined_requests_answered_in_order(redis_server: RedisServer) -
         assert gw.stats()["requests"]["counted"] == 20
 
 
-async def test_connection_close_waits_for_the_held_response(redis_server: RedisServer) -> None:
-    async with running_gateway(_config(redis_server)) as (_gw, base):
+async def test_connection_close_waits_for_the_held_response(redis_server: RedisServer, http: str) -> None:
+    async with running_gateway(_config(redis_server, http)) as (_gw, base):
         reader, writer = await _open(base)
         _pause(redis_server, 300)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -86,9 +86,9 @@ async def test_connection_close_waits_for_the_held_response(redis_server: RedisS
         writer.close()
 
 
-async def test_client_gone_before_the_release(redis_server: RedisServer) -> None:
+async def test_client_gone_before_the_release(redis_server: RedisServer, http: str) -> None:
     redis_server.client().delete("ip:127.0.0.1")
-    async with running_gateway(_config(redis_server)) as (gw, base), aiohttp.ClientSession() as s:
+    async with running_gateway(_config(redis_server, http)) as (gw, base), aiohttp.ClientSession() as s:
         _reader, writer = await _open(base)
         _pause(redis_server, 400)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -101,10 +101,10 @@ async def test_client_gone_before_the_release(redis_server: RedisServer) -> None
         assert _count(redis_server) == 2
 
 
-async def test_shutdown_delivers_held_responses(redis_server: RedisServer) -> None:
+async def test_shutdown_delivers_held_responses(redis_server: RedisServer, http: str) -> None:
     redis_server.client().delete("ip:127.0.0.1")
     async with aiohttp.ClientSession() as s:
-        async with running_gateway(_config(redis_server)) as (gw, base):
+        async with running_gateway(_config(redis_server, http)) as (gw, base):
             _pause(redis_server, 500)
             pending = asyncio.ensure_future(s.get(base + "/", allow_redirects=False))
             await eventually(lambda: gw.requests == 1)
@@ -114,10 +114,10 @@ async def test_shutdown_delivers_held_responses(redis_server: RedisServer) -> No
     assert _count(redis_server) == 1
 
 
-async def test_redis_down_releases_responses_as_deferred() -> None:
+async def test_redis_down_releases_responses_as_deferred(http: str) -> None:
     server = RedisServer().start()
     try:
-        cfg = make_config(server.url, "batched", command_timeout_ms=300, connect_timeout_ms=200)
+        cfg = make_config(server.url, "batched", command_timeout_ms=300, connect_timeout_ms=200, http=http)
         async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
             server.stop()
             for _ in range(10):

@@ -47,8 +47,8 @@ async def _raw(base: str, payload: bytes) -> bytes:
         "smuggle",
     ],
 )
-async def test_malformed_request_gets_4xx(payload: bytes, redis_server: RedisServer) -> None:
-    async with running_gateway(make_config(redis_server.url, "raw")) as (gw, base):
+async def test_malformed_request_gets_4xx(payload: bytes, redis_server: RedisServer, http: str) -> None:
+    async with running_gateway(make_config(redis_server.url, "raw", http=http)) as (gw, base):
         reply = await _raw(base, payload)
         status = int(reply.split(b" ", 2)[1])
         assert 400 <= status < 500, reply[:200]
@@ -59,16 +59,22 @@ async def test_malformed_request_gets_4xx(payload: bytes, redis_server: RedisSer
     assert redis_server.client().keys("*") == [b"ip:127.0.0.1"]
 
 
-async def test_spoofed_forwarded_for_from_untrusted_peer(redis_server: RedisServer) -> None:
-    async with running_gateway(make_config(redis_server.url, "raw")) as (_gw, base), aiohttp.ClientSession() as s:
+async def test_spoofed_forwarded_for_from_untrusted_peer(redis_server: RedisServer, http: str) -> None:
+    async with (
+        running_gateway(make_config(redis_server.url, "raw", http=http)) as (_gw, base),
+        aiohttp.ClientSession() as s,
+    ):
         for _ in range(3):
             async with s.get(base + "/", allow_redirects=False, headers={"X-Forwarded-For": "6.6.6.6"}) as r:
                 assert r.status == 302
     assert redis_server.client().keys("*") == [b"ip:127.0.0.1"]
 
 
-async def test_methods_and_keepalive(redis_server: RedisServer) -> None:
-    async with running_gateway(make_config(redis_server.url, "raw")) as (_gw, base), aiohttp.ClientSession() as s:
+async def test_methods_and_keepalive(redis_server: RedisServer, http: str) -> None:
+    async with (
+        running_gateway(make_config(redis_server.url, "raw", http=http)) as (_gw, base),
+        aiohttp.ClientSession() as s,
+    ):
         for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"):
             async with s.request(method, base + "/x", data=b"body" if method in ("POST", "PUT") else None,
                                  allow_redirects=False) as r:  # fmt: skip

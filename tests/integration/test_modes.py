@@ -20,8 +20,9 @@ async def _hit(session: aiohttp.ClientSession, url: str, n: int, **kw: object) -
     return await asyncio.gather(*(one() for _ in range(n)))
 
 
-async def test_every_request_redirected_and_counted(mode: str, redis_server: RedisServer) -> None:
-    async with running_gateway(make_config(redis_server.url, mode)) as (gw, base), aiohttp.ClientSession() as s:
+async def test_every_request_redirected_and_counted(mode: str, redis_server: RedisServer, http: str) -> None:
+    cfg = make_config(redis_server.url, mode, http=http)
+    async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
         responses = await _hit(s, base + "/some/path?q=1", N)
         assert {r.status for r in responses} == {302}
         assert {r.headers["Location"] for r in responses} == {"/ok"}
@@ -35,8 +36,8 @@ async def test_every_request_redirected_and_counted(mode: str, redis_server: Red
         assert gw.stats()["requests"]["counted"] == N
 
 
-async def test_target_answers_200_and_is_counted(mode: str, redis_server: RedisServer) -> None:
-    cfg = make_config(redis_server.url, mode, target="/landing", key_prefix="hits:")
+async def test_target_answers_200_and_is_counted(mode: str, redis_server: RedisServer, http: str) -> None:
+    cfg = make_config(redis_server.url, mode, target="/landing", key_prefix="hits:", http=http)
     async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
         async with s.get(base + "/anything") as resp:  # follows the redirect to the target
             assert resp.status == 200
