@@ -7,7 +7,8 @@ limits on top of aiohttp, and nothing else:
 
 - a request head must be complete within `request_timeout` of its first byte
   (or of the connection opening, for the first request); otherwise the client
-  gets `408` and the connection is closed;
+  gets `408` and the connection is closed. Bytes of a request's body are not the
+  start of a head and start no timer;
 - at most `max_connections` client connections are open; a connection beyond
   that gets `503` and is closed at once.
 
@@ -68,11 +69,13 @@ class _GuardedHandler(RequestHandler):
     _head_since: float | None
     _head_timer: asyncio.TimerHandle | None
     _seen_requests: int
+    _body: Any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._guard = self._manager  # type: ignore[assignment]
         self._head_timer = None
         self._seen_requests = 0
+        self._body = None
         if self._guard.hold_responses:
             transport = HeldTransport(transport)  # type: ignore[arg-type]
         super().connection_made(transport)
@@ -85,6 +88,9 @@ class _GuardedHandler(RequestHandler):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        body = self._body
+        # Bytes that continue the body of the last request parsed are not the start of a head.
+        in_body = body is not None and not body.is_eof()
         super().data_received(data)
         count = self._request_count
         if count != self._seen_requests:
@@ -92,9 +98,16 @@ class _GuardedHandler(RequestHandler):
             # they are timed from the next read that leaves a head incomplete.
             self._seen_requests = count
             self._head_since = None
-        elif self._head_since is None:
+            self._body = self._messages[-1][1] if self._messages else None
+        elif self._head_since is None and data and not in_body:
             self._head_since = self._loop.time()
             self._arm()
+
+    def eof_received(self) -> bool:
+        # A half-closed client still gets the answers to the requests it completed:
+        # keep the transport open for writing and close once they are written.
+        self.close()
+        return True
 
     def _arm(self) -> None:
         if self._head_timer is None and self._head_since is not None:

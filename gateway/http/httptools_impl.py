@@ -272,7 +272,8 @@ class _Connection(asyncio.Protocol):
         self.xff: list[bytes] | None = None
         self.headers = 0
         self.hosts = 0
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes read while a head is incomplete (what the parser may buffer)
+        self.head_size = 0  # the size of the header fields parsed
         self.body_bytes = 0
         self.expect: bytes | None = None
         self.content_length = -1
@@ -379,7 +380,7 @@ class _Connection(asyncio.Protocol):
         self.since = self.server.now
         self.url = b""
         self.xff = None
-        self.headers = self.hosts = self.body_bytes = 0
+        self.headers = self.hosts = self.body_bytes = self.head_size = 0
         self.expect = None
         self.content_length = -1
         self.chunked = self.http10 = False
@@ -396,8 +397,12 @@ class _Connection(asyncio.Protocol):
         self.headers += 1
         if self.headers > MAX_HEADERS:
             raise _Reject(431, "too many header fields")
-        if len(value) + len(name) > MAX_FIELD:
+        size = len(value) + len(name)
+        if size > MAX_FIELD:
             raise _Reject(431, "header field too large")
+        self.head_size += size + 4
+        if self.head_size + len(self.url) > MAX_HEAD:
+            raise _Reject(431, "request head too large")
         name = name.lower()
         if name == b"host":
             self.hosts += 1
@@ -540,7 +545,7 @@ class _Connection(asyncio.Protocol):
         self.served = True
         if self.waiting == 0:
             self.since = self.server.now
-            if self.server.draining and self.phase == IDLE:
+            if self.closing or (self.server.draining and self.phase == IDLE):
                 close = True
         if close:
             transport.close()
