@@ -37,9 +37,24 @@ from .procs import RedisClusterProcesses, RedisProcess, free_port, stop_process,
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER_NAME = "bench-runner"  # the runner's own Redis connections, left out of the peak
-GATEWAY_MODES = ("off", "naive", "pooled", "raw", "multiplexed", "batched", "batched-noack")
-# Targets that are a mode plus options, to measure a trade-off in the same run.
+GATEWAY_MODES = (
+    "off",
+    "naive",
+    "pooled",
+    "raw",
+    "multiplexed",
+    "batched",
+    "batched-noack",
+    "off-aiohttp",
+    "batched-aiohttp",
+)
+# Targets that are a mode plus options, to measure a trade-off in the same run. The default
+# front end is the own one (--http httptools); the `-aiohttp` variants run aiohttp's.
 GATEWAY_VARIANTS = {
+    "off-aiohttp": ["--mode", "off", "--http", "aiohttp"],
+    "batched-aiohttp": ["--mode", "batched", "--http", "aiohttp"],
+    "raw-aiohttp": ["--mode", "raw", "--http", "aiohttp"],
+    "multiplexed-aiohttp": ["--mode", "multiplexed", "--http", "aiohttp"],
     "batched-noack": ["--mode", "batched", "--batch-ack", "none"],
     "off-w2": ["--mode", "off", "--workers", "2"],
     "batched-win05": ["--mode", "batched", "--batch-window-ms", "0.5"],

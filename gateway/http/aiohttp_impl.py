@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from ..guard import GuardedServer
 from ..pipeline import Response
 from . import BACKLOG, FrontEnd, listen_error
+from .rules import MAX_HEAD, MAX_HEADERS, refusal, version_refusal
 
 # The combined log format, with the TCP peer as the client address; aiohttp's byte
 # count (%b) includes the response headers.
@@ -47,6 +48,11 @@ class AiohttpFrontEnd(FrontEnd):
         self._runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=c.shutdown_timeout_s)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        refused = self._refusal(request)
+        if refused is not None:
+            resp = web.Response(status=refused[0], text=refused[1] + "\n")
+            resp.force_close()
+            return resp
         xff = None
         if self._use_xff:
             values = request.headers.getall("X-Forwarded-For", ())
@@ -57,6 +63,27 @@ class AiohttpFrontEnd(FrontEnd):
             answer = await answer  # type: ignore[misc]
         assert isinstance(answer, Response)
         return web.Response(status=answer.status, headers=answer.headers or None, body=answer.body or None)
+
+    @staticmethod
+    def _refusal(request: web.BaseRequest) -> tuple[int, str] | None:
+        """The checks aiohttp's parser leaves to the server, as the own front end makes them."""
+        version = request.version
+        if version.major != 1 or version.minor > 1:
+            return version_refusal(version.major, version.minor)
+        raw = request.raw_headers
+        if len(raw) > MAX_HEADERS:
+            return 431, "too many header fields"
+        # The raw request target (absolute form included): aiohttp keeps it only on the parsed
+        # message, whose public accessor is deprecated.
+        target = request._message.path
+        if len(target) + sum(len(k) + len(v) + 4 for k, v in raw) > MAX_HEAD:
+            return 431, "request head too large"
+        headers = request.headers
+        upgrade = headers.get(hdrs.UPGRADE)
+        te = headers.get(hdrs.TRANSFER_ENCODING)
+        if target[:1] == "/" and "#" not in target and upgrade is None and te is None:
+            return None
+        return refusal(target, headers.get(hdrs.HOST), upgrade, hdrs.SEC_WEBSOCKET_KEY in headers, te)
 
     async def start(self, where: tuple[str, int] | str, reuse_port: bool = False) -> None:
         await self._runner.setup()

@@ -45,15 +45,10 @@ import httptools
 from ..holding import Commit
 from ..pipeline import Response, request_path
 from . import BACKLOG, FrontEnd, listen_error
+from .rules import MAX_FIELD, MAX_HEAD, MAX_HEADERS, MAX_TARGET, refusal, version_refusal
 
 access_log = logging.getLogger("gateway.access")
 
-# Limits no stricter than a client may need, no looser than aiohttp's defaults
-# (8190-byte request line and header fields); a head is bounded as HAProxy's buffer is.
-MAX_TARGET = 8190
-MAX_FIELD = 8190
-MAX_HEAD = 16384
-MAX_HEADERS = 100
 # Responses waiting in order (pipelining) before reading pauses, and held bytes
 # (batched) before reading pauses until the flush settles.
 MAX_QUEUED = 64
@@ -71,6 +66,7 @@ _REASONS = {
     414: "URI Too Long",
     417: "Expectation Failed",
     431: "Request Header Fields Too Large",
+    501: "Not Implemented",
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
@@ -279,6 +275,11 @@ class _Connection(asyncio.Protocol):
         self.content_length = -1
         self.chunked = False
         self.http10 = False
+        # Rare header fields that call for the checks in gateway.http.rules.
+        self.host: bytes | None = None
+        self.upgrade: bytes | None = None
+        self.websocket_key = False
+        self.transfer_encoding: bytes | None = None
         self.referer = b""
         self.user_agent = b""
         # Responses waiting for an earlier one (pipelining with a request waiting for Redis).
@@ -383,7 +384,8 @@ class _Connection(asyncio.Protocol):
         self.headers = self.hosts = self.body_bytes = self.head_size = 0
         self.expect = None
         self.content_length = -1
-        self.chunked = self.http10 = False
+        self.chunked = self.http10 = self.websocket_key = False
+        self.host = self.upgrade = self.transfer_encoding = None
         if self.server.access_log:
             self.referer = self.user_agent = b""
 
@@ -406,6 +408,7 @@ class _Connection(asyncio.Protocol):
         name = name.lower()
         if name == b"host":
             self.hosts += 1
+            self.host = value
         elif name == b"x-forwarded-for":
             if self.xff is None:
                 self.xff = [value]
@@ -415,6 +418,11 @@ class _Connection(asyncio.Protocol):
             self.content_length = int(value)  # llhttp has checked it is digits
         elif name == b"transfer-encoding":
             self.chunked = True  # llhttp accepts it only with chunked last
+            self.transfer_encoding = value
+        elif name == b"upgrade":
+            self.upgrade = value
+        elif name == b"sec-websocket-key":
+            self.websocket_key = True
         elif name == b"expect":
             self.expect = value.lower()
         elif name == b"referer":
@@ -429,7 +437,8 @@ class _Connection(asyncio.Protocol):
         version = self.parser.get_http_version()
         if version != "1.1":
             if version != "1.0":
-                raise _Reject(505 if version >= "2" else 400, f"HTTP/{version} is not supported")
+                major, _, minor = version.partition(".")
+                raise _Reject(*(version_refusal(int(major), int(minor)) or (400, "")))
             self.http10 = True
         elif self.hosts != 1:
             raise _Reject(400, "a request needs exactly one Host header")
@@ -437,6 +446,17 @@ class _Connection(asyncio.Protocol):
             raise _Reject(400, "a request needs at most one Host header")
         if self.content_length > self.server.max_body:
             raise _Reject(413)
+        url = self.url
+        if url[:1] != b"/" or b"#" in url or self.upgrade is not None or self.transfer_encoding is not None:
+            refused = refusal(
+                url.decode("latin-1"),
+                self.host.decode("latin-1") if self.host is not None else None,
+                self.upgrade.decode("latin-1") if self.upgrade is not None else None,
+                self.websocket_key,
+                self.transfer_encoding.decode("latin-1") if self.transfer_encoding is not None else None,
+            )
+            if refused is not None:
+                raise _Reject(*refused)
         if self.expect is not None:
             if self.expect != b"100-continue":
                 raise _Reject(417)
