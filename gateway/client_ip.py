@@ -60,6 +60,8 @@ class ClientIPResolver:
     def __init__(self, trusted: Iterable[IPNetwork] = (), cache_size: int = 4096) -> None:
         self._trusted = tuple(trusted)
         self._canonical = lru_cache(maxsize=cache_size)(canonical)
+        #: The address of a peer without X-Forwarded-For: its canonical text, or None.
+        self.peer = self._canonical
         self._is_trusted_cached = lru_cache(maxsize=cache_size)(self._is_trusted)
 
     def _is_trusted(self, addr: str) -> bool:

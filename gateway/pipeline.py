@@ -83,6 +83,7 @@ class Pipeline:
         self.config = config
         self.backend = backend
         self.resolver = ClientIPResolver(config.trusted_proxies)
+        self._peer_ip = self.resolver.peer
         #: Whether a front end needs to collect X-Forwarded-For at all.
         self.uses_forwarded_for = bool(config.trusted_proxies)
         self._prefix = config.key_prefix
@@ -122,7 +123,10 @@ class Pipeline:
         self, path: str, peer: str | None, forwarded_for: str | None, holder: Holder | None
     ) -> Response | Coroutine[Any, Any, Response]:
         self.requests += 1
-        ip = self.resolver.resolve(peer, forwarded_for)
+        if forwarded_for is None and peer is not None:
+            ip = self._peer_ip(peer)  # the common case, one cached lookup
+        else:
+            ip = self.resolver.resolve(peer, forwarded_for)
         if ip is None:
             # Not even the peer parses (a Unix socket, say): nothing to count under.
             self.no_client_ip += 1

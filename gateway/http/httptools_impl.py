@@ -54,6 +54,24 @@ access_log = logging.getLogger("gateway.access")
 MAX_QUEUED = 64
 MAX_HELD_BYTES = 256 * 1024
 
+# Header fields the front end reads, by name as sent most often and in lower case.
+_HOST, _XFF, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT, _UPGRADE, _WEBSOCKET_KEY, _REFERER, _USER_AGENT = range(9)
+_FIELDS = {
+    name: kind
+    for lower, kind in {
+        b"host": _HOST,
+        b"x-forwarded-for": _XFF,
+        b"content-length": _CONTENT_LENGTH,
+        b"transfer-encoding": _TRANSFER_ENCODING,
+        b"expect": _EXPECT,
+        b"upgrade": _UPGRADE,
+        b"sec-websocket-key": _WEBSOCKET_KEY,
+        b"referer": _REFERER,
+        b"user-agent": _USER_AGENT,
+    }.items()
+    for name in (lower, lower.title(), lower.upper())
+}
+
 # What the connection is doing, for its timeouts.
 IDLE, HEAD, BODY = 0, 1, 2
 
@@ -135,18 +153,21 @@ class HttpToolsFrontEnd(FrontEnd):
         # Timeouts then fire within one tick of their nominal time.
         self.tick = min(1.0, max(0.02, min(self.request_timeout, self.keepalive_timeout) / 5))
         self.now = time.monotonic()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._shared = (pipeline.redirect, pipeline.target_ok, pipeline.denied)
         self._ticker: asyncio.TimerHandle | None = None
         self._date = b""
         self._date_second = -1
-        # Encoded responses by (response, variant); rebuilt when the Date changes.
-        self._wire: dict[tuple[int, int], bytes] = {}
+        # The shared responses' bytes, per variant (see encode); rebuilt when the Date changes.
+        self.wire: dict[Response, list[bytes | None]] = {}
+        # Request targets seen often -> their paths.
+        self.paths: dict[bytes, str] = {}
         self._update_date()
 
     # -- listening -------------------------------------------------------------
 
     async def start(self, where: tuple[str, int] | str, reuse_port: bool = False) -> None:
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self.now = loop.time()
         try:
             if isinstance(where, str):
@@ -207,31 +228,35 @@ class HttpToolsFrontEnd(FrontEnd):
     # -- the clock ---------------------------------------------------------------
 
     def _on_tick(self) -> None:
-        assert self._loop is not None
-        now = self.now = self._loop.time()
+        assert self.loop is not None
+        now = self.now = self.loop.time()
         self._update_date()
         for conn in list(self.connections):
             conn.check_timeouts(now)
-        self._ticker = self._loop.call_later(self.tick, self._on_tick)
+        self._ticker = self.loop.call_later(self.tick, self._on_tick)
 
     def _update_date(self) -> None:
         second = int(time.time())
         if second != self._date_second:
             self._date_second = second
             self._date = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
-            self._wire.clear()
+            self.wire = {r: [None] * 8 for r in self._shared}
 
     # -- encoding ----------------------------------------------------------------
 
     def encode(self, response: Response, variant: int) -> bytes:
         """Bytes of `response`. `variant`: 1 keep-alive (else close), 2 HTTP/1.0 keep-alive, 4 HEAD."""
-        key = (id(response), variant)
-        data = self._wire.get(key)
-        if data is None:
-            data = self._encode(response, variant)
-            if response in (self.pipeline.redirect, self.pipeline.target_ok, self.pipeline.denied):
-                self._wire[key] = data
+        data = self._encode(response, variant)
+        entry = self.wire.get(response)
+        if entry is not None:
+            entry[variant] = data
         return data
+
+    def path_of(self, url: bytes) -> str:
+        path = request_path(url.decode("latin-1"))
+        if len(self.paths) < 1024:
+            self.paths[url] = path
+        return path
 
     def _encode(self, response: Response, variant: int) -> bytes:
         lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n".encode(), self._date]
@@ -255,7 +280,6 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpToolsFrontEnd) -> None:
         self.server = server
         self.pipeline = server.pipeline
-        self.loop = server._loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: str | None = None
@@ -275,6 +299,7 @@ class _Connection(asyncio.Protocol):
         self.content_length = -1
         self.chunked = False
         self.http10 = False
+        self.rare = False  # the request set a field or took a turn the common case does not
         # Rare header fields that call for the checks in gateway.http.rules.
         self.host: bytes | None = None
         self.upgrade: bytes | None = None
@@ -380,83 +405,95 @@ class _Connection(asyncio.Protocol):
         self.phase = HEAD
         self.since = self.server.now
         self.url = b""
-        self.xff = None
-        self.headers = self.hosts = self.body_bytes = self.head_size = 0
-        self.expect = None
-        self.content_length = -1
-        self.chunked = self.http10 = self.websocket_key = False
-        self.host = self.upgrade = self.transfer_encoding = None
-        if self.server.access_log:
+        self.host = None
+        self.headers = self.hosts = self.head_size = 0
+        if self.rare:
+            # Fields only some requests set: reset only after one did.
+            self.rare = False
+            self.xff = self.expect = self.upgrade = self.transfer_encoding = None
+            self.content_length = -1
+            self.body_bytes = 0
+            self.chunked = self.http10 = self.websocket_key = False
             self.referer = self.user_agent = b""
 
     def on_url(self, url: bytes) -> None:
-        url = self.url + url if self.url else url
+        if self.url:
+            url = self.url + url
         if len(url) > MAX_TARGET:
             raise _Reject(414)
         self.url = url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers += 1
-        if self.headers > MAX_HEADERS:
-            raise _Reject(431, "too many header fields")
-        size = len(value) + len(name)
-        if size > MAX_FIELD:
-            raise _Reject(431, "header field too large")
+        size = len(name) + len(value)
         self.head_size += size + 4
-        if self.head_size + len(self.url) > MAX_HEAD:
-            raise _Reject(431, "request head too large")
-        name = name.lower()
-        if name == b"host":
+        if size > MAX_FIELD or self.head_size + len(self.url) > MAX_HEAD or self.headers > MAX_HEADERS:
+            raise _Reject(431, "too many header fields" if self.headers > MAX_HEADERS else "request head too large")
+        kind = _FIELDS.get(name)
+        if kind is None:
+            kind = _FIELDS.get(name.lower())
+            if kind is None:
+                return
+        if kind == _HOST:
             self.hosts += 1
             self.host = value
-        elif name == b"x-forwarded-for":
+            return
+        self.rare = True
+        if kind == _XFF:
             if self.xff is None:
                 self.xff = [value]
             else:
                 self.xff.append(value)
-        elif name == b"content-length":
+        elif kind == _CONTENT_LENGTH:
             self.content_length = int(value)  # llhttp has checked it is digits
-        elif name == b"transfer-encoding":
+        elif kind == _TRANSFER_ENCODING:
             self.chunked = True  # llhttp accepts it only with chunked last
             self.transfer_encoding = value
-        elif name == b"upgrade":
-            self.upgrade = value
-        elif name == b"sec-websocket-key":
-            self.websocket_key = True
-        elif name == b"expect":
+        elif kind == _EXPECT:
             self.expect = value.lower()
-        elif name == b"referer":
+        elif kind == _UPGRADE:
+            self.upgrade = value
+        elif kind == _WEBSOCKET_KEY:
+            self.websocket_key = True
+        elif kind == _REFERER:
             self.referer = value
-        elif name == b"user-agent":
+        else:
             self.user_agent = value
 
     def on_headers_complete(self) -> None:
         self.phase = BODY
-        self.since = self.server.now
         self.head_bytes = 0
-        version = self.parser.get_http_version()
-        if version != "1.1":
-            if version != "1.0":
-                major, _, minor = version.partition(".")
-                raise _Reject(*(version_refusal(int(major), int(minor)) or (400, "")))
-            self.http10 = True
+        if self.parser.get_http_version() != "1.1":
+            self._not_http11()
         elif self.hosts != 1:
             raise _Reject(400, "a request needs exactly one Host header")
+        url = self.url
+        if self.rare or url[0] != 47 or 35 in url:  # not "/" first, or a "#"
+            self._check_rare(url)
+
+    def _not_http11(self) -> None:
+        version = self.parser.get_http_version()
+        if version != "1.0":
+            major, _, minor = version.partition(".")
+            raise _Reject(*(version_refusal(int(major), int(minor)) or (400, "")))
         if self.hosts > 1:
             raise _Reject(400, "a request needs at most one Host header")
+        self.http10 = self.rare = True
+
+    def _check_rare(self, url: bytes) -> None:
+        """The checks only requests with uncommon fields or targets need."""
+        self.since = self.server.now  # a body may follow: it must not stall
         if self.content_length > self.server.max_body:
             raise _Reject(413)
-        url = self.url
-        if url[:1] != b"/" or b"#" in url or self.upgrade is not None or self.transfer_encoding is not None:
-            refused = refusal(
-                url.decode("latin-1"),
-                self.host.decode("latin-1") if self.host is not None else None,
-                self.upgrade.decode("latin-1") if self.upgrade is not None else None,
-                self.websocket_key,
-                self.transfer_encoding.decode("latin-1") if self.transfer_encoding is not None else None,
-            )
-            if refused is not None:
-                raise _Reject(*refused)
+        refused = refusal(
+            url.decode("latin-1"),
+            self.host.decode("latin-1") if self.host is not None else None,
+            self.upgrade.decode("latin-1") if self.upgrade is not None else None,
+            self.websocket_key,
+            self.transfer_encoding.decode("latin-1") if self.transfer_encoding is not None else None,
+        )
+        if refused is not None:
+            raise _Reject(*refused)
         if self.expect is not None:
             if self.expect != b"100-continue":
                 raise _Reject(417)
@@ -471,42 +508,59 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.phase = IDLE
         parser = self.parser
-        keep_alive = parser.should_keep_alive() and not self.server.draining
+        server = self.server
+        keep_alive = parser.should_keep_alive() and not server.draining
         method = parser.get_method()
         url = self.url
-        server = self.server
-        if url == server.target_bytes:
-            path = server.target
-        else:
-            path = request_path(url.decode("latin-1"))
-        if method == b"CONNECT":
+        path = server.paths.get(url)
+        if path is None:
+            path = server.path_of(url)
+        xff = None
+        info = None
+        if method == b"HEAD":
+            head = 4
+        elif method == b"CONNECT":
             self._send_ready(_plain(405, "CONNECT is not supported"), True, count=False)
             self._finish()
             return
-        xff = None
-        if self.xff is not None and self.pipeline.uses_forwarded_for:
-            xff = b",".join(self.xff).decode("latin-1")
-        variant = (1 | (2 if self.http10 else 0)) if keep_alive else 0
-        if method == b"HEAD":
-            variant |= 4
-        info = (method, url, self.http10, self.referer, self.user_agent) if server.access_log else None
-        self.waiting += 1
+        else:
+            head = 0
+        if self.rare:
+            if self.xff is not None and self.pipeline.uses_forwarded_for:
+                xff = b",".join(self.xff).decode("latin-1")
+            variant = (3 if self.http10 else 1) if keep_alive else 0
+        else:
+            variant = 1 if keep_alive else 0
+        variant |= head
+        if server.access_log:
+            info = (method, url, self.http10, self.referer, self.user_agent)
         answer = self.pipeline.handle(path, self.peer, xff, self)
         if type(answer) is Response:
-            data = server.encode(answer, variant)
+            entry = server.wire.get(answer)
+            data = entry[variant] if entry is not None else None
+            if data is None:
+                data = server.encode(answer, variant)
             if info is not None:
                 self._log(info, answer, len(data))
+            if keep_alive and not self.queue and self.commit is None and self.transport is not None:
+                # The common case: nothing before it waits, nothing holds it.
+                self.transport.write(data)
+                self.served = True
+                self.since = server.now
+                return
+            self.waiting += 1
             self._send_ready(data, not keep_alive)
         else:
-            assert self.loop is not None
+            self.waiting += 1
             slot = _Slot(self, None, not keep_alive)
             slot.variant = variant
             slot.info = info
-            if self.queue is None:
-                self.queue = deque()
-            self.queue.append(slot)
-            self.loop.create_task(answer).add_done_callback(slot)  # type: ignore[arg-type]
-            if len(self.queue) >= MAX_QUEUED:
+            queue = self.queue
+            if queue is None:
+                queue = self.queue = deque()
+            queue.append(slot)
+            server.loop.create_task(answer).add_done_callback(slot)  # type: ignore[arg-type,union-attr]
+            if len(queue) >= MAX_QUEUED:
                 self._update_reading()
         if not keep_alive:
             self._finish()

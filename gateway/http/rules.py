@@ -32,8 +32,12 @@ def refusal(
             return 400, "the request target and Host name different hosts"
     if upgrade is not None and "websocket" in upgrade.lower() and not websocket_key:
         return 400, "a WebSocket handshake needs Sec-WebSocket-Key"  # RFC 6455 4.2.1
-    if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
-        return 501, "transfer codings other than chunked are not supported"  # RFC 9112 6.1
+    if transfer_encoding is not None:
+        codings = [c.strip() for c in transfer_encoding.lower().split(",")]
+        if codings[-1] != "chunked":
+            return 400, "a request body's last transfer coding must be chunked"  # RFC 9112 6.3
+        if len(codings) > 1:
+            return 501, "transfer codings other than chunked are not supported"  # RFC 9112 6.1
     return None
 
 
