@@ -1,0 +1,271 @@
+"""The own front end's connection protocol in memory: bytes in, bytes out, no sockets.
+
+Every split of a request stream into two reads, and a byte-at-a-time delivery, must
+give the same answers as one read; held responses stay in order until released;
+timeouts fire from the server's clock by what the connection is doing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from gateway.backends.base import Backend
+from gateway.config import Config
+from gateway.http.httptools_impl import HttpToolsFrontEnd, _Connection
+from gateway.pipeline import Pipeline
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.closed = False
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.data.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    @property
+    def output(self) -> bytes:
+        return b"".join(self.data)
+
+
+class Commit:
+    def __init__(self) -> None:
+        self.holders: list[Any] = []
+
+    def release(self) -> None:
+        for holder in self.holders:
+            holder.release(self)
+        self.holders.clear()
+
+
+class HoldingBackend(Backend):
+    """Batched's contract with --batch-ack flush: increments join the current commit."""
+
+    name = "holding"
+    holds_responses = True
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.commit = Commit()
+        self.keys: list[str] = []
+
+    async def incr(self, key: str) -> None:
+        raise AssertionError("the held path never awaits")
+
+    def incr_held(self, key: str) -> Commit:  # type: ignore[override]
+        self.keys.append(key)
+        return self.commit
+
+
+def _front(backend: Backend | None = None, **kw: Any) -> HttpToolsFrontEnd:
+    config = Config(mode="off", **kw)
+    if backend is None:
+        from gateway.backends.off import OffBackend
+
+        backend = OffBackend(config)
+    return HttpToolsFrontEnd(Pipeline(config, backend), config)
+
+
+def _connect(front: HttpToolsFrontEnd) -> tuple[_Connection, RecordingTransport]:
+    conn = _Connection(front)
+    transport = RecordingTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport
+
+
+def _statuses(data: bytes) -> list[int]:
+    return [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+
+
+STREAM = (
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nUser-Agent: t\r\n\r\nhello"
+    b"PUT /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n0\r\nTrail: x\r\n\r\n"
+    b"HEAD /ok HTTP/1.1\r\nHost: x\r\n\r\n"
+    b"GET http://x/ok?q HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n"
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+)
+EXPECTED = [302, 200, 302, 200, 200, 302, 302]
+
+
+def _normalised(data: bytes) -> bytes:
+    return re.sub(rb"Date: [^\r]*\r\n", b"", data)
+
+
+def test_one_read() -> None:
+    front = _front()
+    conn, transport = _connect(front)
+    conn.data_received(STREAM)
+    assert _statuses(transport.output) == EXPECTED
+    assert transport.closed  # the last request asked to close
+    assert front.pipeline.requests == len(EXPECTED)
+
+
+def test_every_split_into_two_reads_gives_the_same_answers() -> None:
+    front = _front()
+    conn, transport = _connect(front)
+    conn.data_received(STREAM)
+    reference = _normalised(transport.output)
+    for cut in range(1, len(STREAM)):
+        conn, transport = _connect(front)
+        conn.data_received(STREAM[:cut])
+        conn.data_received(STREAM[cut:])
+        assert _normalised(transport.output) == reference, cut
+
+
+def test_one_byte_at_a_time() -> None:
+    front = _front()
+    conn, transport = _connect(front)
+    for i in range(len(STREAM)):
+        conn.data_received(STREAM[i : i + 1])
+    assert _statuses(transport.output) == EXPECTED
+
+
+@pytest.mark.parametrize("cut", [5, 30, 60])
+def test_malformed_after_valid_answers_in_order_then_closes(cut: int) -> None:
+    front = _front()
+    conn, transport = _connect(front)
+    stream = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nBad Header\r\n\r\n" + b"GET / HTTP/1.1\r\n"
+    conn.data_received(stream[:cut])
+    conn.data_received(stream[cut:])
+    assert _statuses(transport.output) == [302, 302, 400]
+    assert transport.closed
+    assert front.pipeline.requests == 2
+
+
+def test_held_responses_wait_for_the_commit_in_order() -> None:
+    backend = HoldingBackend(Config(mode="batched"))
+    front = _front(backend)
+    conn, transport = _connect(front)
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.output == b""  # both held
+    assert backend.keys == ["ip:127.0.0.1"] * 2
+    first = backend.commit
+    backend.commit = Commit()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    first.release()  # the connection holds for the later commit now: nothing yet
+    assert transport.output == b""
+    backend.commit.release()  # releasing the later commit releases everything before it
+    assert _statuses(transport.output) == [302, 200, 302]
+    assert transport.closed  # the close waited for the held bytes
+
+
+def test_held_responses_of_a_gone_client_are_dropped() -> None:
+    backend = HoldingBackend(Config(mode="batched"))
+    front = _front(backend)
+    conn, transport = _connect(front)
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    transport.closed = True
+    conn.connection_lost(None)
+    backend.commit.release()
+    assert transport.data == []
+    assert backend.keys == ["ip:127.0.0.1"]  # counted all the same
+
+
+def test_too_many_held_bytes_pause_reading() -> None:
+    backend = HoldingBackend(Config(mode="batched"))
+    front = _front(backend)
+    conn, transport = _connect(front)
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 5000)
+    assert not transport.reading
+    backend.commit.release()
+    assert transport.reading
+    assert len(_statuses(transport.output)) == 5000
+
+
+def test_head_timeout_from_the_first_byte() -> None:
+    front = _front(request_timeout_s=10, keepalive_timeout_s=60)
+    conn, transport = _connect(front)
+    front.now = 100.0
+    conn.data_received(b"GET / HTTP/1.1\r\nHo")
+    conn.check_timeouts(109.0)
+    assert transport.data == []
+    conn.check_timeouts(110.5)
+    assert _statuses(transport.output) == [408] and transport.closed
+    assert front.head_timeouts == 1
+
+
+def test_body_bytes_start_no_head_timer_and_idle_is_the_keep_alive_timeout() -> None:
+    front = _front(request_timeout_s=10, keepalive_timeout_s=60)
+    conn, transport = _connect(front)
+    front.now = 100.0
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+    front.now = 108.0
+    conn.data_received(b"cd")  # the body trickles in: each read restarts its stall timer
+    assert _statuses(transport.output) == [302]
+    conn.check_timeouts(150.0)  # idle for 42 s: more than a request timeout, less than keep-alive
+    assert not transport.closed and _statuses(transport.output) == [302]
+    conn.check_timeouts(168.5)
+    assert transport.closed and _statuses(transport.output) == [302]  # closed without a 408
+    assert front.head_timeouts == 0
+
+
+def test_stalled_body_gets_408() -> None:
+    front = _front(request_timeout_s=10)
+    conn, transport = _connect(front)
+    front.now = 100.0
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+    conn.check_timeouts(111.0)
+    assert _statuses(transport.output) == [408] and transport.closed
+    assert front.pipeline.requests == 0
+
+
+def test_a_connection_that_never_sends_gets_408() -> None:
+    front = _front(request_timeout_s=10)
+    conn, transport = _connect(front)
+    conn.check_timeouts(front.now + 11)
+    assert _statuses(transport.output) == [408] and transport.closed
+
+
+def test_pipelined_answers_beyond_the_queue_limit_pause_reading() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        class Slow(Backend):
+            name = "slow"
+
+            def __init__(self, config: Config) -> None:
+                super().__init__(config)
+                self.gate = asyncio.Event()
+
+            async def incr(self, key: str) -> int:
+                await self.gate.wait()
+                return 1
+
+        backend = Slow(Config(mode="raw"))
+        front = _front(backend)
+        front.loop = asyncio.get_running_loop()
+        conn, transport = _connect(front)
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        assert not transport.reading
+        backend.gate.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert _statuses(transport.output) == [302] * 100
+        assert transport.reading
+
+    asyncio.run(scenario())
