@@ -75,7 +75,26 @@ WINDOW_MODES = ("batched-win05", "batched-win1")
 CLUSTER_MODES = ("raw-cluster", "multiplexed-cluster", "batched-cluster")
 HAPROXY_MODES = ("calibration", "naive", "pooled", "raw")
 # Which HAProxy listener is the same mode as which gateway mode.
-PEER_MODE = {"off": "calibration", "calibration": "off", "naive": "naive", "pooled": "pooled", "raw": "raw"}
+PEER_MODE = {
+    "off": "calibration",
+    "calibration": "off",
+    "naive": "naive",
+    "pooled": "pooled",
+    "raw": "raw",
+    "off-aiohttp": "calibration",
+    "raw-aiohttp": "raw",
+}
+# Ratios the report states when both targets ran: (what, numerator, denominator).
+RATIOS = (
+    ("own front end ÷ aiohttp, calibration", "gateway/off", "gateway/off-aiohttp"),
+    ("own front end ÷ aiohttp, batched", "gateway/batched", "gateway/batched-aiohttp"),
+    ("gateway calibration ÷ HAProxy calibration", "gateway/off", "haproxy/calibration"),
+    ("batched ÷ its own calibration", "gateway/batched", "gateway/off"),
+    ("batched ÷ HAProxy pooled", "gateway/batched", "haproxy/pooled"),
+    ("multiplexed ÷ HAProxy raw", "gateway/multiplexed", "haproxy/raw"),
+    ("raw ÷ HAProxy raw", "gateway/raw", "haproxy/raw"),
+    ("pooled ÷ HAProxy pooled", "gateway/pooled", "haproxy/pooled"),
+)
 
 
 @dataclass
@@ -439,6 +458,8 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
         # then the median: drift on a shared machine cancels out far better than with
         # a ratio of medians.
         own_cal = "gateway/off" if name.startswith("gateway/") else "haproxy/calibration"
+        if name.endswith("-aiohttp"):
+            own_cal = "gateway/off-aiohttp"  # each front end against its own calibration
         row["ratio_to_calibration"] = _median_ratio(by_target.get(name, []), by_target.get(own_cal, []))
         peer = PEER_MODE.get(name.split("/", 1)[1])
         if name.startswith("gateway/") and peer:
@@ -446,11 +467,23 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
         if name.split("/", 1)[1] in SCALING_MODES:
             one = f"gateway/{Target('gateway', name.split('/', 1)[1]).base_mode}"
             row["ratio_to_one_worker"] = _median_ratio(group, by_target.get(one, []))
+        row["rps_by_round"] = {g.round: g.rps for g in ok}
         # Accuracy is judged on every round, not the median: one loss anywhere counts.
         row["min_extra"] = min((g.extra for g in ok), default=None)
         row["max_extra"] = max((g.extra for g in ok), default=None)
         out[name] = row
     return out
+
+
+def ratios_of(summary: dict[str, dict[str, Any]], a: str, b: str) -> tuple[float | None, int, int]:
+    """Median per-round ratio of a's req/s to b's, and in how many rounds a was ahead."""
+    ra = summary[a].get("rps_by_round") or {}
+    rb = summary[b].get("rps_by_round") or {}
+    pairs = [(ra[r], rb[r]) for r in ra if rb.get(r)]
+    if not pairs:
+        return None, 0, 0
+    value = round(statistics.median(x / y for x, y in pairs), 3)
+    return value, sum(x > y for x, y in pairs), len(pairs)
 
 
 def _fmt_rps(v: float | None) -> str:
@@ -469,7 +502,14 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
         h = summary.get(f"haproxy/{peer}") if peer else None
         if g is None and (h is None or mode != "off"):
             continue  # not measured in this run
-        label = {"off": "calibration (off)", "batched-noack": "batched, --batch-ack none"}.get(mode, mode)
+        label = {
+            "off": "calibration (off)",
+            "batched-noack": "batched, --batch-ack none",
+            "off-aiohttp": "calibration (off), --http aiohttp",
+            "batched-aiohttp": "batched, --http aiohttp",
+            "raw-aiohttp": "raw, --http aiohttp",
+            "multiplexed-aiohttp": "multiplexed, --http aiohttp",
+        }.get(mode, mode)
 
         def ratio(row: dict[str, Any] | None, field: str) -> str:
             value = (row or {}).get(field)
@@ -508,6 +548,11 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
         )
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} |||||||||")
+    stated = [(what, a, b, ratios_of(summary, a, b)) for what, a, b in RATIOS if a in summary and b in summary]
+    if stated:
+        lines += ["", "| Ratio (median of per-round ratios) | value | rounds ahead |", "|---|---:|---:|"]
+        for what, _a, _b, (value, ahead, rounds) in stated:
+            lines.append(f"| {what} | {f'{value:.2f}×' if value else '–'} | {ahead} of {rounds} |")
     scaling = [m for m in SCALING_MODES if f"gateway/{m}" in summary]
     if scaling:
         lines += [
@@ -546,10 +591,15 @@ def chart(summary: dict[str, dict[str, Any]], path: Path) -> None:
 
     modes = list(GATEWAY_MODES)
     g = [(summary.get(f"gateway/{m}") or {}).get("rps") or 0 for m in modes]
-    h = [(summary.get(f"haproxy/{PEER_MODE[m]}") or {}).get("rps") or 0 if m in PEER_MODE else 0 for m in modes]
+    h = [
+        (summary.get(f"haproxy/{PEER_MODE[m]}") or {}).get("rps") or 0
+        if m in PEER_MODE and not m.endswith("-aiohttp")
+        else 0
+        for m in modes
+    ]
     x = range(len(modes))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.bar([i - 0.2 for i in x], g, 0.4, label="gateway (aiohttp + uvloop)")
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    ax.bar([i - 0.2 for i in x], g, 0.4, label="gateway (own HTTP/1.1 front end, uvloop)")
     ax.bar([i + 0.2 for i in x], h, 0.4, label="HAProxy + Lua")
     for i, v in enumerate(g):
         if v:
@@ -557,7 +607,13 @@ def chart(summary: dict[str, dict[str, Any]], path: Path) -> None:
     for i, v in enumerate(h):
         if v:
             ax.annotate(f"{v / 1000:.1f}k", (i + 0.2, v), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x), [{"off": "calibration", "batched-noack": "batched\n(ack none)"}.get(m, m) for m in modes])
+    names = {
+        "off": "calibration",
+        "batched-noack": "batched\n(ack none)",
+        "off-aiohttp": "calibration\n(aiohttp)",
+        "batched-aiohttp": "batched\n(aiohttp)",
+    }
+    ax.set_xticks(list(x), [names.get(m, m) for m in modes], fontsize=8)
     ax.set_ylabel("requests per second (one core)")
     ax.set_title("Per-IP accounting in Redis: cost of each way of talking to Redis")
     ax.legend()

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from gateway.cli import build_parser
+from loadtest import bench
 
 from ..helpers import RedisServer, free_port, make_config, running_gateway
 
@@ -33,7 +34,7 @@ def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
     assert "[round 1/1]" in proc.stderr  # progress is shown
     result = json.loads((out / "results.json").read_text())
     summary = result["summary"]
-    expected = {f"gateway/{m}" for m in ("off", "naive", "pooled", "raw", "multiplexed", "batched", "batched-noack")}
+    expected = {f"gateway/{m}" for m in bench.GATEWAY_MODES}
     if shutil.which("haproxy"):
         expected |= {f"haproxy/{m}" for m in ("calibration", "naive", "pooled", "raw")}
     assert set(summary) == expected
