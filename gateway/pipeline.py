@@ -103,6 +103,8 @@ class Pipeline:
         # Responses wait for their flush without their handler waiting; a deny policy must
         # know the outcome before it picks the response, so it keeps the await.
         self.holds = backend.holds_responses and not self._deny
+        #: The awaitable `handle` returns needs no asyncio Task (see Backend.task_free).
+        self.task_free = backend.task_free
         self.requests = 0
         self.counted = 0
         self.no_client_ip = 0

@@ -49,6 +49,9 @@ class Backend(abc.ABC):
     async def incr(self, key: str) -> int | None:
         """Add 1 to `key`; the new value, None, or AccountingError."""
 
+    #: True when `incr` only ever waits on futures: no `asyncio.timeout`, no current-task
+    #: lookups, nothing that needs a Task. A front end may then drive it without one.
+    task_free: bool = False
     #: True when the backend offers `incr_held` (batched with --batch-ack flush).
     holds_responses: bool = False
     #: Set by the gateway when `holds_responses`: called once per commit with held

@@ -109,6 +109,7 @@ class BatchedBackend(OwnCodecBackend):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.holds_responses = config.batch_ack == "flush"
+        self.task_free = True  # an acknowledged increment waits on its batch's future, nothing else
 
     async def start(self) -> None:
         c = self.config

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..accounting import read_incr_reply
 from ..cluster import Direct, MuxNode
-from ..config import RedisTarget
+from ..config import Config, RedisTarget
 from ..multiplexer import Multiplexer
 from ..resp import encode
 from ..slots import key_slot
@@ -18,6 +18,12 @@ from .base import OwnCodecBackend
 
 class MultiplexedBackend(OwnCodecBackend):
     name = "multiplexed"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        # One server: an increment waits only on its reply's future. A cluster's router may
+        # refresh its slot map inside the request, which wants a task.
+        self.task_free = not config.cluster
 
     async def start(self) -> None:
         c = self.config
