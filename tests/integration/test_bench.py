@@ -35,7 +35,7 @@ def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
     summary = result["summary"]
     expected = {f"gateway/{m}" for m in ("off", "naive", "pooled", "raw", "multiplexed", "batched", "batched-noack")}
     if shutil.which("haproxy"):
-        expected |= {f"haproxy/{m}" for m in ("calibration", "naive", "pooled", "raw")}
+        expected |= {f"haproxy/{m}" for m in ("calibration", "naive", "pooled", "raw", "seed-pooled", "seed-raw")}
     assert set(summary) == expected
     for name, row in summary.items():
         assert row["errors"] == [] and row["rps"] > 0, (name, row)
