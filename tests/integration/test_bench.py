@@ -106,7 +106,9 @@ def test_compose_matches_defaults() -> None:
     assert "10060:10060" in services["gateway"]["ports"]
     # HAProxy's ports and settings are run.sh's defaults.
     run_sh = (ROOT / "haproxy" / "run.sh").read_text()
-    for var, port in [("CALIBRATION", 10070), ("NAIVE", 10071), ("POOLED", 10072), ("RAW", 10073)]:
+    listeners = [("CALIBRATION", 10070), ("NAIVE", 10071), ("POOLED", 10072), ("RAW", 10073),
+                 ("SEED_POOLED", 10074), ("SEED_RAW", 10075)]  # fmt: skip
+    for var, port in listeners:
         assert f"HAPROXY_{var}_PORT:-{port}" in run_sh
         assert f"{port}:{port}" in services["haproxy"]["ports"]
     henv = services["haproxy"]["environment"]
