@@ -73,7 +73,9 @@ WINDOW_MODES = ("batched-win05", "batched-win1")
 # And on demand: the own-codec modes against a 3-master Redis Cluster (all on the Redis core).
 # Use --client-ips to spread the keys over the masters.
 CLUSTER_MODES = ("raw-cluster", "multiplexed-cluster", "batched-cluster")
-HAPROXY_MODES = ("calibration", "naive", "pooled", "raw")
+HAPROXY_MODES = ("calibration", "naive", "pooled", "raw", "seed-pooled", "seed-raw")
+# seed-pooled and seed-raw run the seed's published Lua (lua_reference/seed.lua, docs/reference.md):
+# beside pooled and raw they show what the reference's additions cost. No gateway mode peers them.
 # Which HAProxy listener is the same mode as which gateway mode.
 PEER_MODE = {
     "off": "calibration",
@@ -282,10 +284,10 @@ def start_target(t: Target, db: Redis | ClusterRedis, cpus: str | None) -> tuple
             "HAPROXY_BIND": "127.0.0.1",
             "REF_REDIS_PORT": str(db.ports[0]),
             "REF_TRUSTED_PROXIES": "127.0.0.1",
-            **{f"HAPROXY_{m.upper()}_PORT": str(free_port()) for m in HAPROXY_MODES},
+            **{f"HAPROXY_{m.upper().replace('-', '_')}_PORT": str(free_port()) for m in HAPROXY_MODES},
             "HAPROXY_STATS_PORT": str(free_port()),
         }
-        env[f"HAPROXY_{t.mode.upper()}_PORT"] = str(port)
+        env[f"HAPROXY_{t.mode.upper().replace('-', '_')}_PORT"] = str(port)
     proc = subprocess.Popen(pinned(cmd, cpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_port(port, proc)
     return proc, port

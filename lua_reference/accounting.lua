@@ -38,7 +38,7 @@ local cfg = {
   db = tonumber(env("REF_REDIS_DB", "0")),
   pool_size = tonumber(env("REF_POOL_SIZE", "20")),
   pool_wait = tonumber(env("REF_POOL_WAIT_MS", "1000")),
-  timeout = tonumber(env("REF_TIMEOUT_MS", "1000")) / 1000,
+  timeout = tonumber(env("REF_TIMEOUT_MS", "0")) / 1000, -- 0: not set (see redis_pool.lua)
   prefix = env("REF_KEY_PREFIX", "ip:"),
 }
 
@@ -64,35 +64,64 @@ local function is_trusted(ip)
   return false
 end
 
-local function client_ip(txn)
-  local peer = ipaddr.canonical(txn.sf:src()) or txn.sf:src()
-  if #trusted == 0 or not is_trusted(peer) then
-    return peer
-  end
-  local xff = txn.sf:req_fhdr("x-forwarded-for")
-  if xff == nil or xff == "" then
-    return peer
-  end
-  -- req_fhdr returns the last occurrence only; several headers are joined like the gateway does.
-  local all = {}
-  local hdrs = txn.http:req_get_headers()["x-forwarded-for"]
-  if hdrs ~= nil then
-    for i = 0, #hdrs do
-      if hdrs[i] ~= nil then
-        all[#all + 1] = hdrs[i]
-      end
+local function resp_incr(key)
+  return string.format("*3\r\n$6\r\nINCRBY\r\n$%d\r\n%s\r\n$1\r\n1\r\n", #key, key)
+end
+
+-- The per-request path does no more than the seed's: one table lookup turns the peer address into
+-- the client's key and its RESP command, both built once per address. The caches are cleared
+-- when they reach CACHE_MAX entries, which bounds them when many addresses come and go.
+local CACHE_MAX = 10000
+
+-- canonical client address -> { key = "<prefix><ip>", cmd = "*3\r\n$6\r\nINCRBY..." }
+local clients, clients_n = {}, 0
+local function client(ip)
+  local c = clients[ip]
+  if c == nil then
+    if clients_n >= CACHE_MAX then
+      clients, clients_n = {}, 0
     end
-    xff = table.concat(all, ",")
+    local key = cfg.prefix .. ip
+    c = { key = key, cmd = resp_incr(key) }
+    clients[ip] = c
+    clients_n = clients_n + 1
   end
+  return c
+end
+
+-- peer address as HAProxy gives it -> { client = client(canonical peer), trusted = is_trusted(...) }
+-- IPv4 comes canonical from HAProxy; only an IPv6 text (which may embed an IPv4-mapped address)
+-- is parsed, and only the first time it is seen.
+local peers, peers_n = {}, 0
+local function peer(src)
+  local p = peers[src]
+  if p == nil then
+    if peers_n >= CACHE_MAX then
+      peers, peers_n = {}, 0
+    end
+    local ip = src
+    if src:find(":", 1, true) then
+      ip = ipaddr.canonical(src) or src
+    end
+    p = { client = client(ip), trusted = #trusted > 0 and is_trusted(ip) }
+    peers[src] = p
+    peers_n = peers_n + 1
+  end
+  return p
+end
+
+-- The client named by X-Forwarded-For (all occurrences joined with ","), or nil to keep the
+-- peer: the rightmost entry that is not a trusted proxy; nil if an entry is not an address.
+local function from_xff(xff)
   local entries = {}
   for entry in (xff .. ","):gmatch("([^,]*),") do
     entries[#entries + 1] = entry
   end
-  local chosen = peer
+  local chosen = nil
   for i = #entries, 1, -1 do
     local ip = ipaddr.canonical(entries[i])
     if ip == nil then
-      return peer
+      return nil
     end
     chosen = ip
     if not is_trusted(ip) then
@@ -102,8 +131,42 @@ local function client_ip(txn)
   return chosen
 end
 
-local function resp_incr(key)
-  return string.format("*3\r\n$6\r\nINCRBY\r\n$%d\r\n%s\r\n$1\r\n1\r\n", #key, key)
+-- header text -> client(...) or false (keep the peer); the same text always names the same client.
+local by_xff, by_xff_n = {}, 0
+
+-- The client record for this request: the peer, or, when the peer is a trusted proxy, the client
+-- its X-Forwarded-For names.
+local function client_of(txn)
+  local p = peer(txn.sf:src())
+  if not p.trusted then
+    return p.client
+  end
+  local xff = txn.sf:req_fhdr("x-forwarded-for")
+  if xff == nil or xff == "" then
+    return p.client
+  end
+  -- req_fhdr returns the last occurrence only; several headers are joined like the gateway does.
+  local hdrs = txn.http:req_get_headers()["x-forwarded-for"]
+  if hdrs ~= nil and hdrs[1] ~= nil then
+    local all = {}
+    for i = 0, #hdrs do
+      if hdrs[i] ~= nil then
+        all[#all + 1] = hdrs[i]
+      end
+    end
+    xff = table.concat(all, ",")
+  end
+  local c = by_xff[xff]
+  if c == nil then
+    if by_xff_n >= CACHE_MAX then
+      by_xff, by_xff_n = {}, 0
+    end
+    local ip = from_xff(xff)
+    c = ip ~= nil and client(ip) or false
+    by_xff[xff] = c
+    by_xff_n = by_xff_n + 1
+  end
+  return c or p.client
 end
 
 -- One pool, shared by every request handled by this Lua state.
@@ -118,7 +181,7 @@ local pool = Pool.new({
 })
 
 core.register_action("acct-naive", { "http-req" }, function(txn)
-  local key = cfg.prefix .. client_ip(txn)
+  local key = client_of(txn).key
   local tcp = pool:connect_socket()
   if tcp == nil then
     return
@@ -132,17 +195,17 @@ core.register_action("acct-naive", { "http-req" }, function(txn)
   tcp:close()
 end)
 
--- Runs `incr(conn, key)` on a pooled connection; the connection goes back to
+-- Runs `incr(conn, client)` on a pooled connection; the connection goes back to
 -- the pool when `incr` says the stream is still in sync, and is renewed otherwise.
 -- No connection within the wait: the request goes through uncounted.
 local function with_pooled(incr)
   return function(txn)
-    local key = cfg.prefix .. client_ip(txn)
+    local c = client_of(txn)
     local conn = pool:get(cfg.pool_wait)
     if conn == nil then
       return
     end
-    if incr(conn, key) then
+    if incr(conn, c) then
       pool:release(conn)
     else
       pool:renew(conn)
@@ -150,20 +213,26 @@ local function with_pooled(incr)
   end
 end
 
-core.register_action("acct-pooled", { "http-req" }, with_pooled(function(conn, key)
+core.register_action("acct-pooled", { "http-req" }, with_pooled(function(conn, c)
   -- pcall: redis-lua raises on any error, and an error escaping an action
   -- would abort the request and leak the connection (the seed's note).
-  return (pcall(conn.client.incrby, conn.client, key, 1))
+  return (pcall(conn.client.incrby, conn.client, c.key, 1))
 end))
 
-core.register_action("acct-raw", { "http-req" }, with_pooled(function(conn, key)
-  if conn.tcp:send(resp_incr(key)) == nil then
+local COLON, MINUS = string.byte(":"), string.byte("-")
+
+core.register_action("acct-raw", { "http-req" }, with_pooled(function(conn, c)
+  if conn.tcp:send(c.cmd) == nil then
     return false
   end
   local line = conn.tcp:receive("*l")
   -- nil: timeout or closed, the reply may still come, so never reuse. An integer
   -- or an error reply (WRONGTYPE...) leaves the stream in sync; anything else does not.
-  return line ~= nil and (line:sub(1, 1) == ":" or line:sub(1, 1) == "-")
+  if line == nil then
+    return false
+  end
+  local first = line:byte(1)
+  return first == COLON or first == MINUS
 end))
 
 -- Pool counters for tests and operators: GET on the admin listener.

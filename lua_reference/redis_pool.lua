@@ -16,7 +16,10 @@
 --   * renew() closes the broken socket and frees its slot before trying a new
 --     connection, so nb_cur never counts a dead connection;
 --   * AUTH and SELECT are sent on connect when configured (the seed has neither);
---   * each socket gets a timeout, so a stalled Redis cannot hang a request forever;
+--   * a socket timeout is set only when configured (timeout > 0): on HAProxy 2.6 a cosocket
+--     with a timeout now and then resumes its reader only when that timeout expires, although
+--     the reply is there, and the request and its pooled connection stand still that long
+--     (docs/reference.md). Without one, HAProxy's own Lua socket timeouts apply;
 --   * nb_wait_timeout counts get() calls that gave up (requests let through uncounted).
 
 local Fifo = require("fifo")
@@ -30,7 +33,7 @@ function Pool.new(opts)
   p.port = opts.port
   p.password = opts.password
   p.db = opts.db or 0
-  p.timeout = opts.timeout or 1
+  p.timeout = opts.timeout or 0 -- seconds; 0: HAProxy's own socket timeouts
   p.redis = opts.redis -- the redis-lua module, or nil for raw-only use
   p.pool = Fifo.new()
   p.nb_max = opts.size
@@ -44,7 +47,9 @@ end
 -- Open a socket to Redis and log in. Returns the socket, or nil and a reason.
 function Pool:connect_socket()
   local tcp = core.tcp()
-  tcp:settimeout(self.timeout)
+  if self.timeout > 0 then
+    tcp:settimeout(self.timeout)
+  end
   if tcp:connect(self.host, self.port) == nil then
     tcp:close()
     return nil, "connect failed"

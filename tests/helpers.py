@@ -128,9 +128,11 @@ class HAProxyReference:
     """The HAProxy+Lua reference (haproxy/run.sh) on free ports, against a given Redis."""
 
     LISTENERS = ("calibration", "naive", "pooled", "raw")
+    # The seed's own code (lua_reference/seed.lua), as benchmark targets beside the reference.
+    SEED_LISTENERS = ("seed-pooled", "seed-raw")
 
     def __init__(self, redis_port: int, trusted: str = "127.0.0.0/8", pool_size: int = 20, **env: str) -> None:
-        self.ports = {name: free_port() for name in (*self.LISTENERS, "stats")}
+        self.ports = {name: free_port() for name in (*self.LISTENERS, *self.SEED_LISTENERS, "stats")}
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.script = os.path.join(root, "haproxy", "run.sh")
         self.env = {
@@ -140,7 +142,7 @@ class HAProxyReference:
             "REF_TRUSTED_PROXIES": trusted,
             "REF_POOL_SIZE": str(pool_size),
             "REF_TIMEOUT_MS": "500",
-            **{f"HAPROXY_{name.upper()}_PORT": str(port) for name, port in self.ports.items()},
+            **{f"HAPROXY_{name.upper().replace('-', '_')}_PORT": str(port) for name, port in self.ports.items()},
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -36,7 +36,7 @@ def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
     summary = result["summary"]
     expected = {f"gateway/{m}" for m in bench.GATEWAY_MODES}
     if shutil.which("haproxy"):
-        expected |= {f"haproxy/{m}" for m in ("calibration", "naive", "pooled", "raw")}
+        expected |= {f"haproxy/{m}" for m in ("calibration", "naive", "pooled", "raw", "seed-pooled", "seed-raw")}
     assert set(summary) == expected
     for name, row in summary.items():
         assert row["errors"] == [] and row["rps"] > 0, (name, row)
@@ -107,7 +107,9 @@ def test_compose_matches_defaults() -> None:
     assert "10060:10060" in services["gateway"]["ports"]
     # HAProxy's ports and settings are run.sh's defaults.
     run_sh = (ROOT / "haproxy" / "run.sh").read_text()
-    for var, port in [("CALIBRATION", 10070), ("NAIVE", 10071), ("POOLED", 10072), ("RAW", 10073)]:
+    listeners = [("CALIBRATION", 10070), ("NAIVE", 10071), ("POOLED", 10072), ("RAW", 10073),
+                 ("SEED_POOLED", 10074), ("SEED_RAW", 10075)]  # fmt: skip
+    for var, port in listeners:
         assert f"HAPROXY_{var}_PORT:-{port}" in run_sh
         assert f"{port}:{port}" in services["haproxy"]["ports"]
     henv = services["haproxy"]["environment"]

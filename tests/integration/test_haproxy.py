@@ -85,6 +85,35 @@ async def test_pool_never_exceeds_nb_max(listener: str, haproxy: HAProxyReferenc
     assert counted + stats["nb_wait_timeout"] + stats["nb_err"] == 600, stats
 
 
+@pytest.mark.parametrize("listener", HAProxyReference.SEED_LISTENERS)
+async def test_seed_listener_counts_every_request(
+    listener: str, haproxy: HAProxyReference, redis_server: RedisServer
+) -> None:
+    # The seed's own code (seed.lua) under 20 concurrent clients and a pool of 5: every request
+    # redirected and counted once under the client's key, never more connections than the pool.
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, await asyncio.to_thread(redis_server.client_count))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    replies = await _send(haproxy.url(listener), [None] * 200, concurrency=20)
+    done.set()
+    await watcher
+    assert set(replies) == {(302, "/ok")}
+    # As published, the seed has no rule for the target: /ok is redirected (and counted) too.
+    async with aiohttp.ClientSession() as s, s.get(haproxy.url(listener) + "/ok", allow_redirects=False) as r:
+        assert r.status == 302
+    r = redis_server.client()
+    assert r.keys("*") == [b"ip:127.0.0.1"]
+    await eventually(lambda: r.get("ip:127.0.0.1") == b"201")
+    assert 1 <= peak <= 5
+
+
 def _sequence() -> list[str | None]:
     rng = random.Random(42)
     ips = [f"198.51.{i // 200}.{i % 200}" for i in range(60)] + [
