@@ -96,6 +96,11 @@ RATIOS = (
     ("multiplexed ÷ HAProxy raw", "gateway/multiplexed", "haproxy/raw"),
     ("raw ÷ HAProxy raw", "gateway/raw", "haproxy/raw"),
     ("pooled ÷ HAProxy pooled", "gateway/pooled", "haproxy/pooled"),
+    ("batched ÷ seed's pooled Lua", "gateway/batched", "haproxy/seed-pooled"),
+    ("multiplexed ÷ seed's raw Lua", "gateway/multiplexed", "haproxy/seed-raw"),
+    ("raw ÷ seed's raw Lua", "gateway/raw", "haproxy/seed-raw"),
+    ("HAProxy reference ÷ seed's code, pooled", "haproxy/pooled", "haproxy/seed-pooled"),
+    ("HAProxy reference ÷ seed's code, raw", "haproxy/raw", "haproxy/seed-raw"),
 )
 
 
