@@ -35,6 +35,7 @@ _POOL_COUNTERS = {
     "errors": "Redis connects that failed",
     "discarded": "Connections closed as unsafe to reuse",
     "wait_timeouts": "Checkouts that gave up waiting",
+    "fast_failures": "Checkouts refused without connecting while connects back off after failing",
     "disconnects": "Shared connections lost",
     "flushes": "Batched: flushes confirmed",
     "flush_failures": "Batched: flushes that failed and were kept for retry",

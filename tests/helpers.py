@@ -28,7 +28,8 @@ class FakeRedis:
 
     It answers INCRBY from its own dict and PING/AUTH/SELECT with +OK/+PONG.
     `handshake_delay` slows the first reply of each connection (a slow accept),
-    `stall` holds every reply until released, `split` sends replies a byte at a time.
+    `stall` holds every INCRBY reply until released (the connect's PING, AUTH and SELECT
+    are answered), `split` sends replies a byte at a time.
     """
 
     handshake_delay: float = 0.0
@@ -68,7 +69,7 @@ class FakeRedis:
                     if first and self.handshake_delay:
                         await asyncio.sleep(self.handshake_delay)
                     first = False
-                    if self.stall is not None:
+                    if self.stall is not None and cmd[0].upper() == b"INCRBY":
                         await self.stall.wait()
                     reply = self._reply(cmd)
                     if self.split:

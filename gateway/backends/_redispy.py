@@ -1,14 +1,18 @@
-"""What the redis-py backends share: connection options and exception translation."""
+"""What the redis-py backends share: connection options, exception translation, and the
+connect backoff (`gateway.backoff`) applied to redis-py's connections."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .. import errors
+from ..backoff import ConnectBackoff
 from ..config import Config
 from ..errors import AccountingError
 
@@ -57,3 +61,33 @@ def translate(exc: Exception) -> AccountingError:
     if isinstance(exc, rexc.RedisError):
         return AccountingError(errors.PROTOCOL, str(exc))
     return AccountingError(errors.INTERNAL, repr(exc))
+
+
+def gated_connection_class(
+    backoff: ConnectBackoff, on_connected: Callable[[], None] | None = None
+) -> type[aioredis.Connection]:
+    """A redis-py connection class whose connects (socket, AUTH, SELECT) go through `backoff`.
+
+    While connects are failing (a wrong password, say), a connect is refused at once with
+    AccountingError instead of opening a socket and sending AUTH for every request.
+    `on_connected` is called after each successful connect.
+    """
+
+    class GatedConnection(aioredis.Connection):
+        async def connect(self) -> None:
+            if self.is_connected:
+                return
+            backoff.admit()
+            try:
+                await super().connect()
+            except (rexc.RedisError, OSError) as exc:
+                backoff.failed(translate(exc))
+                raise
+            except BaseException:  # cancelled: this attempt decided nothing
+                backoff.abandoned()
+                raise
+            backoff.succeeded()
+            if on_connected is not None:
+                on_connected()
+
+    return GatedConnection

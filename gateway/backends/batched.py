@@ -156,8 +156,6 @@ class BatchedBackend(OwnCodecBackend):
                 connections=1,
                 connect_timeout=c.connect_timeout,
                 command_timeout=c.command_timeout,
-                dedicated_pool_size=c.pool_size,
-                dedicated_wait=c.pool_wait,
             )
             self.redis = Direct(MuxNode(self.mux, c.connect_timeout))
             await self.mux.start(wait=c.connect_timeout)
