@@ -57,6 +57,7 @@ class ConnectBackoff:
         self._delay = 0.0
 
     def failed(self, exc: AccountingError) -> None:
+        """A connect failed; also for a refusal seen only at the first command (maxclients)."""
         self._probing = False
         self._delay = min(max(self._delay * 2, self._initial), self._most)
         # Half fixed, half jitter: a minimum pause, and gateways that failed together do not retry together.

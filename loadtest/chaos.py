@@ -350,14 +350,29 @@ async def error_replies(kind: str, mode: str = "raw", clients: int = 10) -> Outc
             replica = RedisProcess("--replicaof", "127.0.0.1", str(server.port)).start()
             url = replica.url
         cfg = gateway_config(url, mode, pool_wait_ms=200, connect_timeout_ms=200, command_timeout_ms=200)
+        # Connects Redis saw (accepted or refused) while refusing the gateway: a refused login or
+        # maxclients must put connects into backoff, not cost one per request.
+        if not holders:
+            holders.append(server.client())  # closed with the others
+        probe = holders[0]
+
+        def connects() -> int:
+            info = probe.info("stats")
+            return int(info["total_connections_received"]) + int(info["rejected_connections"])
+
         with LogCounter() as logs:
             async with gateway(cfg) as (gw, base):
                 load = Load(base, clients)
+                before, t0 = connects(), time.monotonic()
 
                 async def fault() -> None:
                     await asyncio.sleep(1.5)
 
                 await load.run(fault)
+                if kind in ("auth", "maxclients"):
+                    rate = (connects() - before) / (time.monotonic() - t0)
+                    out.extra["redis_connects_per_s"] = round(rate, 1)
+                    out.notes = f"{rate:.0f} Redis connects/s"
                 await gw.backend.close()
                 fill(out, load, gw, logs)
     finally:
@@ -533,7 +548,8 @@ async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
     plan += [lambda m=m: paused(m) for m in modes]
     plan += [lambda m=m: connections_killed(m) for m in modes]
     plan += [lambda m=m: restarted(m) for m in modes]
-    plan += [lambda k=k: error_replies(k) for k in ("wrongtype", "maxclients", "auth", "readonly")]
+    plan += [lambda k=k: error_replies(k) for k in ("wrongtype", "readonly")]
+    plan += [lambda k=k, m=m: error_replies(k, m) for k in ("maxclients", "auth") for m in modes]
     plan += [lambda m=m: client_disconnects(m) for m in modes]
     plan += [lambda: slowloris(), lambda: graceful_shutdown("batched"), lambda: graceful_shutdown("raw")]
     rows = []

@@ -63,15 +63,37 @@ def translate(exc: Exception) -> AccountingError:
     return AccountingError(errors.INTERNAL, repr(exc))
 
 
+def refused_connection(exc: BaseException) -> bool:
+    """Redis refused the connection itself in reply to a command (`ERR max number of clients
+    reached`: redis-py sends nothing at connect without AUTH or SELECT, so the first command
+    gets the refusal). A connect failure for the backoff, not a broken connection."""
+    return isinstance(exc, rexc.ConnectionError) and bool(getattr(exc, "status_code", None))
+
+
+def settle(backoff: ConnectBackoff, exc: BaseException | None, err: AccountingError | None = None) -> None:
+    """What a command's outcome (`exc` None: a reply) says about connecting: a refusal is a failed
+    connect; while connects are failing, a reply ends the backoff (a connect that sent nothing,
+    no AUTH and no SELECT, is proven only by its first reply)."""
+    if exc is not None and err is not None and refused_connection(exc):
+        backoff.failed(err)
+    elif backoff.failing is not None:
+        if exc is None:
+            backoff.succeeded()
+        else:
+            backoff.abandoned()  # timed out, lost, cancelled: decided nothing
+
+
 def gated_connection_class(
-    backoff: ConnectBackoff, on_connected: Callable[[], None] | None = None
+    backoff: ConnectBackoff, config: Config, on_connected: Callable[[], None] | None = None
 ) -> type[aioredis.Connection]:
     """A redis-py connection class whose connects (socket, AUTH, SELECT) go through `backoff`.
 
     While connects are failing (a wrong password, say), a connect is refused at once with
-    AccountingError instead of opening a socket and sending AUTH for every request.
-    `on_connected` is called after each successful connect.
+    AccountingError instead of opening a socket and sending AUTH for every request. Without
+    AUTH or SELECT redis-py sends nothing at connect, so the connect ends the backoff only
+    once a command on it has its reply (`settle`). `on_connected` is called after each connect.
     """
+    answered_at_connect = bool(config.redis.password or config.redis.db)
 
     class GatedConnection(aioredis.Connection):
         async def connect(self) -> None:
@@ -86,7 +108,8 @@ def gated_connection_class(
             except BaseException:  # cancelled: this attempt decided nothing
                 backoff.abandoned()
                 raise
-            backoff.succeeded()
+            if answered_at_connect:
+                backoff.succeeded()
             if on_connected is not None:
                 on_connected()
 

@@ -18,7 +18,7 @@ import redis.exceptions as rexc
 from .. import errors
 from ..backoff import ConnectBackoff
 from ..errors import AccountingError
-from ._redispy import connection_kwargs, gated_connection_class, translate
+from ._redispy import connection_kwargs, gated_connection_class, settle, translate
 from .base import Backend
 
 
@@ -28,7 +28,7 @@ class NaiveBackend(Backend):
     async def start(self) -> None:
         self._kwargs = connection_kwargs(self.config)
         self._backoff = ConnectBackoff()
-        self._connection_class = gated_connection_class(self._backoff)
+        self._connection_class = gated_connection_class(self._backoff, self.config)
         self._slots = asyncio.Semaphore(self.config.pool_size)
         self._open = 0
         self._waiting = 0
@@ -58,11 +58,17 @@ class NaiveBackend(Backend):
             raise
         except (rexc.RedisError, OSError) as exc:
             self._errors += 1
-            raise translate(exc) from None
+            err = translate(exc)
+            settle(self._backoff, exc, err)
+            raise err from None
+        except BaseException as exc:
+            settle(self._backoff, exc)
+            raise
         finally:
             await conn.disconnect()
             self._open -= 1
             self._slots.release()
+        settle(self._backoff, None)
         return int(value)
 
     async def ping(self) -> None:

@@ -26,7 +26,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from .. import errors
 from ..backoff import ConnectBackoff
 from ..errors import AccountingError
-from ._redispy import connection_kwargs, gated_connection_class, translate
+from ._redispy import connection_kwargs, gated_connection_class, settle, translate
 from .base import Backend
 
 
@@ -64,7 +64,7 @@ class PooledBackend(Backend):
         self._pool = aioredis.BlockingConnectionPool(
             max_connections=self.config.pool_size,
             timeout=self.config.pool_wait,
-            connection_class=gated_connection_class(self._backoff, connected),
+            connection_class=gated_connection_class(self._backoff, self.config, connected),
             **kwargs,
         )
         self._client = aioredis.Redis(connection_pool=self._pool, retry=kwargs["retry"])
@@ -72,7 +72,7 @@ class PooledBackend(Backend):
     async def incr(self, key: str) -> int:
         self._inflight += 1
         try:
-            return int(await self._client.incrby(key, 1))
+            value = int(await self._client.incrby(key, 1))
         except AccountingError:
             self._errors += 1  # refused by the connect backoff
             raise
@@ -82,9 +82,15 @@ class PooledBackend(Backend):
                 self._wait_timeouts += 1
             else:
                 self._errors += 1
+                settle(self._backoff, exc, err)
             raise err from None
+        except BaseException as exc:
+            settle(self._backoff, exc)
+            raise
         finally:
             self._inflight -= 1
+        settle(self._backoff, None)
+        return value
 
     async def ping(self) -> None:
         try:

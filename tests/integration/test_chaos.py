@@ -57,19 +57,28 @@ async def test_redis_restarted(fault_mode: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "expected"),
+    ("kind", "error_mode", "expected"),
     [
-        ("wrongtype", {"redis:WRONGTYPE"}),
-        ("maxclients", {"redis:ERR", "connection_lost"}),
-        ("auth", {"redis:WRONGPASS"}),
-        ("readonly", {"redis:READONLY"}),
+        ("wrongtype", "raw", {"redis:WRONGTYPE"}),
+        ("maxclients", "raw", {"redis:ERR", "connection_lost"}),
+        ("maxclients", "multiplexed", {"redis:ERR", "connection_lost"}),
+        ("auth", "raw", {"redis:WRONGPASS"}),
+        ("auth", "pooled", {"redis:WRONGPASS"}),
+        ("auth", "naive", {"redis:WRONGPASS"}),
+        ("maxclients", "pooled", {"redis:ERR", "connection_lost"}),
+        ("auth", "multiplexed", {"redis:WRONGPASS"}),
+        ("readonly", "raw", {"redis:READONLY"}),
     ],
 )
-async def test_error_replies_counted_by_kind(kind: str, expected: set[str]) -> None:
-    out = await chaos.error_replies(kind)
+async def test_error_replies_counted_by_kind(kind: str, error_mode: str, expected: set[str]) -> None:
+    out = await chaos.error_replies(kind, error_mode)
     assert out.answered == out.sent > 0 and out.status_5xx == 0, out  # keeps serving
     assert set(out.failures) <= expected and sum(out.failures.values()) == out.answered, out
     assert 1 <= out.log_lines <= 3, out
+    if kind in ("auth", "maxclients"):
+        # Connects back off while Redis refuses them: a few a second, not one per request
+        # (about 4,600 a second in raw mode before).
+        assert out.extra["redis_connects_per_s"] <= 30, out
 
 
 @pytest.mark.parametrize("fault_mode", chaos.ALL_MODES)
