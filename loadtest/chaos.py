@@ -384,6 +384,37 @@ async def error_replies(kind: str, mode: str = "raw", clients: int = 10) -> Outc
     return out
 
 
+async def bad_key(mode: str, clients: int = 200, duration_s: float = 2.0) -> Outcome:
+    """One counter key of the wrong type (a hash) among `clients` addresses under load: its
+    requests fail with redis:WRONGTYPE, the others must count exactly, and the log must not
+    get a line each time a failure follows a success."""
+    server = RedisProcess().start()
+    out = Outcome(f"one bad key among {clients} clients", mode)
+    try:
+        seed_counters(server, clients)
+        bad = client_ip(7)
+        with server.client() as r:
+            r.delete(f"ip:{bad}")
+            r.hset(f"ip:{bad}", "a", "b")
+        cfg = gateway_config(server.url, mode, count_header=None)
+        with LogCounter() as logs:
+            async with gateway(cfg) as (gw, base):
+                load = Load(base, clients)
+
+                async def fault() -> None:
+                    await asyncio.sleep(duration_s)
+
+                await load.run(fault)
+                await gw.backend.close()
+                fill(out, load, gw, logs)
+        seeded = sum(i * BASE for i in range(clients) if i != 7)
+        out.drift = server.counter_sum("ip:10.77.*") - seeded - gw.counted
+        out.conns_left = await _connections_after(server)
+    finally:
+        server.cleanup()
+    return out
+
+
 async def client_disconnects(mode: str, clients: int = 20) -> Outcome:
     """Clients give up mid-request (Redis paused), then normal traffic checks every reply."""
     server = RedisProcess().start()
@@ -550,6 +581,7 @@ async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
     plan += [lambda m=m: restarted(m) for m in modes]
     plan += [lambda k=k: error_replies(k) for k in ("wrongtype", "readonly")]
     plan += [lambda k=k, m=m: error_replies(k, m) for k in ("maxclients", "auth") for m in modes]
+    plan += [lambda m=m: bad_key(m) for m in modes]
     plan += [lambda m=m: client_disconnects(m) for m in modes]
     plan += [lambda: slowloris(), lambda: graceful_shutdown("batched"), lambda: graceful_shutdown("raw")]
     rows = []

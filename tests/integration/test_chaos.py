@@ -81,6 +81,18 @@ async def test_error_replies_counted_by_kind(kind: str, error_mode: str, expecte
         assert out.extra["redis_connects_per_s"] <= 30, out
 
 
+@pytest.mark.parametrize("fault_mode", ["raw", "batched"])
+async def test_one_bad_key_logs_a_few_lines_and_the_others_count_exactly(fault_mode: str) -> None:
+    # 200 addresses, one key of the wrong type: 421 (raw) to 1,396 (batched) warning lines in
+    # 5 s when any success closed the failure burst. Now one burst for the kind.
+    out = await chaos.bad_key(fault_mode)
+    assert out.answered == out.sent > 0 and out.status_5xx == 0, out
+    assert set(out.failures) == {"redis:WRONGTYPE"}, out
+    assert out.drift == 0, out  # the 199 others counted exactly
+    assert 1 <= out.log_lines <= 2, out
+    assert out.conns_left == 0, out
+
+
 @pytest.mark.parametrize("fault_mode", chaos.ALL_MODES)
 async def test_client_disconnects_leave_no_dirty_connection(fault_mode: str) -> None:
     out = await chaos.client_disconnects(fault_mode)
