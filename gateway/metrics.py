@@ -109,6 +109,11 @@ class GatewayCollector(Collector):
                 "gateway_workers", "Worker processes answering the supervisor", workers["answering"]
             )
             yield CounterMetricFamily("gateway_worker_restarts", "Workers restarted after exiting", workers["restarts"])
+            yield GaugeMetricFamily(
+                "gateway_workers_unresponsive",
+                "Workers whose admin socket does not answer the supervisor",
+                workers.get("unresponsive", 0),
+            )
         conns = stats.get("connections") or {}
         if conns:
             yield GaugeMetricFamily("gateway_client_connections", "Client connections open", conns["open"])
