@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -576,14 +577,14 @@ def table(rows: list[Outcome]) -> str:
 
 async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
     plan: list[Callable[[], Awaitable[Outcome]]] = []
-    plan += [lambda m=m: paused(m) for m in modes]
-    plan += [lambda m=m: connections_killed(m) for m in modes]
-    plan += [lambda m=m: restarted(m) for m in modes]
-    plan += [lambda k=k: error_replies(k) for k in ("wrongtype", "readonly")]
-    plan += [lambda k=k, m=m: error_replies(k, m) for k in ("maxclients", "auth") for m in modes]
-    plan += [lambda m=m: bad_key(m) for m in modes]
-    plan += [lambda m=m: client_disconnects(m) for m in modes]
-    plan += [lambda: slowloris(), lambda: graceful_shutdown("batched"), lambda: graceful_shutdown("raw")]
+    plan += [partial(paused, m) for m in modes]
+    plan += [partial(connections_killed, m) for m in modes]
+    plan += [partial(restarted, m) for m in modes]
+    plan += [partial(error_replies, k) for k in ("wrongtype", "readonly")]
+    plan += [partial(error_replies, k, m) for k in ("maxclients", "auth") for m in modes]
+    plan += [partial(bad_key, m) for m in modes]
+    plan += [partial(client_disconnects, m) for m in modes]
+    plan += [slowloris, partial(graceful_shutdown, "batched"), partial(graceful_shutdown, "raw")]
     rows = []
     for i, step in enumerate(plan, 1):
         try:

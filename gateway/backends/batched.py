@@ -414,9 +414,11 @@ class BatchedBackend(OwnCodecBackend):
             raise AccountingError(errors.PROTOCOL, f"flush answered {reply!r}")
         key_errors: dict[str, AccountingError] = {}
         for i in range(1, len(reply) - 1, 2):
-            message = reply[i + 1]
+            index, message = reply[i], reply[i + 1]
+            if not isinstance(index, int) or not 1 <= index <= len(keys):
+                raise AccountingError(errors.PROTOCOL, f"flush answered {reply!r}")
             text = message.decode() if isinstance(message, bytes) else str(message)
-            key_errors[keys[int(reply[i]) - 1]] = AccountingError(errors.reply_error_kind(text.split(" ", 1)[0]), text)
+            key_errors[keys[index - 1]] = AccountingError(errors.reply_error_kind(text.split(" ", 1)[0]), text)
         if reply[0] == 0:
             self.duplicate_flushes += 1  # applied by an earlier send whose reply was lost
         return key_errors
@@ -448,10 +450,17 @@ class BatchedBackend(OwnCodecBackend):
 
     # -- admin and lifecycle ------------------------------------------------------
 
+    def _batches(self) -> list[_Batch]:
+        """The filling batch, the one in flight and the one awaiting retry, each once."""
+        out = [self._batch]
+        for b in (self._inflight, self._unconfirmed):
+            if b is not None and all(b is not o for o in out):
+                out.append(b)
+        return out
+
     @property
     def pending_increments(self) -> int:
-        batches = {self._batch, self._inflight, self._unconfirmed} - {None}
-        return sum(sum(b.counts.values()) for b in batches)  # type: ignore[union-attr]
+        return sum(sum(b.counts.values()) for b in self._batches())
 
     def _pending(self) -> bool:
         return bool(self._batch.counts) or self._inflight is not None or self._unconfirmed is not None
@@ -491,8 +500,8 @@ class BatchedBackend(OwnCodecBackend):
         if lost:
             log.error("batched: %d increments could not be flushed to Redis before shutdown", lost)
             unconfirmed = AccountingError(errors.DEFERRED, "shutting down before Redis confirmed the increment")
-            for batch in {self._batch, self._inflight, self._unconfirmed} - {None}:
-                self._answer_now(batch, unconfirmed)  # type: ignore[arg-type]
+            for batch in self._batches():
+                self._answer_now(batch, unconfirmed)
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
