@@ -29,6 +29,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -105,6 +106,8 @@ class Multiplexer:
         self.disconnects = 0
         # The last connect's failure while no connection is up: what commands fail with meanwhile.
         self._connect_error: AccountingError | None = None
+        #: Called each time a shared connection comes up (a caller backing off may retry at once).
+        self.on_connected: Callable[[], None] | None = None
 
     async def start(self, wait: float | None = None) -> None:
         """Start connecting every slot; with `wait`, give the first connects that long."""
@@ -173,6 +176,8 @@ class Multiplexer:
             delay = initial
             slot.conn = conn
             slot.ready.set()
+            if self.on_connected is not None:
+                self.on_connected()
             await conn.closed
             slot.conn = None
             slot.ready.clear()

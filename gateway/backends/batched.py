@@ -47,6 +47,7 @@ from typing import Any
 
 from .. import errors
 from ..cluster import Direct, MuxNode
+from ..config import RedisTarget
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
 from ..holding import HeldTransport
@@ -144,21 +145,28 @@ class BatchedBackend(OwnCodecBackend):
         self.flush_keys = Histogram(SIZE_BOUNDS)
         self.flush_latency = Histogram(LATENCY_BOUNDS)
         if c.cluster:
-            await self._start_cluster(
-                lambda t: MuxNode(
-                    Multiplexer(t, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout),
-                    c.connect_timeout,
-                )
-            )
+            await self._start_cluster(lambda t: MuxNode(self._mux(t), c.connect_timeout))
         else:
-            self.mux = Multiplexer(
-                c.redis,
-                connections=1,
-                connect_timeout=c.connect_timeout,
-                command_timeout=c.command_timeout,
-            )
+            self.mux = self._mux(c.redis)
             self.redis = Direct(MuxNode(self.mux, c.connect_timeout))
             await self.mux.start(wait=c.connect_timeout)
+
+    def _mux(self, target: RedisTarget) -> Multiplexer:
+        c = self.config
+        mux = Multiplexer(target, connections=1, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout)
+        mux.on_connected = self._connected
+        return mux
+
+    def _connected(self) -> None:
+        """A shared connection came (back) up: a flush waiting out its retry delay goes now, so
+        counting resumes as soon as Redis answers rather than up to a backoff later."""
+        if not self.failing or self._inflight is not None or self._stopped:
+            return
+        self._retry_at = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule(0.0)
 
     # -- request path ---------------------------------------------------------
 
