@@ -132,7 +132,7 @@ def test_a_dead_worker_is_restarted(redis_server: RedisServer) -> None:
 def test_a_hung_worker_is_reported_and_replaced(redis_server: RedisServer) -> None:
     # A SIGSTOPped worker used to go unnoticed: /healthz said 200 and new connections the kernel
     # gave it timed out. The supervisor now probes each worker's admin socket every second.
-    with _supervisor(redis_server.url, "--mode", "raw", "--worker-hang-timeout-s", "2") as (proc, base, admin):
+    with _supervisor(redis_server.url, "--mode", "raw", "--worker-hang-timeout-s", "1") as (proc, base, admin):
         victim = min(w["pid"] for w in _stats(admin, per_worker=True)["per_worker"])
         os.kill(victim, signal.SIGSTOP)
         try:
