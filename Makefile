@@ -87,6 +87,7 @@ chaos: system-deps venv
 lint: venv
 	$(VENV)/bin/ruff check gateway tests $(wildcard loadtest)
 	$(VENV)/bin/ruff format --check gateway tests $(wildcard loadtest)
+	$(VENV)/bin/mypy   # gateway/ and loadtest/, configured in pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache *.egg-info

@@ -135,7 +135,7 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.json_response(obj, status=status, dumps=_dumps)
 
 
-async def start_site(runner: web.BaseRunner[Any], where: tuple[str, int] | str, reuse_port: bool = False) -> None:
+async def start_site(runner: web.BaseRunner, where: tuple[str, int] | str, reuse_port: bool = False) -> None:
     """Listen on HOST:PORT, or on a Unix socket path; ListenError names the address."""
     site: web.BaseSite
     if isinstance(where, str):
@@ -156,7 +156,7 @@ class Running:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._front: FrontEnd | None = None
-        self._admin: web.BaseRunner[Any] | None = None
+        self._admin: web.BaseRunner | None = None
 
     async def start(self) -> None:
         config = self.gateway.config

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 from .config import (
     HTTP_FRONT_ENDS,
     MODES,
+    AccessLog,
+    BatchAck,
     Config,
     ConfigError,
+    ErrorPolicy,
     parse_admin_listen,
     parse_listen,
     parse_networks,
@@ -28,7 +32,30 @@ from .config import (
     parse_workers,
 )
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+def _config_defaults() -> dict[str, Any]:
+    """Config's field defaults: the one source of every option's default."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+DEFAULTS = _config_defaults()
+
+
+def _address(addr: tuple[str, int] | str | None) -> str:
+    if addr is None:
+        return "off"
+    if isinstance(addr, str):
+        return f"unix:{addr}"
+    return f"{addr[0]}:{addr[1]}"
+
+
+DEFAULT_REDIS_URL = DEFAULTS["redis"].url
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,29 +85,44 @@ def build_parser() -> argparse.ArgumentParser:
         on = os.environ.get(env, "").lower() in ("1", "true", "yes")
         p.add_argument(flag, action="store_true", default=on, help=f"{help} [env {env}=1]")
 
-    opt("--mode", "GATEWAY_MODE", "raw", "accounting mode: " + ", ".join(MODES), choices=MODES, metavar="MODE")
+    opt(
+        "--mode",
+        "GATEWAY_MODE",
+        DEFAULTS["mode"],
+        "accounting mode: " + ", ".join(MODES),
+        choices=MODES,
+        metavar="MODE",
+    )
     opt(
         "--http",
         "GATEWAY_HTTP",
-        "httptools",
+        DEFAULTS["http"],
         "HTTP front end: httptools (the own HTTP/1.1 protocol over llhttp) or aiohttp (aiohttp's server, "
         "kept for comparison)",
         choices=HTTP_FRONT_ENDS,
         metavar="FRONT_END",
     )
-    opt("--listen", "GATEWAY_LISTEN", "0.0.0.0:10060", "HOST:PORT of the HTTP front end")
+    opt("--listen", "GATEWAY_LISTEN", _address(DEFAULTS["listen"]), "HOST:PORT of the HTTP front end")
     opt(
         "--admin-listen",
         "GATEWAY_ADMIN_LISTEN",
-        "127.0.0.1:10061",
+        _address(DEFAULTS["admin_listen"]),
         "HOST:PORT or unix:PATH of the admin listener (/stats, /metrics, /healthz, /readyz); 'off' disables it",
     )
     opt(
         "--workers",
         "GATEWAY_WORKERS",
-        "1",
+        str(DEFAULTS["workers"]),
         "processes sharing the port (SO_REUSEPORT), each with its own Redis connections; 'auto' is one per "
         "CPU; above 1 a supervisor restarts dead workers and its admin listener sums their /stats",
+    )
+    opt(
+        "--worker-hang-timeout-s",
+        "GATEWAY_WORKER_HANG_TIMEOUT_S",
+        DEFAULTS["worker_hang_timeout_s"],
+        "with --workers above 1: a worker whose admin socket has not answered the supervisor for this "
+        "long is killed and restarted (it is reported unready at the first missed answer)",
+        type=float,
     )
     switch(
         "--reuse-port",
@@ -101,17 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url names Redis Cluster seed nodes (comma-separated): keys are routed by hash slot, "
         "MOVED and ASK followed; pooled, raw, multiplexed and batched modes",
     )
-    opt("--pool-size", "GATEWAY_POOL_SIZE", 20, "most Redis connections open at once", type=int)
-    opt("--pool-wait-ms", "GATEWAY_POOL_WAIT_MS", 1000.0, "longest wait for a free pooled connection", type=float)
+    opt("--pool-size", "GATEWAY_POOL_SIZE", DEFAULTS["pool_size"], "most Redis connections open at once", type=int)
+    opt(
+        "--pool-wait-ms",
+        "GATEWAY_POOL_WAIT_MS",
+        DEFAULTS["pool_wait_ms"],
+        "longest wait for a free pooled connection",
+        type=float,
+    )
     opt(
         "--connect-timeout-ms",
         "GATEWAY_CONNECT_TIMEOUT_MS",
-        500.0,
+        DEFAULTS["connect_timeout_ms"],
         "longest Redis connect, AUTH and SELECT",
         type=float,
     )
-    opt("--command-timeout-ms", "GATEWAY_COMMAND_TIMEOUT_MS", 500.0, "longest wait for a Redis reply", type=float)
-    opt("--key-prefix", "GATEWAY_KEY_PREFIX", "ip:", "prefix of the per-IP counter keys")
+    opt(
+        "--command-timeout-ms",
+        "GATEWAY_COMMAND_TIMEOUT_MS",
+        DEFAULTS["command_timeout_ms"],
+        "longest wait for a Redis reply",
+        type=float,
+    )
+    opt("--key-prefix", "GATEWAY_KEY_PREFIX", DEFAULTS["key_prefix"], "prefix of the per-IP counter keys")
     p.add_argument(
         "--trusted-proxy",
         action="append",
@@ -120,19 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="peer range whose X-Forwarded-For is believed; repeatable "
         "[env GATEWAY_TRUSTED_PROXIES, comma-separated] (default: none)",
     )
-    opt("--target", "GATEWAY_TARGET", "/ok", "where requests are redirected; requests for it get 200")
+    opt("--target", "GATEWAY_TARGET", DEFAULTS["target"], "where requests are redirected; requests for it get 200")
     opt(
         "--on-redis-error",
         "GATEWAY_ON_REDIS_ERROR",
-        "allow",
+        DEFAULTS["on_redis_error"],
         "when accounting fails: allow (answer as usual, count the failure) or deny (503 + Retry-After)",
-        choices=("allow", "deny"),
+        choices=get_args(ErrorPolicy),
     )
-    opt("--mux-connections", "GATEWAY_MUX_CONNECTIONS", 1, "multiplexed mode: shared connections", type=int)
+    opt(
+        "--mux-connections",
+        "GATEWAY_MUX_CONNECTIONS",
+        DEFAULTS["mux_connections"],
+        "multiplexed mode: shared connections",
+        type=int,
+    )
     opt(
         "--batch-window-ms",
         "GATEWAY_BATCH_WINDOW_MS",
-        0.0,
+        DEFAULTS["batch_window_ms"],
         "batched mode: longest wait before a flush; 0 flushes at the end of each loop tick, or as soon as "
         "the flush in flight returns (batches then grow with load)",
         type=float,
@@ -140,81 +200,76 @@ def build_parser() -> argparse.ArgumentParser:
     opt(
         "--batch-max-keys",
         "GATEWAY_BATCH_MAX_KEYS",
-        1000,
+        DEFAULTS["batch_max_keys"],
         "batched mode: flush at once when this many keys are pending",
         type=int,
     )
     opt(
         "--batch-max-pending",
         "GATEWAY_BATCH_MAX_PENDING",
-        1_000_000,
-        "batched mode: most increments held while Redis is unreachable",
+        DEFAULTS["batch_max_pending"],
+        "batched mode: most distinct keys held (in the filling batch, the one in flight and the one "
+        "awaiting retry while Redis is unreachable); an increment for a new key beyond it is dropped "
+        "and counted as overflow",
         type=int,
     )
     opt(
         "--batch-ack",
         "GATEWAY_BATCH_ACK",
-        "flush",
+        DEFAULTS["batch_ack"],
         "batched mode: flush (answer once the increment is in Redis) or none (answer at once)",
-        choices=("flush", "none"),
+        choices=get_args(BatchAck),
     )
     opt(
         "--shutdown-timeout-s",
         "GATEWAY_SHUTDOWN_TIMEOUT_S",
-        10.0,
+        DEFAULTS["shutdown_timeout_s"],
         "longest wait for in-flight requests on SIGTERM",
         type=float,
     )
     opt(
         "--request-timeout-s",
         "GATEWAY_REQUEST_TIMEOUT_S",
-        10.0,
+        DEFAULTS["request_timeout_s"],
         "a request head must arrive within this time of its first byte (or of connecting), else 408",
         type=float,
     )
     opt(
         "--keepalive-timeout-s",
         "GATEWAY_KEEPALIVE_TIMEOUT_S",
-        60.0,
+        DEFAULTS["keepalive_timeout_s"],
         "idle keep-alive connections are closed after this",
         type=float,
     )
     opt(
         "--max-connections",
         "GATEWAY_MAX_CONNECTIONS",
-        10_000,
+        DEFAULTS["max_connections"],
         "most client connections open at once; more get 503",
         type=int,
     )
     opt(
         "--max-body-bytes",
         "GATEWAY_MAX_BODY_BYTES",
-        1024 * 1024,
+        DEFAULTS["max_body_bytes"],
         "request bodies are read and discarded up to this size; larger ones get 413 (httptools front end)",
         type=int,
     )
     opt(
         "--count-header",
         "GATEWAY_COUNT_HEADER",
-        None,
+        DEFAULTS["count_header"],
         "response header carrying the client's new counter value (naive, pooled, raw, multiplexed); off by default",
     )
     opt(
         "--access-log",
         "GATEWAY_ACCESS_LOG",
-        "off",
+        DEFAULTS["access_log"],
         "off, or combined (one line per request on stderr, logger gateway.access; costs throughput)",
-        choices=("off", "combined"),
+        choices=get_args(AccessLog),
     )
-    opt("--log-level", "GATEWAY_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    opt("--log-level", "GATEWAY_LOG_LEVEL", DEFAULTS["log_level"], "DEBUG, INFO, WARNING or ERROR")
     return p
-
-
-def _checked(convert: Callable[[str], Any], value: Any, name: str) -> Any:
-    try:
-        return convert(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"invalid {name} {value!r}") from None
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> Config:
@@ -236,28 +291,29 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             listen=parse_listen(args.listen, "0.0.0.0"),
             admin_listen=admin,
             workers=parse_workers(args.workers, len(os.sched_getaffinity(0))),
+            worker_hang_timeout_s=args.worker_hang_timeout_s,
             reuse_port=args.reuse_port,
             redis=seeds[0],
             cluster=cluster,
             cluster_seeds=seeds[1:],
-            pool_size=_checked(int, args.pool_size, "pool size"),
-            pool_wait_ms=_checked(float, args.pool_wait_ms, "pool wait"),
-            connect_timeout_ms=_checked(float, args.connect_timeout_ms, "connect timeout"),
-            command_timeout_ms=_checked(float, args.command_timeout_ms, "command timeout"),
+            pool_size=args.pool_size,
+            pool_wait_ms=args.pool_wait_ms,
+            connect_timeout_ms=args.connect_timeout_ms,
+            command_timeout_ms=args.command_timeout_ms,
             key_prefix=args.key_prefix,
             trusted_proxies=parse_networks(trusted),
             target=args.target,
             on_redis_error=args.on_redis_error,
-            mux_connections=_checked(int, args.mux_connections, "mux connections"),
-            batch_window_ms=_checked(float, args.batch_window_ms, "batch window"),
-            batch_max_keys=_checked(int, args.batch_max_keys, "batch max keys"),
-            batch_max_pending=_checked(int, args.batch_max_pending, "batch max pending"),
+            mux_connections=args.mux_connections,
+            batch_window_ms=args.batch_window_ms,
+            batch_max_keys=args.batch_max_keys,
+            batch_max_pending=args.batch_max_pending,
             batch_ack=args.batch_ack,
-            shutdown_timeout_s=_checked(float, args.shutdown_timeout_s, "shutdown timeout"),
-            request_timeout_s=_checked(float, args.request_timeout_s, "request timeout"),
-            keepalive_timeout_s=_checked(float, args.keepalive_timeout_s, "keep-alive timeout"),
-            max_connections=_checked(int, args.max_connections, "max connections"),
-            max_body_bytes=_checked(int, args.max_body_bytes, "max body bytes"),
+            shutdown_timeout_s=args.shutdown_timeout_s,
+            request_timeout_s=args.request_timeout_s,
+            keepalive_timeout_s=args.keepalive_timeout_s,
+            max_connections=args.max_connections,
+            max_body_bytes=args.max_body_bytes,
             count_header=args.count_header or None,
             access_log=args.access_log,
             log_level=level,

@@ -148,9 +148,6 @@ class ClusterRouter:
         """Load the slot map; if no node answers, requests fail open until one does."""
         await self.refresh()
 
-    def address(self, slot: int) -> Address | None:
-        return self._slots[slot]
-
     def node(self, addr: Address) -> NodeClient:
         node = self._nodes.get(addr)
         if node is None:

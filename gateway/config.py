@@ -174,6 +174,8 @@ class Config:
     admin_listen: tuple[str, int] | str | None = ("127.0.0.1", 10061)
     # Processes sharing the listening port; above 1, this process supervises them.
     workers: int = 1
+    # With workers: a worker whose admin socket has not answered for this long is killed and restarted.
+    worker_hang_timeout_s: float = 10.0
     # SO_REUSEPORT on the front listener (set for workers; also for separately started instances).
     reuse_port: bool = False
     redis: RedisTarget = field(default_factory=RedisTarget)
@@ -182,8 +184,8 @@ class Config:
     cluster_seeds: tuple[RedisTarget, ...] = ()
     pool_size: int = 20
     pool_wait_ms: float = 1000.0
-    connect_timeout_ms: float = 1000.0
-    command_timeout_ms: float = 1000.0
+    connect_timeout_ms: float = 500.0
+    command_timeout_ms: float = 500.0
     key_prefix: str = "ip:"
     trusted_proxies: tuple[IPNetwork, ...] = ()
     target: str = "/ok"
@@ -230,6 +232,8 @@ class Config:
             raise ConfigError("Redis Cluster has only database 0")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1")
+        if self.worker_hang_timeout_s <= 0:
+            raise ConfigError("worker-hang-timeout-s must be > 0")
         if self.workers > 1 and self.listen[1] == 0:
             raise ConfigError("--workers needs a fixed listen port: with port 0 each worker would get its own")
         if self.http not in HTTP_FRONT_ENDS:

@@ -178,7 +178,14 @@ async def open_connection(
     command_timeout: float | None,
     coalesce_writes: bool = False,
 ) -> RedisConnection:
-    """Connect, then AUTH and SELECT as the URL asks; AccountingError on any failure."""
+    """Connect, then AUTH and SELECT as the URL asks (PING when it asks for neither), and wait for
+    the replies; AccountingError on any failure.
+
+    A connection is returned only once Redis has answered on it: a server that accepts the TCP
+    connection and then refuses the client (`ERR max number of clients reached`, a wrong
+    password, `LOADING`) or closes it at once fails here, with its reason, so callers can back
+    off instead of treating a bare TCP accept as a working connection.
+    """
     loop = asyncio.get_running_loop()
     ssl_ctx = ssl.create_default_context() if target.tls else None
     conn: RedisConnection | None = None
@@ -198,11 +205,12 @@ async def open_connection(
                     hello.append(("AUTH", target.password))
             if target.db:
                 hello.append(("SELECT", target.db))
-            if hello:
-                futs = conn.send_packed(encode_many(hello), len(hello))
-                for command, reply in zip(hello, await asyncio.gather(*futs), strict=False):
-                    if isinstance(reply, ReplyError):
-                        raise AccountingError(errors.reply_error_kind(reply.prefix), f"{command[0]} failed: {reply}")
+            if not hello:
+                hello.append(("PING",))
+            futs = conn.send_packed(encode_many(hello), len(hello))
+            for command, reply in zip(hello, await asyncio.gather(*futs), strict=True):
+                if isinstance(reply, ReplyError):
+                    raise AccountingError(errors.reply_error_kind(reply.prefix), f"{command[0]} failed: {reply}")
         return conn
     except BaseException as exc:
         if conn is not None:

@@ -7,7 +7,7 @@ set of kinds instead of by exception class names.
 
 from __future__ import annotations
 
-# Kinds, as they appear in /stats under "outcomes".
+# Kinds, as they appear in /stats under "failures" (and in /metrics as gateway_accounting_failures{kind}).
 POOL_TIMEOUT = "pool_timeout"  # no connection became free within --pool-wait-ms
 CONNECT = "connect_error"  # refused, unreachable, TLS or AUTH/SELECT failed
 TIMEOUT = "timeout"  # connected, but the reply did not come within the command timeout

@@ -103,7 +103,7 @@ class _GuardedHandler(RequestHandler):
             self._head_since = self._loop.time()
             self._arm()
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's contract: True keeps writing open
         # A half-closed client still gets the answers to the requests it completed:
         # keep the transport open for writing and close once they are written.
         self.close()

@@ -35,6 +35,7 @@ _POOL_COUNTERS = {
     "errors": "Redis connects that failed",
     "discarded": "Connections closed as unsafe to reuse",
     "wait_timeouts": "Checkouts that gave up waiting",
+    "fast_failures": "Checkouts refused without connecting while connects back off after failing",
     "disconnects": "Shared connections lost",
     "flushes": "Batched: flushes confirmed",
     "flush_failures": "Batched: flushes that failed and were kept for retry",
@@ -108,6 +109,11 @@ class GatewayCollector(Collector):
                 "gateway_workers", "Worker processes answering the supervisor", workers["answering"]
             )
             yield CounterMetricFamily("gateway_worker_restarts", "Workers restarted after exiting", workers["restarts"])
+            yield GaugeMetricFamily(
+                "gateway_workers_unresponsive",
+                "Workers whose admin socket does not answer the supervisor",
+                workers.get("unresponsive", 0),
+            )
         conns = stats.get("connections") or {}
         if conns:
             yield GaugeMetricFamily("gateway_client_connections", "Client connections open", conns["open"])

@@ -10,20 +10,26 @@ Owns the shared connections and their reconnection. Invariants:
   without the caller asking for it).
 - Commands that would block the shared connection or change its state for
   everyone (BLPOP, XREAD BLOCK, MULTI, WATCH, SELECT, SUBSCRIBE, ...) are refused
-  with `UnsupportedCommand`. `dedicated()` checks out a connection of its own
-  from a bounded pool for them, and always gives it back.
+  with `UnsupportedCommand`; such a caller needs a connection of its own
+  (`gateway.pool.Pool.connection()`).
+- A connection counts as up only once Redis has answered on it (the reply to
+  the PING, or AUTH and SELECT, sent with the connect). Until then the backoff
+  keeps growing: a Redis at `maxclients`, or anything that accepts and closes at
+  once, sees a few connects a second, not thousands. Why connects fail is
+  logged once per outage (and again only for a new kind of failure).
 
-While a connection is down, commands routed to it fail at once
-(`AccountingError` kind `connect_error`) instead of queueing behind a reconnect.
+While no connection is up, commands fail at once instead of queueing behind a
+reconnect: `AccountingError` of the last connect's kind (`connect_error`,
+`redis:WRONGPASS`, `redis:ERR` for maxclients, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -31,7 +37,6 @@ from . import errors
 from .config import RedisTarget
 from .connection import RedisConnection, open_connection
 from .errors import AccountingError
-from .pool import Pool
 from .resp import Reply, encode, encode_many
 
 log = logging.getLogger("gateway.multiplexer")
@@ -49,7 +54,7 @@ NOT_MULTIPLEXABLE = frozenset(
 
 
 class UnsupportedCommand(ValueError):
-    """The command cannot run on a shared connection; use `Multiplexer.dedicated()`."""
+    """The command cannot run on a shared connection; it needs a connection of its own."""
 
 
 def check_multiplexable(args: tuple[object, ...]) -> None:
@@ -60,7 +65,7 @@ def check_multiplexable(args: tuple[object, ...]) -> None:
     if name in NOT_MULTIPLEXABLE or blocking_read:
         raise UnsupportedCommand(
             f"{name} cannot run on a multiplexed connection: it blocks or changes the state of a "
-            "connection shared with other callers; use Multiplexer.dedicated() for it"
+            "connection shared with other callers; use a connection of its own (gateway.pool.Pool) for it"
         )
 
 
@@ -81,10 +86,8 @@ class Multiplexer:
         connections: int = 1,
         connect_timeout: float = 0.5,
         command_timeout: float = 0.5,
-        dedicated_pool_size: int = 4,
-        dedicated_wait: float = 1.0,
         backoff_initial: float = 0.05,
-        backoff_max: float = 2.0,
+        backoff_max: float = 0.5,
     ) -> None:
         self._connect = partial(
             open_connection,
@@ -101,12 +104,10 @@ class Multiplexer:
         self.connects = 0
         self.connect_errors = 0
         self.disconnects = 0
-        # No command timeout on dedicated connections: a BLPOP may rightly wait for minutes.
-        self._dedicated = Pool(
-            partial(open_connection, target, connect_timeout=connect_timeout, command_timeout=None),
-            dedicated_pool_size,
-            dedicated_wait,
-        )
+        # The last connect's failure while no connection is up: what commands fail with meanwhile.
+        self._connect_error: AccountingError | None = None
+        #: Called each time a shared connection comes up (a caller backing off may retry at once).
+        self.on_connected: Callable[[], None] | None = None
 
     async def start(self, wait: float | None = None) -> None:
         """Start connecting every slot; with `wait`, give the first connects that long."""
@@ -131,29 +132,52 @@ class Multiplexer:
                 w.cancel()
 
     async def _keep_connected(self, slot: _Slot) -> None:
-        delay = self._backoff[0]
-        reported = False
+        initial, most = self._backoff
+        delay = initial
+        failed = 0  # connects failed since this slot last had a working connection
+        since = 0.0
+        kinds: set[str] = set()
         while not self._closing:
             try:
+                # Returns only once Redis answered on the connection, so a server that accepts and
+                # then refuses (maxclients) or closes at once counts as a failure and backs off.
                 conn = await self._connect()
             except AccountingError as exc:
                 self.connect_errors += 1
-                if not reported:
+                self._connect_error = exc
+                if not failed:
+                    since = time.monotonic()
+                failed += 1
+                if exc.kind not in kinds:
+                    # Once per outage and kind of failure, never per attempt: with the reason.
+                    kinds.add(exc.kind)
                     log.warning(
-                        "multiplexed connection to %s failed (%s); retrying with backoff", self._target.url, exc
+                        "connection to Redis at %s failed (%s: %s); retrying with backoff up to %.1f s",
+                        self._target.url,
+                        exc.kind,
+                        exc,
+                        most,
                     )
-                    reported = True
-                # Full jitter, so N gateways do not reconnect in lockstep.
-                await asyncio.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, self._backoff[1])
+                # Half fixed, half jitter: a minimum pause, and gateways do not reconnect in lockstep.
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, most)
                 continue
-            if reported:
-                log.warning("multiplexed connection to %s re-established", self._target.url)
-                reported = False
+            if failed:
+                log.warning(
+                    "connection to Redis at %s re-established after %d failed connects over %.1f s",
+                    self._target.url,
+                    failed,
+                    time.monotonic() - since,
+                )
+                failed = 0
+                kinds.clear()
+            self._connect_error = None
             self.connects += 1
-            delay = self._backoff[0]
+            delay = initial
             slot.conn = conn
             slot.ready.set()
+            if self.on_connected is not None:
+                self.on_connected()
             await conn.closed
             slot.conn = None
             slot.ready.clear()
@@ -172,6 +196,9 @@ class Multiplexer:
                 return conn
         if self._closing:
             raise AccountingError(errors.UNAVAILABLE, "multiplexer is closed")
+        failing = self._connect_error
+        if failing is not None:
+            raise AccountingError(failing.kind, f"not connected to {self._target.url} (reconnecting): {failing}")
         raise AccountingError(errors.CONNECT, f"not connected to {self._target.url} (reconnecting)")
 
     async def execute(self, *args: object) -> Reply:
@@ -186,16 +213,6 @@ class Multiplexer:
         futs = self.connection().send_packed(encode_many(commands), len(commands))
         return list(await asyncio.gather(*futs))
 
-    @contextlib.asynccontextmanager
-    async def dedicated(self) -> AsyncIterator[RedisConnection]:
-        """A connection of the caller's own, for blocking and transactional commands.
-
-        It comes back to a bounded pool when the block exits; on an exception or
-        a cancellation it is closed instead, since its state is then unknown.
-        """
-        async with self._dedicated.connection(discard_on_error=True) as conn:
-            yield conn
-
     @property
     def connected(self) -> int:
         return sum(1 for s in self._slots if s.conn is not None and s.conn.usable)
@@ -209,7 +226,6 @@ class Multiplexer:
             "created": self.connects,
             "errors": self.connect_errors,
             "disconnects": self.disconnects,
-            "dedicated": self._dedicated.stats(),
         }
 
     async def close(self) -> None:
@@ -221,4 +237,3 @@ class Multiplexer:
             if slot.task is not None:
                 slot.task.cancel()
         await asyncio.gather(*(s.task for s in self._slots if s.task is not None), return_exceptions=True)
-        await self._dedicated.close()

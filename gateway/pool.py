@@ -12,6 +12,10 @@ Owns how many connections exist and who holds them. Invariants:
   outstanding. One that errored, timed out or was abandoned mid-command
   (cancellation) is closed and its slot freed: a reused connection with a reply
   still in flight would hand that reply to the next request.
+- A connect that fails puts new connects into backoff (`gateway.backoff`): a
+  checkout that would need a new connection meanwhile fails at once with the
+  same kind of error instead of connecting. Idle connections are still handed
+  out.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from . import errors
+from .backoff import ConnectBackoff
 from .connection import RedisConnection
 from .errors import AccountingError
 
@@ -35,6 +40,9 @@ class Pool:
         connect: Callable[[], Awaitable[RedisConnection]],
         max_size: int,
         wait_timeout: float,
+        *,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 0.5,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
@@ -50,6 +58,7 @@ class Pool:
         self.errors = 0
         self.discarded = 0
         self.wait_timeouts = 0
+        self.backoff = ConnectBackoff(backoff_initial, backoff_max)
 
     # -- checkout ---------------------------------------------------------
 
@@ -111,13 +120,25 @@ class Pool:
 
     async def _open_reserved(self) -> RedisConnection:
         try:
-            conn = await self._connect()
-        except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                self.errors += 1
+            self.backoff.admit()
+        except AccountingError:
             self._size -= 1
             self._grant_slot()
             raise
+        try:
+            conn = await self._connect()
+        except BaseException as exc:
+            if isinstance(exc, AccountingError):
+                self.errors += 1
+                self.backoff.failed(exc)
+            else:
+                if not isinstance(exc, asyncio.CancelledError):
+                    self.errors += 1
+                self.backoff.abandoned()
+            self._size -= 1
+            self._grant_slot()
+            raise
+        self.backoff.succeeded()
         self.created += 1
         self._in_use += 1
         return conn
@@ -205,4 +226,5 @@ class Pool:
             "errors": self.errors,
             "discarded": self.discarded,
             "wait_timeouts": self.wait_timeouts,
+            "fast_failures": self.backoff.refused,
         }

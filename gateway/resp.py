@@ -78,7 +78,7 @@ def encode(*args: object) -> bytes:
         if kind is str:
             data = arg.encode()  # type: ignore[attr-defined]
         elif kind is bytes:
-            data = arg  # type: ignore[assignment]
+            data = arg
         elif kind is int:
             data = b"%d" % arg  # type: ignore[str-format]
         else:

@@ -8,9 +8,14 @@ private directory; the supervisor's own admin listener answers /stats and
 /metrics with the workers' documents added up, and /stats?per_worker=1 lists
 them one by one.
 
-The supervisor restarts a worker that exits (with backoff if it keeps dying),
-and on SIGTERM or SIGINT passes the signal on and waits for every worker to
-drain, killing the ones still running after the shutdown timeout and a margin.
+The supervisor restarts a worker that exits (with backoff if it keeps dying).
+It also asks each worker's admin socket for /healthz every second: a worker that
+stops answering (stopped, deadlocked, its loop blocked) is reported at once in
+/readyz (unready) and /stats (`workers.unresponsive`), and after
+--worker-hang-timeout-s without an answer it is killed (SIGKILL) and so restarted;
+meanwhile the kernel still queues new connections for it. On SIGTERM or SIGINT
+the supervisor passes the signal on and waits for every worker to drain, killing
+the ones still running after the shutdown timeout and a margin.
 Workers are also told to exit if the supervisor itself dies (Linux).
 """
 
@@ -46,6 +51,11 @@ _HEALTHY_AFTER_S = 5.0
 _RESTART_DELAY_MAX_S = 10.0
 # Beyond the workers' own shutdown timeout, before they are killed.
 _STOP_MARGIN_S = 5.0
+# How often each worker's admin socket is asked whether it is alive, and how long it may take to answer.
+_PROBE_EVERY_S = 1.0
+_PROBE_TIMEOUT_S = 1.0
+# A worker just (re)started may take this long to open its admin socket before it can count as hung.
+_STARTUP_GRACE_S = 10.0
 
 
 class _Worker:
@@ -56,7 +66,15 @@ class _Worker:
         self.started = 0.0
         self.restarts = 0
         self.watcher: asyncio.Task[None] | None = None
+        self.prober: asyncio.Task[None] | None = None
         self.session: aiohttp.ClientSession | None = None
+        # When its admin socket first failed to answer, while it has not answered since.
+        self.unresponsive_since: float | None = None
+        self.answered = False  # since it was (re)started
+        self.hang_kills = 0
+
+    def unresponsive_s(self, now: float) -> float | None:
+        return None if self.unresponsive_since is None else now - self.unresponsive_since
 
 
 def _die_with_parent() -> None:
@@ -99,6 +117,46 @@ class Supervisor:
             sys.executable, "-m", "gateway", *args, env=env, preexec_fn=_die_with_parent
         )
         w.started = time.monotonic()
+        w.unresponsive_since = None
+        w.answered = False
+
+    async def _probe(self, w: _Worker) -> None:
+        """Ask the worker's admin socket whether it is alive; kill it once it has not answered for
+        the hang timeout (the watcher then restarts it, as for any exit)."""
+        hang_timeout = self.config.worker_hang_timeout_s
+        while not self._stopping:
+            await asyncio.sleep(_PROBE_EVERY_S)
+            proc = w.proc
+            if proc is None or proc.returncode is not None:
+                continue  # exited: the watcher restarts it
+            reply = await self._fetch(w, "/healthz", _PROBE_TIMEOUT_S)
+            if self._stopping or proc is not w.proc:
+                continue
+            now = time.monotonic()
+            if reply is not None:
+                if w.unresponsive_since is not None:
+                    log.warning(
+                        "worker %d (pid %d) answers again after %.1f s", w.index, proc.pid, now - w.unresponsive_since
+                    )
+                w.unresponsive_since = None
+                w.answered = True
+                continue
+            if w.unresponsive_since is None:
+                w.unresponsive_since = now
+                log.warning("worker %d (pid %d) does not answer its admin socket", w.index, proc.pid)
+            # A worker still starting has not opened its admin socket yet: it gets the grace first.
+            since = w.unresponsive_since if w.answered else max(w.unresponsive_since, w.started + _STARTUP_GRACE_S)
+            if now >= since + hang_timeout:
+                log.error(
+                    "worker %d (pid %d) has not answered for %.0f s; killing it (SIGKILL) to restart it",
+                    w.index,
+                    proc.pid,
+                    now - w.unresponsive_since,
+                )
+                w.hang_kills += 1
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
 
     async def _watch(self, w: _Worker) -> None:
         delay = 0.5
@@ -132,6 +190,7 @@ class Supervisor:
             raise
         for w in self.workers:
             w.watcher = asyncio.create_task(self._watch(w))
+            w.prober = asyncio.create_task(self._probe(w))
         if self.config.admin_listen is not None:
             self._runner = web.AppRunner(self.admin_app(), handle_signals=False, access_log=None)
             await self._runner.setup()
@@ -151,6 +210,7 @@ class Supervisor:
                 if w.proc.returncode is not None:
                     raise ListenError(f"worker {w.index} exited with status {w.proc.returncode} while starting")
                 if await self._fetch(w, "/healthz") is not None:
+                    w.answered = True
                     pending.remove(w)
             if time.monotonic() > deadline:
                 raise ListenError(f"{len(pending)} worker(s) did not start within 30 s")
@@ -179,34 +239,43 @@ class Supervisor:
                     w.proc.kill()
                 await w.proc.wait()
         for w in self.workers:
-            if w.watcher is not None:
-                w.watcher.cancel()
+            for task in (w.watcher, w.prober):
+                if task is not None:
+                    task.cancel()
             if w.session is not None:
                 await w.session.close()
         self._dir.cleanup()
 
     # -- admin ------------------------------------------------------------------
 
-    async def _fetch(self, w: _Worker, path: str) -> tuple[int, Any] | None:
+    async def _fetch(self, w: _Worker, path: str, timeout: float = 5.0) -> tuple[int, Any] | None:
         """(status, JSON body) from a worker's admin socket, or None if it does not answer."""
         if w.session is None:
-            w.session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=w.socket_path), timeout=aiohttp.ClientTimeout(total=5)
-            )
+            w.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=w.socket_path))
         try:
-            async with w.session.get(f"http://worker{path}") as resp:
+            async with w.session.get(f"http://worker{path}", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 return resp.status, await resp.json()
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
             return None
 
+    async def _fetch_answering(self, w: _Worker, path: str) -> tuple[int, Any] | None:
+        # A worker known not to answer is not waited for: /stats and /readyz stay fast.
+        if w.unresponsive_since is not None:
+            return None
+        return await self._fetch(w, path)
+
     async def worker_stats(self) -> list[dict[str, Any]]:
-        replies = await asyncio.gather(*(self._fetch(w, "/stats") for w in self.workers))
+        replies = await asyncio.gather(*(self._fetch_answering(w, "/stats") for w in self.workers))
+        now = time.monotonic()
         out = []
         for w, reply in zip(self.workers, replies, strict=True):
+            unresponsive = w.unresponsive_s(now)
             entry: dict[str, Any] = {
                 "index": w.index,
                 "pid": w.proc.pid if w.proc is not None else None,
                 "restarts": w.restarts,
+                "unresponsive_s": None if unresponsive is None else round(unresponsive, 1),
+                "killed_unresponsive": w.hang_kills,
                 "stats": reply[1] if reply is not None and reply[0] == 200 else None,
             }
             out.append(entry)
@@ -220,6 +289,8 @@ class Supervisor:
             "configured": len(self.workers),
             "answering": sum(1 for w in workers if w["stats"] is not None),
             "restarts": sum(w["restarts"] for w in workers),
+            "unresponsive": sum(1 for w in workers if w["unresponsive_s"] is not None),
+            "killed_unresponsive": sum(w["killed_unresponsive"] for w in workers),
             "supervisor_uptime_s": round(time.monotonic() - self._started, 3),
         }
         if per_worker:
@@ -241,10 +312,15 @@ class Supervisor:
         return web.json_response({"status": "alive", "workers": len(self.workers)})
 
     async def _ready_view(self, request: web.Request) -> web.Response:
-        replies = await asyncio.gather(*(self._fetch(w, "/readyz") for w in self.workers))
+        replies = await asyncio.gather(*(self._fetch_answering(w, "/readyz") for w in self.workers))
         ready = sum(1 for r in replies if r is not None and r[0] == 200)
         status = 200 if ready == len(self.workers) else 503
-        body = {"status": "ready" if status == 200 else "unready", "workers_ready": ready, "workers": len(replies)}
+        body = {
+            "status": "ready" if status == 200 else "unready",
+            "workers_ready": ready,
+            "workers": len(replies),
+            "workers_unresponsive": sum(1 for w in self.workers if w.unresponsive_since is not None),
+        }
         return web.json_response(body, status=status)
 
     def admin_app(self) -> web.Application:

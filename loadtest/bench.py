@@ -269,7 +269,8 @@ class ConnectionSampler(threading.Thread):
 
     def finish(self) -> None:
         self._halt.set()
-        self.join()
+        if self.ident is not None:  # started
+            self.join()
         for c in self.clients:
             c.close()
 
@@ -398,17 +399,20 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
         time.sleep(0.3)
         counted_before = db.counter_total()
         sampler = ConnectionSampler(db.ports)  # connected now, so its handshake is not in the window
-        commands_before = db.commands()
-        u0, s0 = cpu_times(proc.pid)
-        sampler.start()
-        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.monotonic()
-        res = inject(url, s, s.duration, other_cpus)
-        elapsed = time.monotonic() - t0
-        u1, s1 = cpu_times(proc.pid)
-        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        injector_cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
-        sampler.finish()
+        try:
+            commands_before = db.commands()
+            u0, s0 = cpu_times(proc.pid)
+            sampler.start()
+            children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.monotonic()
+            res = inject(url, s, s.duration, other_cpus)
+            elapsed = time.monotonic() - t0
+            u1, s1 = cpu_times(proc.pid)
+            children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            injector_cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
+        finally:
+            # Also when the injector fails: the thread would keep polling Redis for the rest of the run.
+            sampler.finish()
         time.sleep(0.5)  # let the last in-flight requests and any batch flush land
         # Less the INFOs that took the first reading (one per server), and the sampler's calls.
         commands = db.commands() - commands_before - len(db.ports) - sampler.calls

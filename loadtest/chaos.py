@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -350,14 +351,29 @@ async def error_replies(kind: str, mode: str = "raw", clients: int = 10) -> Outc
             replica = RedisProcess("--replicaof", "127.0.0.1", str(server.port)).start()
             url = replica.url
         cfg = gateway_config(url, mode, pool_wait_ms=200, connect_timeout_ms=200, command_timeout_ms=200)
+        # Connects Redis saw (accepted or refused) while refusing the gateway: a refused login or
+        # maxclients must put connects into backoff, not cost one per request.
+        if not holders:
+            holders.append(server.client())  # closed with the others
+        probe = holders[0]
+
+        def connects() -> int:
+            info = probe.info("stats")
+            return int(info["total_connections_received"]) + int(info["rejected_connections"])
+
         with LogCounter() as logs:
             async with gateway(cfg) as (gw, base):
                 load = Load(base, clients)
+                before, t0 = connects(), time.monotonic()
 
                 async def fault() -> None:
                     await asyncio.sleep(1.5)
 
                 await load.run(fault)
+                if kind in ("auth", "maxclients"):
+                    rate = (connects() - before) / (time.monotonic() - t0)
+                    out.extra["redis_connects_per_s"] = round(rate, 1)
+                    out.notes = f"{rate:.0f} Redis connects/s"
                 await gw.backend.close()
                 fill(out, load, gw, logs)
     finally:
@@ -365,6 +381,37 @@ async def error_replies(kind: str, mode: str = "raw", clients: int = 10) -> Outc
             h.close()
         if replica is not None:
             replica.cleanup()
+        server.cleanup()
+    return out
+
+
+async def bad_key(mode: str, clients: int = 200, duration_s: float = 2.0) -> Outcome:
+    """One counter key of the wrong type (a hash) among `clients` addresses under load: its
+    requests fail with redis:WRONGTYPE, the others must count exactly, and the log must not
+    get a line each time a failure follows a success."""
+    server = RedisProcess().start()
+    out = Outcome(f"one bad key among {clients} clients", mode)
+    try:
+        seed_counters(server, clients)
+        bad = client_ip(7)
+        with server.client() as r:
+            r.delete(f"ip:{bad}")
+            r.hset(f"ip:{bad}", "a", "b")
+        cfg = gateway_config(server.url, mode, count_header=None)
+        with LogCounter() as logs:
+            async with gateway(cfg) as (gw, base):
+                load = Load(base, clients)
+
+                async def fault() -> None:
+                    await asyncio.sleep(duration_s)
+
+                await load.run(fault)
+                await gw.backend.close()
+                fill(out, load, gw, logs)
+        seeded = sum(i * BASE for i in range(clients) if i != 7)
+        out.drift = server.counter_sum("ip:10.77.*") - seeded - gw.counted
+        out.conns_left = await _connections_after(server)
+    finally:
         server.cleanup()
     return out
 
@@ -530,12 +577,14 @@ def table(rows: list[Outcome]) -> str:
 
 async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
     plan: list[Callable[[], Awaitable[Outcome]]] = []
-    plan += [lambda m=m: paused(m) for m in modes]
-    plan += [lambda m=m: connections_killed(m) for m in modes]
-    plan += [lambda m=m: restarted(m) for m in modes]
-    plan += [lambda k=k: error_replies(k) for k in ("wrongtype", "maxclients", "auth", "readonly")]
-    plan += [lambda m=m: client_disconnects(m) for m in modes]
-    plan += [lambda: slowloris(), lambda: graceful_shutdown("batched"), lambda: graceful_shutdown("raw")]
+    plan += [partial(paused, m) for m in modes]
+    plan += [partial(connections_killed, m) for m in modes]
+    plan += [partial(restarted, m) for m in modes]
+    plan += [partial(error_replies, k) for k in ("wrongtype", "readonly")]
+    plan += [partial(error_replies, k, m) for k in ("maxclients", "auth") for m in modes]
+    plan += [partial(bad_key, m) for m in modes]
+    plan += [partial(client_disconnects, m) for m in modes]
+    plan += [slowloris, partial(graceful_shutdown, "batched"), partial(graceful_shutdown, "raw")]
     rows = []
     for i, step in enumerate(plan, 1):
         try:

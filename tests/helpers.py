@@ -11,6 +11,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import redis
 
 from gateway.config import Config, parse_redis_url
 from gateway.resp import Parser
@@ -19,7 +22,27 @@ from loadtest.procs import RedisProcess, free_port, stop_process, wait_port
 
 
 class RedisServer(RedisProcess):
-    """A real redis-server owned by one test or session (see loadtest.procs)."""
+    """A real redis-server owned by one test or session (see loadtest.procs).
+
+    `client()` hands out one harness client per database, reused by every caller and closed by
+    `cleanup()`, so a test need not close the clients it asks for (closing one is harmless: it
+    reconnects when used again)."""
+
+    def __init__(self, *extra: str, **kw: Any) -> None:
+        super().__init__(*extra, **kw)
+        self._clients: dict[int, redis.Redis] = {}
+
+    def client(self, db: int = 0) -> redis.Redis:
+        c = self._clients.get(db)
+        if c is None:
+            c = self._clients[db] = super().client(db)
+        return c
+
+    def cleanup(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+        super().cleanup()
 
 
 @dataclass
@@ -28,7 +51,8 @@ class FakeRedis:
 
     It answers INCRBY from its own dict and PING/AUTH/SELECT with +OK/+PONG.
     `handshake_delay` slows the first reply of each connection (a slow accept),
-    `stall` holds every reply until released, `split` sends replies a byte at a time.
+    `stall` holds every INCRBY reply until released (the connect's PING, AUTH and SELECT
+    are answered), `split` sends replies a byte at a time.
     """
 
     handshake_delay: float = 0.0
@@ -68,7 +92,7 @@ class FakeRedis:
                     if first and self.handshake_delay:
                         await asyncio.sleep(self.handshake_delay)
                     first = False
-                    if self.stall is not None:
+                    if self.stall is not None and cmd[0].upper() == b"INCRBY":
                         await self.stall.wait()
                     reply = self._reply(cmd)
                     if self.split:

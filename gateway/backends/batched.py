@@ -47,6 +47,7 @@ from typing import Any
 
 from .. import errors
 from ..cluster import Direct, MuxNode
+from ..config import RedisTarget
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
 from ..holding import Holder
@@ -145,23 +146,28 @@ class BatchedBackend(OwnCodecBackend):
         self.flush_keys = Histogram(SIZE_BOUNDS)
         self.flush_latency = Histogram(LATENCY_BOUNDS)
         if c.cluster:
-            await self._start_cluster(
-                lambda t: MuxNode(
-                    Multiplexer(t, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout),
-                    c.connect_timeout,
-                )
-            )
+            await self._start_cluster(lambda t: MuxNode(self._mux(t), c.connect_timeout))
         else:
-            self.mux = Multiplexer(
-                c.redis,
-                connections=1,
-                connect_timeout=c.connect_timeout,
-                command_timeout=c.command_timeout,
-                dedicated_pool_size=c.pool_size,
-                dedicated_wait=c.pool_wait,
-            )
+            self.mux = self._mux(c.redis)
             self.redis = Direct(MuxNode(self.mux, c.connect_timeout))
             await self.mux.start(wait=c.connect_timeout)
+
+    def _mux(self, target: RedisTarget) -> Multiplexer:
+        c = self.config
+        mux = Multiplexer(target, connections=1, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout)
+        mux.on_connected = self._connected
+        return mux
+
+    def _connected(self) -> None:
+        """A shared connection came (back) up: a flush waiting out its retry delay goes now, so
+        counting resumes as soon as Redis answers rather than up to a backoff later."""
+        if not self.failing or self._inflight is not None or self._stopped:
+            return
+        self._retry_at = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule(0.0)
 
     # -- request path ---------------------------------------------------------
 
@@ -417,9 +423,11 @@ class BatchedBackend(OwnCodecBackend):
             raise AccountingError(errors.PROTOCOL, f"flush answered {reply!r}")
         key_errors: dict[str, AccountingError] = {}
         for i in range(1, len(reply) - 1, 2):
-            message = reply[i + 1]
+            index, message = reply[i], reply[i + 1]
+            if not isinstance(index, int) or not 1 <= index <= len(keys):
+                raise AccountingError(errors.PROTOCOL, f"flush answered {reply!r}")
             text = message.decode() if isinstance(message, bytes) else str(message)
-            key_errors[keys[int(reply[i]) - 1]] = AccountingError(errors.reply_error_kind(text.split(" ", 1)[0]), text)
+            key_errors[keys[index - 1]] = AccountingError(errors.reply_error_kind(text.split(" ", 1)[0]), text)
         if reply[0] == 0:
             self.duplicate_flushes += 1  # applied by an earlier send whose reply was lost
         return key_errors
@@ -451,10 +459,17 @@ class BatchedBackend(OwnCodecBackend):
 
     # -- admin and lifecycle ------------------------------------------------------
 
+    def _batches(self) -> list[_Batch]:
+        """The filling batch, the one in flight and the one awaiting retry, each once."""
+        out = [self._batch]
+        for b in (self._inflight, self._unconfirmed):
+            if b is not None and all(b is not o for o in out):
+                out.append(b)
+        return out
+
     @property
     def pending_increments(self) -> int:
-        batches = {self._batch, self._inflight, self._unconfirmed} - {None}
-        return sum(sum(b.counts.values()) for b in batches)  # type: ignore[union-attr]
+        return sum(sum(b.counts.values()) for b in self._batches())
 
     def _pending(self) -> bool:
         return bool(self._batch.counts) or self._inflight is not None or self._unconfirmed is not None
@@ -494,8 +509,8 @@ class BatchedBackend(OwnCodecBackend):
         if lost:
             log.error("batched: %d increments could not be flushed to Redis before shutdown", lost)
             unconfirmed = AccountingError(errors.DEFERRED, "shutting down before Redis confirmed the increment")
-            for batch in {self._batch, self._inflight, self._unconfirmed} - {None}:
-                self._answer_now(batch, unconfirmed)  # type: ignore[arg-type]
+            for batch in self._batches():
+                self._answer_now(batch, unconfirmed)
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()

@@ -41,8 +41,6 @@ class MultiplexedBackend(OwnCodecBackend):
             connections=c.mux_connections,
             connect_timeout=c.connect_timeout,
             command_timeout=c.command_timeout,
-            dedicated_pool_size=c.pool_size,
-            dedicated_wait=c.pool_wait,
         )
 
     async def incr(self, key: str) -> int:

@@ -2,7 +2,9 @@
 
 Connect, INCRBY, close. At most --pool-size of these are open at once, so a
 burst of requests cannot exhaust Redis's maxclients or the local port range;
-excess requests wait up to --pool-wait-ms, as in the pooled modes.
+excess requests wait up to --pool-wait-ms, as in the pooled modes. After a failed
+connect or login, requests fail at once with the failure's kind until the retry
+time (`gateway.backoff`) instead of each opening a connection bound to fail.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from .. import errors
+from ..backoff import ConnectBackoff
 from ..errors import AccountingError
-from ._redispy import connection_kwargs, translate
+from ._redispy import connection_kwargs, gated_connection_class, settle, translate
 from .base import Backend
 
 
@@ -24,6 +27,8 @@ class NaiveBackend(Backend):
 
     async def start(self) -> None:
         self._kwargs = connection_kwargs(self.config)
+        self._backoff = ConnectBackoff()
+        self._connection_class = gated_connection_class(self._backoff, self.config)
         self._slots = asyncio.Semaphore(self.config.pool_size)
         self._open = 0
         self._waiting = 0
@@ -42,19 +47,28 @@ class NaiveBackend(Backend):
         finally:
             self._waiting -= 1
         self._open += 1
-        conn = aioredis.Connection(**self._kwargs)
+        conn = self._connection_class(**self._kwargs)
         try:
             await conn.connect()
             self._created += 1
             await conn.send_command("INCRBY", key, 1)
             value = await conn.read_response()
+        except AccountingError:
+            self._errors += 1  # refused by the connect backoff
+            raise
         except (rexc.RedisError, OSError) as exc:
             self._errors += 1
-            raise translate(exc) from None
+            err = translate(exc)
+            settle(self._backoff, exc, err)
+            raise err from None
+        except BaseException as exc:
+            settle(self._backoff, exc)
+            raise
         finally:
             await conn.disconnect()
             self._open -= 1
             self._slots.release()
+        settle(self._backoff, None)
         return int(value)
 
     async def ping(self) -> None:
@@ -78,4 +92,5 @@ class NaiveBackend(Backend):
             "created": self._created,
             "errors": self._errors,
             "wait_timeouts": self._wait_timeouts,
+            "fast_failures": self._backoff.refused,
         }

@@ -8,6 +8,10 @@ With --redis-cluster it is redis-py's RedisCluster instead: --pool-size
 connections per node, slots and redirects handled by the library. Its per-node
 pool does not wait for a free connection: past the limit a command fails at once
 (`pool_timeout`).
+
+Connects go through a `ConnectBackoff`: after a failed connect or login, requests
+that would need a new connection fail at once, with the failure's kind, until the
+retry time (single-server mode; the cluster client makes its own connections).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from ._redispy import connection_kwargs, translate
+from .. import errors
+from ..backoff import ConnectBackoff
+from ..errors import AccountingError
+from ._redispy import connection_kwargs, gated_connection_class, settle, translate
 from .base import Backend
 
 
@@ -27,19 +34,18 @@ class PooledBackend(Backend):
     name = "pooled"
 
     async def start(self) -> None:
-        stats = self
         self._created = 0
         self._errors = 0
         self._wait_timeouts = 0
         self._inflight = 0
+        self._backoff = ConnectBackoff()
 
-        class CountingConnection(aioredis.Connection):
-            async def on_connect(self) -> None:
-                stats._created += 1
-                await super().on_connect()
+        def connected() -> None:
+            self._created += 1
 
         kwargs = connection_kwargs(self.config)
         self._cluster: RedisCluster | None = None
+        self._client: aioredis.Redis | RedisCluster
         if self.config.cluster:
             for name in ("host", "port", "db"):
                 kwargs.pop(name)
@@ -58,24 +64,33 @@ class PooledBackend(Backend):
         self._pool = aioredis.BlockingConnectionPool(
             max_connections=self.config.pool_size,
             timeout=self.config.pool_wait,
-            connection_class=CountingConnection,
+            connection_class=gated_connection_class(self._backoff, self.config, connected),
             **kwargs,
         )
-        self._client: aioredis.Redis | RedisCluster = aioredis.Redis(connection_pool=self._pool, retry=kwargs["retry"])
+        self._client = aioredis.Redis(connection_pool=self._pool, retry=kwargs["retry"])
 
     async def incr(self, key: str) -> int:
         self._inflight += 1
         try:
-            return await self._client.incrby(key, 1)  # type: ignore[no-any-return]
+            value = int(await self._client.incrby(key, 1))
+        except AccountingError:
+            self._errors += 1  # refused by the connect backoff
+            raise
         except (rexc.RedisError, OSError) as exc:
             err = translate(exc)
-            if err.kind == "pool_timeout":
+            if err.kind == errors.POOL_TIMEOUT:
                 self._wait_timeouts += 1
             else:
                 self._errors += 1
+                settle(self._backoff, exc, err)
             raise err from None
+        except BaseException as exc:
+            settle(self._backoff, exc)
+            raise
         finally:
             self._inflight -= 1
+        settle(self._backoff, None)
+        return value
 
     async def ping(self) -> None:
         try:
@@ -104,6 +119,7 @@ class PooledBackend(Backend):
             "created": self._created if self._cluster is None else None,
             "errors": self._errors,
             "wait_timeouts": self._wait_timeouts,
+            "fast_failures": self._backoff.refused,
         }
 
     async def close(self) -> None:

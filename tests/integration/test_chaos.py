@@ -57,19 +57,40 @@ async def test_redis_restarted(fault_mode: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "expected"),
+    ("kind", "error_mode", "expected"),
     [
-        ("wrongtype", {"redis:WRONGTYPE"}),
-        ("maxclients", {"redis:ERR", "connection_lost"}),
-        ("auth", {"redis:WRONGPASS"}),
-        ("readonly", {"redis:READONLY"}),
+        ("wrongtype", "raw", {"redis:WRONGTYPE"}),
+        ("maxclients", "raw", {"redis:ERR", "connection_lost"}),
+        ("maxclients", "multiplexed", {"redis:ERR", "connection_lost"}),
+        ("auth", "raw", {"redis:WRONGPASS"}),
+        ("auth", "pooled", {"redis:WRONGPASS"}),
+        ("auth", "naive", {"redis:WRONGPASS"}),
+        ("maxclients", "pooled", {"redis:ERR", "connection_lost"}),
+        ("auth", "multiplexed", {"redis:WRONGPASS"}),
+        ("readonly", "raw", {"redis:READONLY"}),
     ],
 )
-async def test_error_replies_counted_by_kind(kind: str, expected: set[str]) -> None:
-    out = await chaos.error_replies(kind)
+async def test_error_replies_counted_by_kind(kind: str, error_mode: str, expected: set[str]) -> None:
+    out = await chaos.error_replies(kind, error_mode)
     assert out.answered == out.sent > 0 and out.status_5xx == 0, out  # keeps serving
     assert set(out.failures) <= expected and sum(out.failures.values()) == out.answered, out
     assert 1 <= out.log_lines <= 3, out
+    if kind in ("auth", "maxclients"):
+        # Connects back off while Redis refuses them: a few a second, not one per request
+        # (about 4,600 a second in raw mode before).
+        assert out.extra["redis_connects_per_s"] <= 30, out
+
+
+async def test_one_bad_key_logs_a_few_lines_and_the_others_count_exactly() -> None:
+    # 200 addresses, one key of the wrong type: 421 (raw) to 1,396 (batched) warning lines in
+    # 5 s when any success closed the failure burst. Now one burst for the kind. (The burst
+    # logic is shared by every mode: tests/unit/test_faultlog.py.)
+    out = await chaos.bad_key("raw")
+    assert out.answered == out.sent > 0 and out.status_5xx == 0, out
+    assert set(out.failures) == {"redis:WRONGTYPE"}, out
+    assert out.drift == 0, out  # the 199 others counted exactly
+    assert 1 <= out.log_lines <= 2, out
+    assert out.conns_left == 0, out
 
 
 @pytest.mark.parametrize("fault_mode", chaos.ALL_MODES)

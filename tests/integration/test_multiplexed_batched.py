@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import random
+import socket
 
 import aiohttp
 import pytest
@@ -84,13 +86,74 @@ async def test_multiplexer_client_kill_mid_flight(redis_server: RedisServer) -> 
         await mux.close()
 
 
+async def test_multiplexer_backs_off_while_redis_refuses_it_at_maxclients(caplog: pytest.LogCaptureFixture) -> None:
+    # Redis at maxclients accepts the TCP connect, then answers "-ERR max number of clients
+    # reached" and closes. The multiplexer used to reset its backoff on the TCP connect and
+    # reconnect at once: 2,000-5,000 refused connects a second with no traffic, and no log line.
+    # A connection now has to answer its PING before it counts, and the reason is logged once.
+    server = RedisServer("--maxclients", "2").start()
+    r = server.client()
+    hold = socket.create_connection(("127.0.0.1", server.port))
+    mux = _mux(server.url, connect_timeout=1.0)
+    try:
+        r.ping()  # the harness client and `hold` take both slots
+        caplog.set_level(logging.WARNING, logger="gateway.multiplexer")
+        await mux.start()
+        await asyncio.sleep(1.5)
+        refused = r.info("stats")["rejected_connections"]
+        # Retries 25-50 ms apart at first, doubling to 250-500 ms: about 8 in 1.5 s.
+        assert 1 <= refused <= 20, refused
+        with pytest.raises(AccountingError) as exc:
+            await mux.execute("INCRBY", "k", 1)
+        assert exc.value.kind == "redis:ERR" and "max number of clients" in str(exc.value)
+        lines = [rec.getMessage() for rec in caplog.records]
+        assert len(lines) == 1 and "max number of clients reached" in lines[0], lines
+        hold.close()  # a slot frees up: the next attempt connects
+        await mux.wait_connected(5)
+        assert await mux.execute("INCRBY", "k", 1) == 1
+        lines = [rec.getMessage() for rec in caplog.records]
+        assert len(lines) == 2 and "re-established" in lines[1], lines
+    finally:
+        hold.close()
+        r.close()
+        await mux.close()
+        server.cleanup()
+
+
+async def test_multiplexer_backs_off_from_a_listener_that_accepts_and_closes() -> None:
+    # Anything that accepts and hangs up at once (a proxy with no backend, a wrong port) used to
+    # get 10,000 connects a second: the TCP connect alone reset the backoff.
+    accepted = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    listener = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    mux = _mux(f"redis://127.0.0.1:{port}/0")
+    try:
+        await mux.start()
+        await asyncio.sleep(1.5)
+        assert 1 <= accepted <= 20, accepted
+        assert mux.connected == 0 and mux.connects == 0 and abs(mux.connect_errors - accepted) <= 1
+        with pytest.raises(AccountingError) as exc:
+            await mux.execute("PING")
+        assert exc.value.kind == "connection_lost"
+    finally:
+        await mux.close()
+        listener.close()
+        await listener.wait_closed()
+
+
 async def test_multiplexer_refuses_blocking_and_transactions(redis_server: RedisServer) -> None:
     mux = _mux(redis_server.url)
     await mux.start(wait=2)
     try:
         for cmd in (("BLPOP", "q", 0), ("MULTI",), ("WATCH", "k"), ("XREAD", "BLOCK", 0, "STREAMS", "s", "$"),
                     ("SUBSCRIBE", "c"), ("SELECT", 1)):  # fmt: skip
-            with pytest.raises(UnsupportedCommand, match="dedicated"):
+            with pytest.raises(UnsupportedCommand, match="connection of its own"):
                 await mux.execute(*cmd)
         assert await mux.execute("XREAD", "STREAMS", "s", "0") is None  # non-blocking XREAD is fine
         assert await mux.execute("PING") == "PONG"
@@ -99,40 +162,6 @@ async def test_multiplexer_refuses_blocking_and_transactions(redis_server: Redis
         assert replies[0] == "OK" and replies[1].prefix == "ERR" and replies[2] == 5  # type: ignore[union-attr]
         with pytest.raises(UnsupportedCommand):
             await mux.pipeline([("PING",), ("MULTI",)])
-    finally:
-        await mux.close()
-
-
-async def test_dedicated_checkout_for_blocking_commands(redis_server: RedisServer) -> None:
-    mux = _mux(redis_server.url, dedicated_pool_size=1, dedicated_wait=1.0)
-    await mux.start(wait=2)
-    try:
-
-        async def pop() -> object:
-            async with mux.dedicated() as conn:
-                return await conn.execute("BLPOP", "jobs", 5)
-
-        task = asyncio.create_task(pop())
-        await asyncio.sleep(0.05)
-        # The shared connection is not blocked by the BLPOP.
-        assert await mux.execute("RPUSH", "jobs", "x") == 1
-        assert await task == [b"jobs", b"x"]
-        # On exception: given back (discarded), and the slot is usable again.
-        with pytest.raises(RuntimeError):
-            async with mux.dedicated() as conn:
-                await conn.execute("MULTI")
-                raise RuntimeError
-        # On cancellation too.
-        task = asyncio.create_task(pop())
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert mux.stats()["dedicated"]["in_use"] == 0
-        async with mux.dedicated() as conn:
-            assert await conn.execute("MULTI") == "OK"
-            assert await conn.execute("INCR", "t") == "QUEUED"
-            assert await conn.execute("EXEC") == [1]
     finally:
         await mux.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from functools import partial
 
 import pytest
@@ -211,5 +212,49 @@ async def test_connect_failure_frees_the_slot() -> None:
         with pytest.raises(AccountingError) as exc:
             await pool.acquire()
         assert exc.value.kind == "connect_error"
-    assert pool.stats()["size"] == 0 and pool.stats()["errors"] == 5
+    # One connect tried; the four checkouts right after it fail fast during its backoff.
+    assert pool.stats()["size"] == 0 and pool.stats()["errors"] == 1 and pool.stats()["fast_failures"] == 4
     await pool.close()
+
+
+async def test_refused_login_backs_off_instead_of_connecting_per_checkout() -> None:
+    # A wrong password used to cost every checkout a connect and an AUTH (23,000 in 5 s in raw
+    # mode). Now a refused login backs new connects off like a refused connect: checkouts fail
+    # at once with the login's error, and Redis sees a few connects a second.
+    server = RedisServer(password="right").start()
+    pool = _pool(f"redis://:wrong@127.0.0.1:{server.port}/0", size=5, wait=1.0)
+    try:
+        with server.client() as r:
+            before = r.info("stats")["total_connections_received"]
+            kinds: Counter[str] = Counter()
+            t0 = time.monotonic()
+            for _ in range(300):
+                with pytest.raises(AccountingError) as exc:
+                    await pool.acquire()
+                kinds[exc.value.kind] += 1
+                await asyncio.sleep(0.001)
+            elapsed = time.monotonic() - t0
+            connects = r.info("stats")["total_connections_received"] - before
+            assert kinds == {"redis:WRONGPASS": 300}
+            # Retries 25-50 ms apart at first, doubling to 250-500 ms: a handful, however slow the machine.
+            assert connects <= 6 + elapsed / 0.25, (connects, elapsed)
+            assert pool.stats()["fast_failures"] == 300 - pool.stats()["errors"] >= 250
+            assert "WRONGPASS" in str(exc.value) and "backed off" in str(exc.value)
+            # The password now matches: the first connect after the retry time succeeds.
+            r.config_set("requirepass", "wrong")
+
+        async def counted() -> bool:
+            try:
+                async with pool.connection() as conn:
+                    return await conn.execute("INCRBY", "k", 1) is not None
+            except AccountingError:
+                return False
+
+        deadline = time.monotonic() + 5
+        while not await counted():
+            assert time.monotonic() < deadline, "the pool did not reconnect after its backoff"
+            await asyncio.sleep(0.05)
+        assert pool.stats()["created"] == 1
+    finally:
+        await pool.close()
+        server.cleanup()

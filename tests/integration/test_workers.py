@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -126,6 +127,35 @@ def test_a_dead_worker_is_restarted(redis_server: RedisServer) -> None:
         assert all(n > 0 for n in served), served
     assert proc.returncode == 0
     assert redis_server.client().get("ip:127.0.0.1") == b"120"
+
+
+def test_a_hung_worker_is_reported_and_replaced(redis_server: RedisServer) -> None:
+    # A SIGSTOPped worker used to go unnoticed: /healthz said 200 and new connections the kernel
+    # gave it timed out. The supervisor now probes each worker's admin socket every second.
+    with _supervisor(redis_server.url, "--mode", "raw", "--worker-hang-timeout-s", "1") as (proc, base, admin):
+        victim = min(w["pid"] for w in _stats(admin, per_worker=True)["per_worker"])
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            _wait(lambda: _stats(admin)["workers"]["unresponsive"] == 1)
+            status, body = http_get(admin + "/readyz")
+            assert status == 503 and json.loads(body)["workers_unresponsive"] == 1, body
+
+            def replaced() -> bool:
+                doc = _stats(admin, per_worker=True)
+                pids = {w["pid"] for w in doc["per_worker"]}
+                return doc["workers"]["answering"] == 2 and victim not in pids
+
+            _wait(replaced, timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        workers = _stats(admin)["workers"]
+        assert workers["restarts"] == 1 and workers["killed_unresponsive"] == 1, workers
+        assert workers["unresponsive"] == 0, workers
+        assert http_get(admin + "/readyz")[0] == 200
+        for _ in range(20):
+            assert http_get(base + "/")[0] == 302
+    assert proc.returncode == 0
 
 
 def test_sigterm_drains_every_worker(redis_server: RedisServer) -> None:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from gateway.cli import config_from_args
@@ -80,3 +82,13 @@ def test_cluster_seed_urls() -> None:
         parse_redis_urls("redis+cluster://a:7000/2")
     with pytest.raises(ConfigError, match="naive"):
         Config(mode="naive", cluster=True)
+
+
+def test_command_line_defaults_are_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One source of defaults: the options' defaults come from Config's fields (they once said
+    # 500 ms for the Redis timeouts where Config said 1000).
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+    assert config_from_args([]) == Config()
+    assert Config().connect_timeout_ms == Config().command_timeout_ms == 500.0
