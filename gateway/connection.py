@@ -186,6 +186,23 @@ async def open_connection(
     password, `LOADING`) or closes it at once fails here, with its reason, so callers can back
     off instead of treating a bare TCP accept as a working connection.
     """
+    # In a task of its own: the timeout below needs one, and the request path may run without
+    # one (a front end drives task-free backends from their futures). Cancelling the caller
+    # cancels this task too.
+    return await asyncio.ensure_future(
+        _open_connection(
+            target, connect_timeout=connect_timeout, command_timeout=command_timeout, coalesce_writes=coalesce_writes
+        )
+    )
+
+
+async def _open_connection(
+    target: RedisTarget,
+    *,
+    connect_timeout: float,
+    command_timeout: float | None,
+    coalesce_writes: bool = False,
+) -> RedisConnection:
     loop = asyncio.get_running_loop()
     ssl_ctx = ssl.create_default_context() if target.tls else None
     conn: RedisConnection | None = None

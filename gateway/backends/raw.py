@@ -12,7 +12,7 @@ from functools import partial
 
 from ..accounting import read_incr_reply
 from ..cluster import Direct, PoolNode
-from ..config import RedisTarget
+from ..config import Config, RedisTarget
 from ..connection import open_connection
 from ..pool import Pool
 from ..resp import encode
@@ -22,6 +22,12 @@ from .base import OwnCodecBackend
 
 class RawBackend(OwnCodecBackend):
     name = "raw"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        # One server: an increment waits on a pool grant and on its reply, both futures (a new
+        # connection is opened in a task of its own). A cluster's router wants a task.
+        self.task_free = not config.cluster
 
     async def start(self) -> None:
         c = self.config
