@@ -148,7 +148,7 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
 
 
 class _AdminHandler(_GuardedHandler):
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: True keeps writing open
         # A client that closes a keep-alive connection between requests: close it now. The
         # guard's half-close handling would keep it open (nothing wakes an idle handler that
         # has been told to close), and on a listener with a connection limit each such
