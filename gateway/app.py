@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .backends import backend_class
@@ -25,12 +26,23 @@ from .backends.base import Backend
 from .config import Config
 from .errors import AccountingError
 from .faultlog import FailureLog
+from .guard import GuardedServer, _GuardedHandler
 from .histogram import Histogram
 from .http import BACKLOG, FrontEnd, ListenError, front_end_class, listen_error
+from .limits import ADMIN_MAX_CONNECTIONS
 from .metrics import exposition, registry_for
 from .pipeline import Pipeline
 
-__all__ = ["Gateway", "ListenError", "Running", "admin_application", "json_response", "start_site"]
+__all__ = [
+    "AdminRunner",
+    "Gateway",
+    "ListenError",
+    "Running",
+    "admin_application",
+    "admin_runner",
+    "json_response",
+    "start_site",
+]
 
 
 class Gateway:
@@ -135,6 +147,59 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.json_response(obj, status=status, dumps=_dumps)
 
 
+class _AdminHandler(_GuardedHandler):
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: True keeps writing open
+        # A client that closes a keep-alive connection between requests: close it now. The
+        # guard's half-close handling would keep it open (nothing wakes an idle handler that
+        # has been told to close), and on a listener with a connection limit each such
+        # client would hold a slot for good.
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and not self._messages:
+            self.force_close()
+            return False
+        return super().eof_received()
+
+
+class _AdminServer(GuardedServer):
+    def __call__(self) -> RequestHandler:
+        return _AdminHandler(self, loop=self._loop, **self._kwargs)
+
+
+class AdminRunner(web.AppRunner):
+    """An AppRunner for the admin listener, served through `GuardedServer`: a request head must
+    arrive within `request_timeout` (else 408 and close), and at most `max_connections` are
+    open at once (more get 503 and are closed), so slow or idle clients cannot hold it."""
+
+    def __init__(self, app: web.Application, *, request_timeout: float, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(app, handle_signals=False, access_log=None, **kwargs)
+        self._request_timeout = request_timeout
+        self._max_connections = max_connections
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp's own server for the app (startup run, app frozen, its handler arguments),
+        # rebuilt as a GuardedServer with the same handler, request factory and arguments.
+        server = await super()._make_server()
+        return _AdminServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            loop=server._loop,
+            request_timeout=self._request_timeout,
+            max_connections=self._max_connections,
+            **server._kwargs,
+        )
+
+
+def admin_runner(app: web.Application, config: Config, **kwargs: Any) -> AdminRunner:
+    """The admin listener's runner: the front's request-head timeout, a small connection limit."""
+    return AdminRunner(
+        app,
+        request_timeout=config.request_timeout_s,
+        max_connections=ADMIN_MAX_CONNECTIONS,
+        keepalive_timeout=config.keepalive_timeout_s,
+        **kwargs,
+    )
+
+
 async def start_site(runner: web.BaseRunner, where: tuple[str, int] | str, reuse_port: bool = False) -> None:
     """Listen on HOST:PORT, or on a Unix socket path; ListenError names the address."""
     site: web.BaseSite
@@ -165,12 +230,7 @@ class Running:
             self._front = self.gateway.server
             await self._front.start(config.listen, reuse_port=config.reuse_port)
             if config.admin_listen is not None:
-                self._admin = web.AppRunner(
-                    self.gateway.admin_app(),
-                    handle_signals=False,
-                    access_log=None,
-                    shutdown_timeout=config.shutdown_timeout_s,
-                )
+                self._admin = admin_runner(self.gateway.admin_app(), config, shutdown_timeout=config.shutdown_timeout_s)
                 await self._admin.setup()
                 await start_site(self._admin, config.admin_listen)
         except BaseException:

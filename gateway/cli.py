@@ -323,15 +323,19 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
 
 
 async def serve(config: Config) -> int:
+    from . import limits
     from .app import Gateway, ListenError, Running
 
+    log = logging.getLogger("gateway")
+    # Size max-connections against the open-file limit (each worker does this for itself).
+    config, budget = limits.apply(config)
+    log.log(logging.WARNING if budget.lowered else logging.INFO, "%s", budget.describe())
     running = Running(Gateway(config))
     try:
         await running.start()
     except ListenError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return 1
-    log = logging.getLogger("gateway")
     listening = ", ".join(f"{h}:{p}" for h, p in running.addresses)
     log.info(
         "gateway mode=%s http=%s listening on %s; redis %s",

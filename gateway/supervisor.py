@@ -40,7 +40,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import stats as stats_merge
-from .app import ListenError, admin_application, json_response, start_site
+from .app import ListenError, admin_application, admin_runner, json_response, start_site
 from .config import Config
 from .metrics import exposition, registry_for
 
@@ -192,7 +192,7 @@ class Supervisor:
             w.watcher = asyncio.create_task(self._watch(w))
             w.prober = asyncio.create_task(self._probe(w))
         if self.config.admin_listen is not None:
-            self._runner = web.AppRunner(self.admin_app(), handle_signals=False, access_log=None)
+            self._runner = admin_runner(self.admin_app(), self.config)
             await self._runner.setup()
             try:
                 await start_site(self._runner, self.config.admin_listen)
