@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .backends import backend_class
@@ -26,7 +25,7 @@ from .backends.base import Backend
 from .config import Config
 from .errors import AccountingError
 from .faultlog import FailureLog
-from .guard import GuardedServer, _GuardedHandler
+from .guard import GuardedServer
 from .histogram import Histogram
 from .http import BACKLOG, FrontEnd, ListenError, front_end_class, listen_error
 from .limits import ADMIN_MAX_CONNECTIONS
@@ -147,24 +146,6 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.json_response(obj, status=status, dumps=_dumps)
 
 
-class _AdminHandler(_GuardedHandler):
-    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: True keeps writing open
-        # A client that closes a keep-alive connection between requests: close it now. The
-        # guard's half-close handling would keep it open (nothing wakes an idle handler that
-        # has been told to close), and on a listener with a connection limit each such
-        # client would hold a slot for good.
-        waiter = self._waiter
-        if waiter is not None and not waiter.done() and not self._messages:
-            self.force_close()
-            return False
-        return super().eof_received()
-
-
-class _AdminServer(GuardedServer):
-    def __call__(self) -> RequestHandler:
-        return _AdminHandler(self, loop=self._loop, **self._kwargs)
-
-
 class AdminRunner(web.AppRunner):
     """An AppRunner for the admin listener, served through `GuardedServer`: a request head must
     arrive within `request_timeout` (else 408 and close), and at most `max_connections` are
@@ -179,7 +160,7 @@ class AdminRunner(web.AppRunner):
         # aiohttp's own server for the app (startup run, app frozen, its handler arguments),
         # rebuilt as a GuardedServer with the same handler, request factory and arguments.
         server = await super()._make_server()
-        return _AdminServer(
+        return GuardedServer(
             server.request_handler,
             request_factory=server.request_factory,
             loop=server._loop,

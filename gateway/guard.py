@@ -104,8 +104,12 @@ class _GuardedHandler(RequestHandler):
             self._arm()
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's contract: True keeps writing open
-        # A half-closed client still gets the answers to the requests it completed:
-        # keep the transport open for writing and close once they are written.
+        if self._waiter is not None and not self._waiter.done() and not self._messages:
+            # Idle between requests: nothing is owed, so the connection ends here.
+            self.force_close()
+            return False
+        # A half-closed client still gets the answer to the request in progress: keep the
+        # transport open for writing and close once it is written.
         self.close()
         return True
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from .bench import CLUSTER_MODES, GATEWAY_MODES, GATEWAY_VARIANTS, SCALING_MODES, Redis, Settings, pinned, run_wrk
 from .procs import free_port, stop_process, wait_port
 
-DEFAULT_TARGETS = "off,raw,multiplexed,batched,batched-noack"
+DEFAULT_TARGETS = "off,off-aiohttp,raw,multiplexed,batched,batched-noack,batched-aiohttp"
 
 
 @dataclass
