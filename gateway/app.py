@@ -227,6 +227,7 @@ class Running:
 
     async def stop(self) -> None:
         # Stop accepting and let in-flight requests finish, then close Redis (which flushes batches).
+        self.gateway.backend.hurry()
         if self._front is not None:
             with contextlib.suppress(Exception):
                 await self._front.stop()

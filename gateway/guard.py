@@ -26,6 +26,7 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from .holding import HeldTransport
@@ -102,6 +103,14 @@ class _GuardedHandler(RequestHandler):
         elif self._head_since is None and data and not in_body:
             self._head_since = self._loop.time()
             self._arm()
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # A malformed request is the client's error, answered with a 4xx: a traceback per bad
+        # request would let any client flood the log. Real handler errors are still logged.
+        if isinstance(kw.get("exc_info"), HttpProcessingError):
+            self.logger.debug(*args, **kw)
+        else:
+            super().log_exception(*args, **kw)
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's contract: True keeps writing open
         if self._waiter is not None and not self._waiter.done() and not self._messages:

@@ -63,6 +63,10 @@ class Backend(abc.ABC):
         releases it (`gateway.holding`). Only backends with `holds_responses`."""
         raise NotImplementedError(f"{self.name} does not hold responses")
 
+    def hurry(self) -> None:
+        """Shutdown has begun: whatever waits to be sent should go now, not at its usual time."""
+        return None
+
     async def ping(self) -> None:
         """Raise AccountingError unless Redis answers now (readiness)."""
         return None

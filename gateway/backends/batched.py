@@ -224,6 +224,14 @@ class BatchedBackend(OwnCodecBackend):
             raise key_errors[key]
         return None
 
+    def hurry(self) -> None:
+        # Responses held for a flush are part of the drain: flush at once from now on rather
+        # than after --batch-window-ms, so the drain does not wait out the window.
+        self._window = 0.0
+        batch = getattr(self, "_batch", None)  # None if the gateway stops before it started
+        if batch is not None and batch.counts:
+            self._schedule(0.0)
+
     def _held_keys(self) -> int:
         held = len(self._batch.counts)
         if self._inflight is not None:

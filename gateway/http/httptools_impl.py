@@ -54,9 +54,22 @@ access_log = logging.getLogger("gateway.access")
 # (batched) before reading pauses until the flush settles.
 MAX_QUEUED = 64
 MAX_HELD_BYTES = 256 * 1024
+# A read larger than this is parsed in slices of it, checking those bounds in between.
+SLICE = 4096
 
 # Header fields the front end reads, by name as sent most often and in lower case.
-_HOST, _XFF, _CONTENT_LENGTH, _TRANSFER_ENCODING, _EXPECT, _UPGRADE, _WEBSOCKET_KEY, _REFERER, _USER_AGENT = range(9)
+(
+    _HOST,
+    _XFF,
+    _CONTENT_LENGTH,
+    _TRANSFER_ENCODING,
+    _EXPECT,
+    _UPGRADE,
+    _WEBSOCKET_KEY,
+    _REFERER,
+    _USER_AGENT,
+    _CONNECTION,
+) = range(10)
 _FIELDS = {
     name: kind
     for lower, kind in {
@@ -69,6 +82,7 @@ _FIELDS = {
         b"sec-websocket-key": _WEBSOCKET_KEY,
         b"referer": _REFERER,
         b"user-agent": _USER_AGENT,
+        b"connection": _CONNECTION,
     }.items()
     for name in (lower, lower.title(), lower.upper())
 }
@@ -99,6 +113,13 @@ def _plain(status: int, reason: str = "") -> bytes:
         f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
+
+
+def _quoted(field: bytes) -> bytes:
+    """A client's text as it may appear inside a quoted access-log field."""
+    if b'"' in field or b"\\" in field:
+        field = field.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    return field
 
 
 class _Reject(Exception):
@@ -151,6 +172,8 @@ class _Slot:
             self.coro = None
             self.conn._settled(self, stop.value, None)
             return
+        except (KeyboardInterrupt, SystemExit):
+            raise
         except BaseException as exc:
             self.coro = None
             self.conn._settled(self, None, exc)
@@ -288,8 +311,9 @@ class HttpToolsFrontEnd(FrontEnd):
 
     def path_of(self, url: bytes) -> str:
         path = request_path(url.decode("latin-1"))
-        if len(self.paths) < 1024:
-            self.paths[url] = path
+        if len(self.paths) >= 1024:
+            self.paths.clear()  # a cache of the targets seen lately, not of every target ever seen
+        self.paths[url] = path
         return path
 
     def _encode(self, response: Response, variant: int) -> bytes:
@@ -352,6 +376,15 @@ class _Connection(asyncio.Protocol):
         # Why reading is paused: the socket's buffer, the order queue, held bytes.
         self.write_paused = False
         self.read_paused = False
+        self.paused_since = 0.0
+        # Input not parsed yet because the answers owed reached their bound.
+        self.backlog: bytes | None = None
+        self.resume_scheduled = False
+        # Body-phase bytes read and chunks seen, to bound chunk framing and trailer fields.
+        self.framing = 0
+        self.chunks = 0
+        self.connection: bytes | None = None
+        self.abort_at = 0.0
 
     # -- connection events ----------------------------------------------------------
 
@@ -363,10 +396,15 @@ class _Connection(asyncio.Protocol):
             transport.write(_plain(503, "too many connections"))
             transport.close()
             return
-        server.connections.add(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple | list) and peer:
             self.peer = str(peer[0])
+        elif isinstance(transport.get_extra_info("sockname"), tuple):
+            # A TCP connection without a peer was reset before it was accepted: nobody to answer,
+            # and nothing to count its requests under.
+            transport.abort()
+            return
+        server.connections.add(self)
         self.since = server.now
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -377,8 +415,41 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return  # a request asked to close, or a malformed one was answered: nothing more is read
+        if self.backlog is not None:
+            self.backlog += data  # reading was paused while a read was on its way
+            return
+        if len(data) <= SLICE:
+            self._feed(data)
+            return
+        # A read with many pipelined requests is parsed a slice at a time, so that when the
+        # answers owed reach their bound the rest waits here, unparsed, with reading paused.
+        view = memoryview(data)
+        for start in range(0, len(data), SLICE):
+            if self.closing:
+                return
+            if self._saturated():
+                self.backlog = bytes(view[start:])
+                self._update_reading()
+                return
+            self._feed(view[start : start + SLICE])
+
+    def _saturated(self) -> bool:
+        return (self.queue is not None and len(self.queue) >= MAX_QUEUED) or self.held_bytes > MAX_HELD_BYTES
+
+    def _resume_input(self) -> None:
+        """Parse what waited while the connection was saturated (called from the loop)."""
+        self.resume_scheduled = False
+        backlog = self.backlog
+        if backlog is None or self.read_paused or self.transport is None or self.transport.is_closing():
+            return
+        self.backlog = None
+        self.data_received(backlog)
+
+    def _feed(self, data: bytes | memoryview) -> None:
         if self.phase == BODY:
             self.since = self.server.now
+            # Chunk framing and trailer fields are not body: bound them like a head.
+            self.framing += len(data)
         else:
             self.head_bytes += len(data)
         try:
@@ -399,8 +470,13 @@ class _Connection(asyncio.Protocol):
             self._reject(400, "invalid method")
         except httptools.HttpParserError as exc:
             self._reject(400, str(exc))
-        if self.phase == HEAD and self.head_bytes > MAX_HEAD and not self.closing:
-            self._reject(431 if self.headers else 414)
+        if self.closing:
+            return
+        if self.phase == HEAD and self.head_bytes > MAX_HEAD:
+            # Mostly target bytes so far: the request line is what is too long.
+            self._reject(414 if len(self.url) * 2 > self.head_bytes else 431)
+        elif self.phase == BODY and self.framing - self.body_bytes > MAX_HEAD + 32 * self.chunks:
+            self._reject(431, "chunk framing or trailer fields too large")
 
     def eof_received(self) -> bool | None:
         # A half-closed client still gets the answers to the requests it completed.
@@ -419,17 +495,20 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = (
-            self.write_paused
-            or (self.queue is not None and len(self.queue) >= MAX_QUEUED)
-            or self.held_bytes > MAX_HELD_BYTES
-        )
+        pause = self.write_paused or self._saturated()
         if pause != self.read_paused:
             self.read_paused = pause
             if pause:
+                self.paused_since = self.server.now
                 transport.pause_reading()
             else:
                 transport.resume_reading()
+                if self.backlog is not None and not self.resume_scheduled:
+                    # Not from here: this may run inside a parser callback.
+                    self.resume_scheduled = True
+                    loop = self.server.loop
+                    assert loop is not None
+                    loop.call_soon(self._resume_input)
 
     # -- parser callbacks -----------------------------------------------------------
 
@@ -449,6 +528,9 @@ class _Connection(asyncio.Protocol):
             self.body_bytes = 0
             self.chunked = self.http10 = self.websocket_key = False
             self.referer = self.user_agent = b""
+            self.connection = None
+        if self.framing:
+            self.framing = self.chunks = 0
 
     def on_url(self, url: bytes) -> None:
         if self.url:
@@ -458,6 +540,8 @@ class _Connection(asyncio.Protocol):
         self.url = url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.phase == BODY:
+            return  # a trailer field (after a chunked body): never a request header, never counted
         self.headers += 1
         size = len(name) + len(value)
         self.head_size += size + 4
@@ -491,8 +575,10 @@ class _Connection(asyncio.Protocol):
             self.websocket_key = True
         elif kind == _REFERER:
             self.referer = value
-        else:
+        elif kind == _USER_AGENT:
             self.user_agent = value
+        else:
+            self.connection = value
 
     def on_headers_complete(self) -> None:
         self.phase = BODY
@@ -534,6 +620,9 @@ class _Connection(asyncio.Protocol):
             if not self.http10 and (self.content_length > 0 or self.chunked):
                 self._send_ready(_CONTINUE, False, count=False)
 
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
+
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
         if self.body_bytes > self.server.max_body:
@@ -560,6 +649,10 @@ class _Connection(asyncio.Protocol):
         else:
             head = 0
         if self.rare:
+            if self.http10 and keep_alive and (self.chunked or b"close" in (self.connection or b"").lower()):
+                # HTTP/1.0: a chunked body ends the connection (RFC 9112 6.1), and close wins over
+                # keep-alive in one Connection field.
+                keep_alive = False
             if self.xff is not None and self.pipeline.uses_forwarded_for:
                 xff = b",".join(self.xff).decode("latin-1")
             variant = (3 if self.http10 else 1) if keep_alive else 0
@@ -735,7 +828,21 @@ class _Connection(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None:
+            return
+        if transport.is_closing():
+            # Closing waits for the write buffer; a client that never reads would hold it forever.
+            if not self.abort_at:
+                self.abort_at = now + self.server.request_timeout
+            elif now >= self.abort_at:
+                transport.abort()
+            return
+        if self.read_paused:
+            # Reading stopped because the client does not read its answers: no head timer runs
+            # (the rest of the request is unread on our side), but the client gets only the
+            # keep-alive timeout to start reading again.
+            if now - self.paused_since >= self.server.keepalive_timeout:
+                transport.abort()
             return
         phase = self.phase
         if phase == IDLE:
@@ -768,6 +875,7 @@ class _Connection(asyncio.Protocol):
 
     def _log(self, info: tuple[bytes, bytes, bool, bytes, bytes], answer: Response, size: int) -> None:
         method, url, http10, referer, agent = info
+        url, referer, agent = _quoted(url), _quoted(referer), _quoted(agent)
         stamp = time.strftime("[%d/%b/%Y:%H:%M:%S %z]")
         version = "1.0" if http10 else "1.1"
         access_log.info(

@@ -8,6 +8,7 @@ so framing, ordering and connection handling are seen exactly as sent.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import time
@@ -390,3 +391,62 @@ async def test_client_that_does_not_read_is_paused(redis_server: RedisServer) ->
                 await asyncio.sleep(0.01)
         assert gw.requests > handled
         sock.close()
+
+
+async def test_clients_closing_idle_keep_alive_connections_leave_nothing_open(
+    redis_server: RedisServer, http: str
+) -> None:
+    async with running_gateway(_cfg(redis_server, http)) as (gw, base):
+        for _ in range(10):
+            reader, writer = await _open(base)
+            writer.write(GET)
+            assert (await _read_response(reader))[0] == 302
+            writer.close()
+        await eventually(lambda: gw.stats()["connections"]["open"] == 0)
+
+
+async def test_malformed_requests_log_no_traceback(
+    redis_server: RedisServer, http: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running_gateway(_cfg(redis_server, http)) as (_gw, base):
+        for payload in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n"):
+            reader, writer = await _open(base)
+            writer.write(payload)
+            assert 400 <= (await _read_response(reader))[0] < 500
+            writer.close()
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_shutdown_does_not_wait_out_a_batch_window(redis_server: RedisServer, http: str) -> None:
+    cfg = _cfg(redis_server, http, "batched", batch_window_ms=20_000, shutdown_timeout_s=5)
+    async with running_gateway(cfg) as (gw, base):
+        reader, writer = await _open(base)
+        writer.write(GET)
+        await eventually(lambda: gw.requests == 1)
+        t0 = time.monotonic()
+        stopping = asyncio.ensure_future(_stop(gw))
+        assert (await _read_response(reader))[0] == 302  # held, then released by a prompt flush
+        await stopping
+        assert time.monotonic() - t0 < 3
+        writer.close()
+    assert _count(redis_server) == 1
+
+
+async def _stop(gw: object) -> None:
+    gw.backend.hurry()  # type: ignore[attr-defined]
+    await gw.server.stop()  # type: ignore[attr-defined]
+
+
+async def test_trailers_never_choose_the_counted_address(redis_server: RedisServer, http: str) -> None:
+    trusted = (ipaddress.ip_network("127.0.0.0/8"),)
+    async with running_gateway(_cfg(redis_server, http, trusted_proxies=trusted)) as (gw, base):
+        reader, writer = await _open(base)
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\nx\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+        )
+        assert (await _read_response(reader))[0] == 302
+        writer.close()
+        await gw.backend.close()
+    assert redis_server.client().keys("*") == [b"ip:1.1.1.1"]

@@ -7,6 +7,7 @@ timeouts fire from the server's clock by what the connection is doing.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -187,14 +188,24 @@ def test_held_responses_of_a_gone_client_are_dropped() -> None:
 
 
 def test_too_many_held_bytes_pause_reading() -> None:
-    backend = HoldingBackend(Config(mode="batched"))
-    front = _front(backend)
-    conn, transport = _connect(front)
-    conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 5000)
-    assert not transport.reading
-    backend.commit.release()
-    assert transport.reading
-    assert len(_statuses(transport.output)) == 5000
+    import asyncio
+
+    async def scenario() -> None:
+        backend = HoldingBackend(Config(mode="batched"))
+        front = _front(backend)
+        front.loop = asyncio.get_running_loop()
+        conn, transport = _connect(front)
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 5000)
+        assert not transport.reading
+        assert conn.backlog is not None  # the rest of the read waits unparsed
+        while conn.backlog is not None or backend.commit.holders:
+            commit, backend.commit = backend.commit, Commit()
+            commit.release()
+            await asyncio.sleep(0)
+        assert transport.reading
+        assert len(_statuses(transport.output)) == 5000
+
+    asyncio.run(scenario())
 
 
 def test_head_timeout_from_the_first_byte() -> None:
@@ -269,3 +280,114 @@ def test_pipelined_answers_beyond_the_queue_limit_pause_reading() -> None:
         assert transport.reading
 
     asyncio.run(scenario())
+
+
+def test_trailer_fields_are_not_request_headers() -> None:
+    front = _front(trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+    conn, transport = _connect(front)
+    conn.data_received(
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\nx\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nHost: y\r\n\r\n"
+    )
+    assert _statuses(transport.output) == [302]
+    assert front.pipeline.resolver.resolve("127.0.0.1", "1.1.1.1") == "1.1.1.1"
+    assert conn.xff == [b"1.1.1.1"]  # the trailer's value never joined the header's
+
+
+def test_trailer_fields_are_bounded() -> None:
+    front = _front()
+    conn, transport = _connect(front)
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Big: ")
+    for _ in range(10):
+        conn.data_received(b"a" * 4096)
+        if transport.closed:
+            break
+    assert _statuses(transport.output) == [431] and transport.closed
+    assert front.pipeline.requests == 0
+
+
+def test_one_large_read_of_pipelined_requests_stays_within_the_bound() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        class Slow(Backend):
+            name = "slow"
+            task_free = True
+
+            def __init__(self, config: Config) -> None:
+                super().__init__(config)
+                self.gate = asyncio.get_running_loop().create_future()
+
+            async def incr(self, key: str) -> int:
+                return await asyncio.shield(self.gate)
+
+        backend = Slow(Config(mode="raw"))
+        front = _front(backend)
+        front.loop = asyncio.get_running_loop()
+        conn, transport = _connect(front)
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        conn.data_received(request * 10_000)  # one read, 270 KB
+        assert not transport.reading
+        assert front.pipeline.requests <= 64 + 4096 // len(request) + 1  # bounded, not 10,000
+        assert conn.backlog is not None
+        backend.gate.set_result(1)
+        for _ in range(2000):
+            await asyncio.sleep(0)
+            if front.pipeline.requests == 10_000 and not conn.queue:
+                break
+        assert _statuses(transport.output) == [302] * 10_000
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_never_reads_is_cut_after_its_close_stalls() -> None:
+    front = _front(request_timeout_s=10, keepalive_timeout_s=60)
+    conn, _ = _connect(front)
+
+    class Stuck(RecordingTransport):
+        aborted = False
+
+        def close(self) -> None:
+            self.closed = True  # closing: the write buffer never drains
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    stuck = Stuck()
+    conn.transport = stuck  # type: ignore[assignment]
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.check_timeouts(front.now + 61)  # keep-alive timeout: close
+    assert stuck.closed and not stuck.aborted
+    conn.check_timeouts(front.now + 62)
+    conn.check_timeouts(front.now + 73)  # still closing a request timeout later: cut
+    assert stuck.aborted
+
+
+def test_a_reset_connection_without_a_peer_is_not_served() -> None:
+    front = _front()
+
+    class NoPeer(RecordingTransport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 10060) if name == "sockname" else None
+
+    conn = _Connection(front)
+    transport = NoPeer()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    assert transport.closed and conn not in front.connections
+    assert front.pipeline.requests == 0
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n",
+    ],
+    ids=["http10-chunked", "http10-keep-alive-and-close"],
+)
+def test_http10_closes_when_it_must(request_bytes: bytes) -> None:
+    front = _front()
+    conn, transport = _connect(front)
+    conn.data_received(request_bytes + b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert _statuses(transport.output) == [302]
+    assert transport.closed
