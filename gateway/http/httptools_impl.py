@@ -122,6 +122,9 @@ def _quoted(field: bytes) -> bytes:
     return field
 
 
+_INTERNAL_ERROR = Response(500, "Internal Server Error", (), b"internal error\n")
+
+
 class _Reject(Exception):
     """Raised from a parser callback: answer `status` and close."""
 
@@ -178,6 +181,10 @@ class _Slot:
             self.coro = None
             self.conn._settled(self, None, exc)
             return
+        self.wait(waited)
+
+    def wait(self, waited: Any) -> None:
+        """Resume the coroutine once what it yielded is done."""
         if waited is None:  # a bare yield (asyncio.sleep(0)): go on in the next loop turn
             loop = self.conn.server.loop
             assert loop is not None
@@ -662,6 +669,21 @@ class _Connection(asyncio.Protocol):
         if server.access_log:
             info = (method, url, self.http10, self.referer, self.user_agent)
         answer = self.pipeline.handle(path, self.peer, xff, self)
+        waited = None
+        if type(answer) is not Response and self.pipeline.task_free:
+            # Run the request path up to its first wait now: it may not wait at all
+            # (batched with --batch-ack none), and then the answer goes out like any other.
+            try:
+                waited = answer.send(None)  # type: ignore[union-attr]
+            except StopIteration as stop:
+                answer = stop.value
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                logging.getLogger("gateway").error("request path failed", exc_info=exc)
+                answer = _INTERNAL_ERROR
+                keep_alive = False
+                variant &= 4
         if type(answer) is Response:
             entry = server.wire.get(answer)
             data = entry[variant] if entry is not None else None
@@ -694,7 +716,7 @@ class _Connection(asyncio.Protocol):
             queue.append(slot)
             if self.pipeline.task_free:
                 slot.coro = answer  # type: ignore[assignment]
-                slot.step()
+                slot.wait(waited)
             else:
                 server.loop.create_task(answer).add_done_callback(slot)  # type: ignore[arg-type,union-attr]
             if len(queue) >= MAX_QUEUED:
@@ -722,7 +744,7 @@ class _Connection(asyncio.Protocol):
             return  # the client is gone; the request was counted all the same
         if answer is None:
             logging.getLogger("gateway").error("request path failed", exc_info=exc)
-            answer = Response(500, "Internal Server Error", (), b"internal error\n")
+            answer = _INTERNAL_ERROR
             slot.close = True
             self.closing = True
         variant = slot.variant & 4 if slot.close else slot.variant
