@@ -51,6 +51,11 @@ class Pool:
         self.wait_timeout = wait_timeout
         self._idle: deque[RedisConnection] = deque()
         self._waiters: deque[asyncio.Future[_Grant]] = deque()
+        # Each waiter's deadline, in the same order: every wait has the same timeout, so the
+        # oldest waiter always expires first and one timer, armed for it, serves them all
+        # (a timer per wait cost more than the rest of the checkout).
+        self._deadlines: deque[float] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
         self._size = 0  # open connections plus reserved (connecting) slots
         self._in_use = 0
         self._closed = False
@@ -90,7 +95,7 @@ class Pool:
             self._grant_slot()
             return
         while self._waiters:
-            fut = self._waiters.popleft()
+            fut = self._pop_waiter()
             if not fut.done():
                 self._in_use += 1
                 fut.set_result(conn)
@@ -147,7 +152,9 @@ class Pool:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_Grant] = loop.create_future()
         self._waiters.append(fut)
-        timer = loop.call_later(self.wait_timeout, self._expire, fut)
+        self._deadlines.append(loop.time() + self.wait_timeout)
+        if self._expiry is None:
+            self._expiry = loop.call_at(self._deadlines[0], self._expire)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -162,32 +169,42 @@ class Pool:
             else:
                 self._remove_waiter(fut)
             raise
-        finally:
-            timer.cancel()
 
-    def _expire(self, fut: asyncio.Future[_Grant]) -> None:
-        if not fut.done():
-            self.wait_timeouts += 1
-            self._remove_waiter(fut)
-            fut.set_exception(
-                AccountingError(
-                    errors.POOL_TIMEOUT,
-                    f"no Redis connection free within {self.wait_timeout * 1000:.0f} ms ({self.max_size} in use)",
+    def _pop_waiter(self) -> asyncio.Future[_Grant]:
+        self._deadlines.popleft()
+        return self._waiters.popleft()
+
+    def _expire(self) -> None:
+        """Fail every waiter past its deadline, oldest first; re-arm for the next one."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._waiters and self._deadlines[0] <= now:
+            fut = self._pop_waiter()
+            if not fut.done():
+                self.wait_timeouts += 1
+                fut.set_exception(
+                    AccountingError(
+                        errors.POOL_TIMEOUT,
+                        f"no Redis connection free within {self.wait_timeout * 1000:.0f} ms ({self.max_size} in use)",
+                    )
                 )
-            )
+        if self._waiters:
+            self._expiry = loop.call_at(self._deadlines[0], self._expire)
 
     def _remove_waiter(self, fut: asyncio.Future[_Grant]) -> None:
-        try:
-            self._waiters.remove(fut)
-        except ValueError:
-            pass
+        for i, waiter in enumerate(self._waiters):
+            if waiter is fut:
+                del self._waiters[i]
+                del self._deadlines[i]
+                return
 
     def _grant_slot(self) -> None:
         """A slot was freed: hand it to the oldest waiter, who will connect."""
         if self._closed:
             return
         while self._waiters and self._size < self.max_size:
-            fut = self._waiters.popleft()
+            fut = self._pop_waiter()
             if not fut.done():
                 self._size += 1
                 fut.set_result(None)
@@ -207,9 +224,12 @@ class Pool:
         """
         self._closed = True
         while self._waiters:
-            fut = self._waiters.popleft()
+            fut = self._pop_waiter()
             if not fut.done():
                 fut.set_exception(AccountingError(errors.UNAVAILABLE, "pool is closed"))
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         idle = list(self._idle)
         self._idle.clear()
         self._size -= len(idle)
