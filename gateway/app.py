@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,9 +23,7 @@ from .backends import backend_class
 from .backends.base import Backend
 from .config import Config
 from .errors import AccountingError
-from .faultlog import FailureLog
 from .guard import GuardedServer
-from .histogram import Histogram
 from .http import BACKLOG, FrontEnd, ListenError, front_end_class, listen_error
 from .limits import ADMIN_MAX_CONNECTIONS
 from .metrics import exposition, registry_for
@@ -59,31 +56,6 @@ class Gateway:
     async def close(self) -> None:
         await self.backend.close()
 
-    # The request counters live in the pipeline; these read them for tests and tools.
-    @property
-    def requests(self) -> int:
-        return self.pipeline.requests
-
-    @property
-    def counted(self) -> int:
-        return self.pipeline.counted
-
-    @property
-    def deferred(self) -> int:
-        return self.pipeline.deferred
-
-    @property
-    def failures(self) -> Counter[str]:
-        return self.pipeline.failures
-
-    @property
-    def latency(self) -> Histogram:
-        return self.pipeline.latency
-
-    @property
-    def failure_log(self) -> FailureLog:
-        return self.pipeline.failure_log
-
     # -- admin ------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -93,8 +65,8 @@ class Gateway:
             "redis": self.config.redis_description if self.backend.uses_redis else None,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "requests": self.pipeline.request_stats(),
-            "failures": dict(self.failures),
-            "accounting_latency_s": self.latency.snapshot(),
+            "failures": dict(self.pipeline.failures),
+            "accounting_latency_s": self.pipeline.latency.snapshot(),
             "pool": self.backend.stats(),
             "connections": self.server.stats(),
         }

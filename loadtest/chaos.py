@@ -182,7 +182,7 @@ def drift(server: RedisProcess, clients: int, gw: Gateway) -> int:
     """Redis counters minus what the gateway accounted for: increments confirmed, plus (batched)
     increments held during an outage. Positive: applied but unconfirmed; negative: lost."""
     seeded = sum(i * BASE for i in range(clients))
-    return server.counter_sum("ip:10.77.*") - seeded - gw.counted - gw.deferred
+    return server.counter_sum("ip:10.77.*") - seeded - gw.pipeline.counted - gw.pipeline.deferred
 
 
 def fill(out: Outcome, load: Load, gw: Gateway, logs: LogCounter | None = None) -> Outcome:
@@ -193,7 +193,7 @@ def fill(out: Outcome, load: Load, gw: Gateway, logs: LogCounter | None = None) 
     out.p99_ms = round(load.p99_ms(), 1)
     out.max_ms = round(1000 * max(load.latencies, default=0.0), 1)
     out.mismatches = load.mismatches
-    out.failures = dict(gw.failures)
+    out.failures = dict(gw.pipeline.failures)
     if logs is not None:
         out.log_lines = len(logs.records)
     return out
@@ -231,12 +231,12 @@ async def paused(mode: str, pause_s: float = 3.0, clients: int = 20) -> Outcome:
                 confirmed: list[float] = []
 
                 async def watch() -> None:
-                    last = gw.counted
+                    last = gw.pipeline.counted
                     while True:
                         await asyncio.sleep(0.005)
-                        if gw.counted > last:
+                        if gw.pipeline.counted > last:
                             confirmed.append(time.monotonic())
-                            last = gw.counted
+                            last = gw.pipeline.counted
 
                 watcher = asyncio.create_task(watch())
                 await load.run(fault)
@@ -307,14 +307,14 @@ async def restarted(mode: str, down_s: float = 1.0, clients: int = 20) -> Outcom
                 await asyncio.to_thread(server.stop)
                 await asyncio.sleep(down_s)
                 await asyncio.to_thread(server.start)
-                out.extra["counted_at_restart"] = gw.counted
+                out.extra["counted_at_restart"] = gw.pipeline.counted
                 await asyncio.sleep(2.0)
 
             await load.run(fault)
             await gw.backend.close()
             fill(out, load, gw)
             out.drift = drift(server, clients, gw)
-            out.extra["counted_after_restart"] = gw.counted - out.extra.get("counted_at_restart", 0)
+            out.extra["counted_after_restart"] = gw.pipeline.counted - out.extra.get("counted_at_restart", 0)
             out.notes = f"{out.extra['counted_after_restart']} increments confirmed after the restart"
         out.conns_left = await _connections_after(server)
     finally:
@@ -409,7 +409,7 @@ async def bad_key(mode: str, clients: int = 200, duration_s: float = 2.0) -> Out
                 await gw.backend.close()
                 fill(out, load, gw, logs)
         seeded = sum(i * BASE for i in range(clients) if i != 7)
-        out.drift = server.counter_sum("ip:10.77.*") - seeded - gw.counted
+        out.drift = server.counter_sum("ip:10.77.*") - seeded - gw.pipeline.counted
         out.conns_left = await _connections_after(server)
     finally:
         server.cleanup()

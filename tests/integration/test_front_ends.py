@@ -293,7 +293,7 @@ async def test_drain_answers_requests_in_flight_and_closes_idle(redis_server: Re
         reader, writer = await _open(base)
         redis_server.client().execute_command("CLIENT", "PAUSE", 500, "WRITE")
         writer.write(GET)
-        await eventually(lambda: gw.requests == 2)
+        await eventually(lambda: gw.pipeline.requests == 2)
         stopping = asyncio.ensure_future(gw_stop(gw))
         status, _, _ = await _read_response(reader)
         assert status == 302
@@ -377,19 +377,19 @@ async def test_client_that_does_not_read_is_paused(redis_server: RedisServer) ->
                 await asyncio.sleep(0.05)
                 continue
             await asyncio.sleep(0)
-        handled = gw.requests
+        handled = gw.pipeline.requests
         assert handled < sent // len(GET), (handled, sent)  # reading stopped
         await asyncio.sleep(0.3)
-        assert gw.requests == handled  # and stays stopped while the client does not read
+        assert gw.pipeline.requests == handled  # and stays stopped while the client does not read
         # Reading the answers lets the gateway go on.
         deadline = time.monotonic() + 10
-        while gw.requests == handled and time.monotonic() < deadline:
+        while gw.pipeline.requests == handled and time.monotonic() < deadline:
             try:
                 while sock.recv(1 << 20):
                     pass
             except BlockingIOError:
                 await asyncio.sleep(0.01)
-        assert gw.requests > handled
+        assert gw.pipeline.requests > handled
         sock.close()
 
 
@@ -423,7 +423,7 @@ async def test_shutdown_does_not_wait_out_a_batch_window(redis_server: RedisServ
     async with running_gateway(cfg) as (gw, base):
         reader, writer = await _open(base)
         writer.write(GET)
-        await eventually(lambda: gw.requests == 1)
+        await eventually(lambda: gw.pipeline.requests == 1)
         t0 = time.monotonic()
         stopping = asyncio.ensure_future(_stop(gw))
         assert (await _read_response(reader))[0] == 302  # held, then released by a prompt flush

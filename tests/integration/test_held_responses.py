@@ -92,7 +92,7 @@ async def test_client_gone_before_the_release(redis_server: RedisServer, http: s
         _reader, writer = await _open(base)
         _pause(redis_server, 400)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        await eventually(lambda: gw.requests == 1)
+        await eventually(lambda: gw.pipeline.requests == 1)
         writer.close()  # gone while its response is held
         await eventually(lambda: gw.stats()["requests"]["in_flight"] == 0)
         assert gw.stats()["requests"]["counted"] == 1 and _count(redis_server) == 1
@@ -107,7 +107,7 @@ async def test_shutdown_delivers_held_responses(redis_server: RedisServer, http:
         async with running_gateway(_config(redis_server, http)) as (gw, base):
             _pause(redis_server, 500)
             pending = asyncio.ensure_future(s.get(base + "/", allow_redirects=False))
-            await eventually(lambda: gw.requests == 1)
+            await eventually(lambda: gw.pipeline.requests == 1)
         # The gateway stopped while the response was held: it flushed, then answered.
         async with await pending as r:
             assert r.status == 302
