@@ -27,7 +27,8 @@ rest of a server's duties, per connection:
   settles (`release`). A client that leaves meanwhile is still counted.
 
 The hot path is one callback per parser event and no task, future or timer for
-a request that is answered at once; a request that waits for Redis costs one task.
+a request that is answered at once; a request that waits for Redis costs the
+future it waits on (and a task only for a backend that needs one).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import time
 from collections import deque
 from collections.abc import Coroutine
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
@@ -91,26 +93,15 @@ _FIELDS = {
 IDLE, HEAD, BODY = 0, 1, 2
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_REASONS = {
-    400: "Bad Request",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    417: "Expectation Failed",
-    431: "Request Header Fields Too Large",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
 _NO_BODY_STATUS = frozenset((204, 304))
 
 
 def _plain(status: int, reason: str = "") -> bytes:
     """A complete error response that closes the connection."""
-    body = f"{reason or _REASONS[status]}\n".encode()
+    phrase = HTTPStatus(status).phrase
+    body = f"{reason or phrase}\n".encode()
     return (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
 
@@ -309,11 +300,14 @@ class HttpToolsFrontEnd(FrontEnd):
     # -- encoding ----------------------------------------------------------------
 
     def encode(self, response: Response, variant: int) -> bytes:
-        """Bytes of `response`. `variant`: 1 keep-alive (else close), 2 HTTP/1.0 keep-alive, 4 HEAD."""
-        data = self._encode(response, variant)
+        """Bytes of `response`. `variant`: 1 keep-alive (else close), 2 HTTP/1.0 keep-alive, 4 HEAD.
+        The shared responses' bytes are kept per variant until the Date changes."""
         entry = self.wire.get(response)
-        if entry is not None:
-            entry[variant] = data
+        if entry is None:
+            return self._encode(response, variant)
+        data = entry[variant]
+        if data is None:
+            data = entry[variant] = self._encode(response, variant)
         return data
 
     def path_of(self, url: bytes) -> str:
@@ -625,7 +619,7 @@ class _Connection(asyncio.Protocol):
             if self.expect != b"100-continue":
                 raise _Reject(417)
             if not self.http10 and (self.content_length > 0 or self.chunked):
-                self._send_ready(_CONTINUE, False, count=False)
+                self._send_ready(_CONTINUE, False)
 
     def on_chunk_header(self) -> None:
         self.chunks += 1
@@ -650,7 +644,7 @@ class _Connection(asyncio.Protocol):
         if method == b"HEAD":
             head = 4
         elif method == b"CONNECT":
-            self._send_ready(_plain(405, "CONNECT is not supported"), True, count=False)
+            self._send_ready(_plain(405, "CONNECT is not supported"), True)
             self._finish()
             return
         else:
@@ -685,10 +679,7 @@ class _Connection(asyncio.Protocol):
                 keep_alive = False
                 variant &= 4
         if type(answer) is Response:
-            entry = server.wire.get(answer)
-            data = entry[variant] if entry is not None else None
-            if data is None:
-                data = server.encode(answer, variant)
+            data = server.encode(answer, variant)
             if info is not None:
                 self._log(info, answer, len(data))
             if keep_alive and not self.queue and self.transport is not None:
@@ -703,7 +694,6 @@ class _Connection(asyncio.Protocol):
                     if self.held_bytes > MAX_HELD_BYTES:
                         self._update_reading()
                 return
-            self.waiting += 1
             self._send_ready(data, not keep_alive)
         else:
             self.waiting += 1
@@ -726,17 +716,15 @@ class _Connection(asyncio.Protocol):
 
     # -- answering, in order ---------------------------------------------------------
 
-    def _send_ready(self, data: bytes, close: bool, count: bool = True) -> None:
-        """A response that is ready now: write it, or queue it behind earlier ones."""
+    def _send_ready(self, data: bytes, close: bool) -> None:
+        """An answer (final, interim or an error) that is ready now: write it, or queue it
+        behind earlier ones."""
+        self.waiting += 1
         queue = self.queue
         if queue:
             queue.append(_Slot(self, data, close))
-            if not count:
-                self.waiting += 1  # interim responses wait in the queue like the others
             self._update_reading()
         else:
-            if not count:
-                self.waiting += 1
             self._write(data, close)
 
     def _settled(self, slot: _Slot, answer: Response | None, exc: BaseException | None) -> None:
@@ -747,11 +735,7 @@ class _Connection(asyncio.Protocol):
             answer = _INTERNAL_ERROR
             slot.close = True
             self.closing = True
-        variant = slot.variant & 4 if slot.close else slot.variant
-        entry = self.server.wire.get(answer)
-        data = entry[variant] if entry is not None else None
-        if data is None:
-            data = self.server.encode(answer, variant)
+        data = self.server.encode(answer, slot.variant & 4 if slot.close else slot.variant)
         if slot.info is not None:
             self._log(slot.info, answer, len(data))
         slot.data = data
@@ -813,7 +797,7 @@ class _Connection(asyncio.Protocol):
             self.server.bad_requests += 1
         if self.closing:
             return
-        self._send_ready(_plain(status, reason), True, count=False)
+        self._send_ready(_plain(status, reason), True)
         self.closing = True
         self.phase = IDLE
 
