@@ -146,28 +146,31 @@ class Pipeline:
                     holder.hold(commit)
         else:
             return self._account(self._prefix + ip, path)
-        return self.target_ok if path == self._target else self.redirect
+        return self.action(path)
 
     async def _account(self, key: str, path: str) -> Response:
         started = perf_counter()
+        cause: BaseException | None = None
         try:
             value = await self.backend.incr(key)
         except AccountingError as err:
-            self.latency.observe(perf_counter() - started)
-            if self._failed(err):
-                return self.denied
+            failure: AccountingError | None = err
         except Exception as exc:  # a bug in a backend must not become a 500 storm
-            self.latency.observe(perf_counter() - started)
-            if self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc):
-                return self.denied
+            failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
         else:
-            self.latency.observe(perf_counter() - started)
-            self.counted += 1
-            if self.failure_log.failing:
-                self.failure_log.success()
-            if self._count_header is not None and value is not None:
-                answer = self.target_ok if path == self._target else self.redirect
-                return answer.with_header(self._count_header, str(value))
+            failure = None
+        self.latency.observe(perf_counter() - started)
+        if failure is not None:
+            return self.denied if self._failed(failure, cause) else self.action(path)
+        self.counted += 1
+        if self.failure_log.failing:
+            self.failure_log.success()
+        if self._count_header is not None and value is not None:
+            return self.action(path).with_header(self._count_header, str(value))
+        return self.action(path)
+
+    def action(self, path: str) -> Response:
+        """What answers a request that may go on: 200 for the target itself, else the redirect."""
         return self.target_ok if path == self._target else self.redirect
 
     # -- outcomes -------------------------------------------------------------

@@ -6,8 +6,9 @@ are only imported when that mode runs.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..registry import load
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -23,8 +24,4 @@ BACKENDS: dict[str, str] = {
 
 
 def backend_class(mode: str) -> type[Backend]:
-    try:
-        module_name, _, attr = BACKENDS[mode].partition(":")
-    except KeyError:
-        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(BACKENDS)}") from None
-    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    return load(BACKENDS, mode, "mode")  # type: ignore[no-any-return]

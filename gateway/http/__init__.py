@@ -9,9 +9,10 @@ does own framing, limits, timeouts, backpressure and the graceful drain.
 from __future__ import annotations
 
 import abc
-import importlib
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..registry import load
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -64,8 +65,4 @@ class FrontEnd(abc.ABC):
 
 
 def front_end_class(name: str) -> type[FrontEnd]:
-    try:
-        module_name, _, attr = FRONT_ENDS[name].partition(":")
-    except KeyError:
-        raise ValueError(f"unknown HTTP front end {name!r}; known: {', '.join(FRONT_ENDS)}") from None
-    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    return load(FRONT_ENDS, name, "HTTP front end")  # type: ignore[no-any-return]
