@@ -9,9 +9,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -19,6 +19,8 @@ from gateway.config import Config, parse_redis_url
 from gateway.resp import Parser
 from loadtest.chaos import gateway as running_gateway
 from loadtest.procs import RedisProcess, free_port, stop_process, wait_port
+
+T = TypeVar("T")
 
 
 class RedisServer(RedisProcess):
@@ -140,6 +142,25 @@ def make_config(redis_url: str, mode: str = "raw", **kw: object) -> Config:
     return Config(mode=mode, redis=parse_redis_url(redis_url), **defaults)  # type: ignore[arg-type]
 
 
+async def peak_clients(server: RedisServer, work: Awaitable[T]) -> tuple[T, int]:
+    """Run `work` while sampling the server's client count; its result and the peak seen."""
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, await asyncio.to_thread(server.client_count))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work, peak
+    finally:
+        done.set()
+        await watcher
+
+
 async def eventually(check: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -211,5 +232,6 @@ __all__ = [
     "free_port",
     "http_get",
     "make_config",
+    "peak_clients",
     "running_gateway",
 ]

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.client_ip import canonical
 
-from ..helpers import HAProxyReference, RedisServer, eventually, make_config, running_gateway
+from ..helpers import HAProxyReference, RedisServer, eventually, make_config, peak_clients, running_gateway
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 
@@ -60,19 +60,7 @@ async def test_listener_redirects_and_counts(
 
 @pytest.mark.parametrize("listener", ["pooled", "raw"])
 async def test_pool_never_exceeds_nb_max(listener: str, haproxy: HAProxyReference, redis_server: RedisServer) -> None:
-    peak = 0
-    done = asyncio.Event()
-
-    async def watch() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, await asyncio.to_thread(redis_server.client_count))
-            await asyncio.sleep(0.005)
-
-    watcher = asyncio.create_task(watch())
-    replies = await _send(haproxy.url(listener), [None] * 600, concurrency=200)
-    done.set()
-    await watcher
+    replies, peak = await peak_clients(redis_server, _send(haproxy.url(listener), [None] * 600, concurrency=200))
     assert {s for s, _ in replies} == {302}
     assert 1 <= peak <= 5
     # The seed's pool polls every 50 ms for up to 1 s; a request that finds no
@@ -91,19 +79,7 @@ async def test_seed_listener_counts_every_request(
 ) -> None:
     # The seed's own code (seed.lua) under 20 concurrent clients and a pool of 5: every request
     # redirected and counted once under the client's key, never more connections than the pool.
-    peak = 0
-    done = asyncio.Event()
-
-    async def watch() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, await asyncio.to_thread(redis_server.client_count))
-            await asyncio.sleep(0.005)
-
-    watcher = asyncio.create_task(watch())
-    replies = await _send(haproxy.url(listener), [None] * 200, concurrency=20)
-    done.set()
-    await watcher
+    replies, peak = await peak_clients(redis_server, _send(haproxy.url(listener), [None] * 200, concurrency=20))
     assert set(replies) == {(302, "/ok")}
     # As published, the seed has no rule for the target: /ok is redirected (and counted) too.
     async with aiohttp.ClientSession() as s, s.get(haproxy.url(listener) + "/ok", allow_redirects=False) as r:

@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from ..helpers import RedisServer, make_config, running_gateway
+from ..helpers import RedisServer, make_config, peak_clients, running_gateway
 
 N = 60
 
@@ -83,21 +83,9 @@ async def test_trusted_proxy_counts_forwarded_clients(redis_mode: str, redis_ser
 async def test_connections_bounded_by_pool_size(redis_mode: str, redis_server: RedisServer) -> None:
     cfg = make_config(redis_server.url, redis_mode, pool_size=5)
     async with running_gateway(cfg) as (gw, base):
-        peak = 0
-        stop = asyncio.Event()
-
-        async def watch() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, await asyncio.to_thread(redis_server.client_count))
-                await asyncio.sleep(0.005)
-
-        watcher = asyncio.create_task(watch())
         connector = aiohttp.TCPConnector(limit=200)
         async with aiohttp.ClientSession(connector=connector) as s:
-            responses = await _hit(s, base + "/", 400)
-        stop.set()
-        await watcher
+            responses, peak = await peak_clients(redis_server, _hit(s, base + "/", 400))
         assert {r.status for r in responses} == {302}
         assert gw.stats()["requests"]["counted"] == 400
         await gw.backend.close()
