@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from time import perf_counter
 from typing import Any
 from urllib.parse import unquote
@@ -122,7 +122,7 @@ class Pipeline:
     # -- the request path -----------------------------------------------------
 
     def handle(
-        self, path: str, peer: str | None, forwarded_for: str | None, holder: Holder | None
+        self, path: str, peer: str | None, forwarded_for: Sequence[str] | None, holder: Holder | None
     ) -> Response | Coroutine[Any, Any, Response]:
         self.requests += 1
         if forwarded_for is None and peer is not None:

@@ -53,10 +53,8 @@ class AiohttpFrontEnd(FrontEnd):
             resp = web.Response(status=refused[0], text=refused[1] + "\n")
             resp.force_close()
             return resp
-        xff = None
-        if self._use_xff:
-            values = request.headers.getall("X-Forwarded-For", ())
-            xff = ",".join(values) if values else None
+        # X-Forwarded-For's values, each occurrence as sent: the resolver walks them without a join.
+        xff = request.headers.getall("X-Forwarded-For", None) if self._use_xff else None
         holder = request.transport if self._hold else None
         answer = self.pipeline.handle(request.path, request.remote, xff, holder)  # type: ignore[arg-type]
         if type(answer) is not Response:

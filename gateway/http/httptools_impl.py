@@ -655,7 +655,7 @@ class _Connection(asyncio.Protocol):
                 # keep-alive in one Connection field.
                 keep_alive = False
             if self.xff is not None and self.pipeline.uses_forwarded_for:
-                xff = b",".join(self.xff).decode("latin-1")
+                xff = [value.decode("latin-1") for value in self.xff]
             variant = (3 if self.http10 else 1) if keep_alive else 0
         else:
             variant = 1 if keep_alive else 0
