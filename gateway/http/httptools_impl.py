@@ -679,7 +679,11 @@ class _Connection(asyncio.Protocol):
                 keep_alive = False
                 variant &= 4
         if type(answer) is Response:
-            data = server.encode(answer, variant)
+            # encode()'s cache lookup, inlined: this line runs for every request.
+            entry = server.wire.get(answer)
+            data = entry[variant] if entry is not None else None
+            if data is None:
+                data = server.encode(answer, variant)
             if info is not None:
                 self._log(info, answer, len(data))
             if keep_alive and not self.queue and self.transport is not None:
