@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from . import errors
 from . import stats as stats_merge
 from .config import RedisTarget
-from .connection import open_connection
+from .connection import RedisConnection, open_connection
 from .errors import AccountingError
 from .multiplexer import Multiplexer
 from .pool import Pool
@@ -62,7 +62,7 @@ class NodeClient(Protocol):
 class PoolNode:
     """A node reached through a bounded pool: one checkout per command (raw mode)."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool[RedisConnection]) -> None:
         self.pool = pool
 
     async def send(self, packed: bytes, count: int) -> list[Reply]:

@@ -1,4 +1,7 @@
-"""A bounded pool of Redis connections: the seed's design, with its gaps closed.
+"""A bounded pool of connections: the seed's design, with its gaps closed.
+
+Generic over the connection: Redis connections (`gateway.connection`) and any
+other connection with the `PoolConnection` shape use the same pool.
 
 Owns how many connections exist and who holds them. Invariants:
 
@@ -24,33 +27,51 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Generic, Protocol, TypeVar
 
 from . import errors
 from .backoff import ConnectBackoff
-from .connection import RedisConnection
 from .errors import AccountingError
 
-# A waiter's future resolves to a connection, or to None: "a slot is yours, connect".
-_Grant = RedisConnection | None
+
+class PoolConnection(Protocol):
+    """What the pool needs of a connection."""
+
+    @property
+    def usable(self) -> bool:
+        """Open and not failed: safe to hand out."""
+
+    @property
+    def pending(self) -> int:
+        """Exchanges started whose answer has not been read whole: nonzero means dirty."""
+
+    def abort(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
-class Pool:
+C = TypeVar("C", bound=PoolConnection)
+
+
+class Pool(Generic[C]):
     def __init__(
         self,
-        connect: Callable[[], Awaitable[RedisConnection]],
+        connect: Callable[[], Awaitable[C]],
         max_size: int,
         wait_timeout: float,
         *,
         backoff_initial: float = 0.05,
         backoff_max: float = 0.5,
+        what: str = "Redis connection",
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
         self._connect = connect
+        self._what = what  # for messages: "no <what> free within ..."
         self.max_size = max_size
         self.wait_timeout = wait_timeout
-        self._idle: deque[RedisConnection] = deque()
-        self._waiters: deque[asyncio.Future[_Grant]] = deque()
+        self._idle: deque[C] = deque()
+        self._waiters: deque[asyncio.Future[C | None]] = deque()
         # Each waiter's deadline, in the same order: every wait has the same timeout, so the
         # oldest waiter always expires first and one timer, armed for it, serves them all
         # (a timer per wait cost more than the rest of the checkout).
@@ -67,7 +88,7 @@ class Pool:
 
     # -- checkout ---------------------------------------------------------
 
-    async def acquire(self) -> RedisConnection:
+    async def acquire(self) -> C:
         if self._closed:
             raise AccountingError(errors.UNAVAILABLE, "pool is closed")
         idle = self._idle
@@ -85,7 +106,7 @@ class Pool:
             return await self._open_reserved()
         return grant
 
-    def release(self, conn: RedisConnection) -> None:
+    def release(self, conn: C) -> None:
         """Give a connection back. Safe to call with a broken or dirty connection."""
         self._in_use -= 1
         if self._closed or not conn.usable or conn.pending:
@@ -103,7 +124,7 @@ class Pool:
         self._idle.append(conn)
 
     @asynccontextmanager
-    async def connection(self, discard_on_error: bool = True) -> AsyncIterator[RedisConnection]:
+    async def connection(self, discard_on_error: bool = True) -> AsyncIterator[C]:
         """Check a connection out for exclusive use; it always comes back.
 
         Meant for commands a shared connection cannot carry (BLPOP, XREAD BLOCK,
@@ -123,7 +144,7 @@ class Pool:
 
     # -- internals --------------------------------------------------------
 
-    async def _open_reserved(self) -> RedisConnection:
+    async def _open_reserved(self) -> C:
         try:
             self.backoff.admit()
         except AccountingError:
@@ -148,9 +169,10 @@ class Pool:
         self._in_use += 1
         return conn
 
-    async def _wait(self) -> _Grant:
+    async def _wait(self) -> C | None:
+        """Queue for a grant: a connection, or None meaning "a slot is yours, connect"."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[_Grant] = loop.create_future()
+        fut: asyncio.Future[C | None] = loop.create_future()
         self._waiters.append(fut)
         self._deadlines.append(loop.time() + self.wait_timeout)
         if self._expiry is None:
@@ -170,7 +192,7 @@ class Pool:
                 self._remove_waiter(fut)
             raise
 
-    def _pop_waiter(self) -> asyncio.Future[_Grant]:
+    def _pop_waiter(self) -> asyncio.Future[C | None]:
         self._deadlines.popleft()
         return self._waiters.popleft()
 
@@ -186,13 +208,13 @@ class Pool:
                 fut.set_exception(
                     AccountingError(
                         errors.POOL_TIMEOUT,
-                        f"no Redis connection free within {self.wait_timeout * 1000:.0f} ms ({self.max_size} in use)",
+                        f"no {self._what} free within {self.wait_timeout * 1000:.0f} ms ({self.max_size} in use)",
                     )
                 )
         if self._waiters:
             self._expiry = loop.call_at(self._deadlines[0], self._expire)
 
-    def _remove_waiter(self, fut: asyncio.Future[_Grant]) -> None:
+    def _remove_waiter(self, fut: asyncio.Future[C | None]) -> None:
         for i, waiter in enumerate(self._waiters):
             if waiter is fut:
                 del self._waiters[i]
@@ -210,7 +232,7 @@ class Pool:
                 fut.set_result(None)
                 return
 
-    def _forget(self, conn: RedisConnection) -> None:
+    def _forget(self, conn: C) -> None:
         self.discarded += 1
         self._size -= 1
         conn.abort()

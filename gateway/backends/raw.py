@@ -13,7 +13,7 @@ from functools import partial
 from ..accounting import read_incr_reply
 from ..cluster import Direct, PoolNode
 from ..config import Config, RedisTarget
-from ..connection import open_connection
+from ..connection import RedisConnection, open_connection
 from ..pool import Pool
 from ..resp import encode
 from ..slots import key_slot
@@ -37,7 +37,7 @@ class RawBackend(OwnCodecBackend):
             self.pool = self._pool(c.redis)
             self.redis = Direct(PoolNode(self.pool))
 
-    def _pool(self, target: RedisTarget) -> Pool:
+    def _pool(self, target: RedisTarget) -> Pool[RedisConnection]:
         c = self.config
         connect = partial(open_connection, target, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout)
         return Pool(connect, c.pool_size, c.pool_wait)
