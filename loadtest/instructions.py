@@ -71,7 +71,7 @@ def _totals(paths: list[Path]) -> int:
     return total
 
 
-def measure(mode: str, s: Settings, cpus: tuple[str | None, str | None]) -> Count:
+def measure(mode: str, s: Settings, cpus: tuple[str | None, str | None], keep: Path | None = None) -> Count:
     target_cpus, other_cpus = cpus
     db = Redis(other_cpus)
     proc = None
@@ -96,7 +96,12 @@ def measure(mode: str, s: Settings, cpus: tuple[str | None, str | None]) -> Coun
             stop_process(proc, timeout=60)
             proc = None
             # The dump holds the window; the file written at exit holds nothing (instrumentation off).
-            return Count(f"gateway/{mode}", served, _totals(sorted(Path(tmp).glob("out.*"))), commands)
+            dumps = sorted(Path(tmp).glob("out.*"))
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                for dump in dumps:
+                    shutil.copy(dump, keep / f"{mode}.{dump.name}")
+            return Count(f"gateway/{mode}", served, _totals(dumps), commands)
         finally:
             stop_process(proc, timeout=60)
             db.close()
@@ -121,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of wrk load counted (default 10)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before counting (default 3)")
     p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    p.add_argument(
+        "--keep-dumps",
+        type=Path,
+        metavar="DIR",
+        help="copy callgrind's dumps here, for callgrind_annotate (where the instructions go)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin the gateway and the injector to separate cores")
     a = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "wrk"):
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         print(f"{mode} ...", file=sys.stderr, flush=True)
         try:
-            c = measure(mode, s, cpus)
+            c = measure(mode, s, cpus, a.keep_dumps)
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # one target, not the run
             print(f"    ERROR {exc}", file=sys.stderr)
             failed.append(mode)
