@@ -15,6 +15,14 @@ def counter_key(prefix: str, ip: str) -> str:
     return prefix + ip
 
 
+def incr_command(key: str) -> bytes:
+    """`INCRBY <key> 1` as RESP: the bytes `resp.encode("INCRBY", key, 1)` makes, in one
+    format operation instead of a loop over the arguments, because raw and multiplexed
+    mode send it for every request."""
+    k = key.encode()
+    return b"*3\r\n$6\r\nINCRBY\r\n$%d\r\n%b\r\n$1\r\n1\r\n" % (len(k), k)
+
+
 def read_incr_reply(reply: Reply) -> int:
     """The new counter value, or AccountingError for an error or unexpected reply."""
     if type(reply) is int:

@@ -113,6 +113,24 @@ class RedisConnection(asyncio.Protocol):
             self._timer = self._loop.call_at(deadline, self._check_deadline)
         return futs
 
+    def send_one(self, data: bytes) -> asyncio.Future[Reply]:
+        """`send_packed(data)[0]` for one encoded command, without the list: the per-request path."""
+        if self._failure is not None or self._transport is None:
+            raise self._failure or AccountingError(errors.CONNECTION_LOST, "connection is not open")
+        timeout = self._timeout
+        deadline = self._loop.time() + timeout if timeout is not None else 0.0
+        fut = self._loop.create_future()
+        self._inflight.append((fut, deadline))
+        if self._wbuf or self._coalesce:
+            if not self._wbuf:
+                self._loop.call_soon(self._flush)
+            self._wbuf.append(data)
+        else:
+            self._transport.write(data)
+        if self._timer is None and timeout is not None:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+        return fut
+
     def send(self, *args: object) -> asyncio.Future[Reply]:
         return self.send_packed(encode(*args))[0]
 

@@ -7,11 +7,10 @@ With --redis-cluster, one multiplexer per master node, keys routed by hash slot.
 
 from __future__ import annotations
 
-from ..accounting import read_incr_reply
+from ..accounting import incr_command, read_incr_reply
 from ..cluster import Direct, MuxNode
 from ..config import Config, RedisTarget
 from ..multiplexer import Multiplexer
-from ..resp import encode
 from ..slots import key_slot
 from .base import OwnCodecBackend
 
@@ -45,6 +44,6 @@ class MultiplexedBackend(OwnCodecBackend):
 
     async def incr(self, key: str) -> int:
         if self.router is not None:
-            return read_incr_reply(await self.router.execute(key_slot(key), encode("INCRBY", key, 1)))
-        reply = await self.mux.connection().send_packed(encode("INCRBY", key, 1))[0]
+            return read_incr_reply(await self.router.execute(key_slot(key), incr_command(key)))
+        reply = await self.mux.connection().send_one(incr_command(key))
         return read_incr_reply(reply)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..accounting import read_incr_reply
+from ..accounting import incr_command, read_incr_reply
 from ..cluster import Direct, PoolNode
 from ..config import Config, RedisTarget
 from ..connection import RedisConnection, open_connection
 from ..pool import Pool
-from ..resp import encode
 from ..slots import key_slot
 from .base import OwnCodecBackend
 
@@ -44,11 +43,11 @@ class RawBackend(OwnCodecBackend):
 
     async def incr(self, key: str) -> int:
         if self.router is not None:
-            return read_incr_reply(await self.router.execute(key_slot(key), encode("INCRBY", key, 1)))
+            return read_incr_reply(await self.router.execute(key_slot(key), incr_command(key)))
         pool = self.pool
         conn = await pool.acquire()
         try:
-            reply = await conn.send_packed(encode("INCRBY", key, 1))[0]
+            reply = await conn.send_one(incr_command(key))
         finally:
             pool.release(conn)
         return read_incr_reply(reply)

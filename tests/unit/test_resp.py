@@ -1,5 +1,6 @@
 import pytest
 
+from gateway.accounting import incr_command
 from gateway.resp import NEED_DATA, Parser, ProtocolError, ReplyError, encode
 
 # Every RESP2 reply type, with what the parser must return for it.
@@ -111,3 +112,10 @@ def test_encode_refuses_what_it_cannot_represent() -> None:
         encode("SET", "k", object())
     with pytest.raises(ValueError):
         encode()
+
+
+@pytest.mark.parametrize("key", ["ip:127.0.0.1", "ip:2001:db8::1", "", "k\r\n$1\r\n", "ip:é", "x" * 300])
+def test_incr_command_is_the_generic_encoding_of_incrby(key: str) -> None:
+    # The per-request fast path must send exactly the bytes the generic encoder makes,
+    # with the length in bytes (not characters) for a non-ASCII key.
+    assert incr_command(key) == encode("INCRBY", key, 1)
