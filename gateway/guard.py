@@ -119,6 +119,12 @@ class _GuardedHandler(RequestHandler):
             return False
         # A half-closed client still gets the answer to the request in progress: keep the
         # transport open for writing and close once it is written.
+        body = self._body
+        if body is not None and not body.is_eof():
+            # The rest of its body can no longer come. Without the end of the body, aiohttp
+            # would keep reading it after the answer for its lingering time (10 s), and a
+            # drain would wait that long for this connection.
+            body.feed_eof()
         self.close()
         return True
 

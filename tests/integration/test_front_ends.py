@@ -171,6 +171,22 @@ async def test_expect_100_continue(redis_server: RedisServer, http: str) -> None
     assert _count(redis_server) == 1
 
 
+async def test_a_client_that_half_closes_mid_body_leaves_no_connection(redis_server: RedisServer, http: str) -> None:
+    # The client ends its stream where the promised body should be: the body can never come.
+    # aiohttp answers at the head and then kept reading the body for its 10 s lingering time,
+    # so the connection stayed open and a drain waited out --shutdown-timeout-s for it. The
+    # own front end answers a request once it is whole, so this one gets no answer.
+    async with running_gateway(_cfg(redis_server, http)) as (gw, base):
+        reader, writer = await _open(base)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 3.0)  # until the gateway closes
+        assert answer.startswith(b"HTTP/1.1 302 ") if http == "aiohttp" else answer == b""
+        await eventually(lambda: gw.stats()["connections"]["open"] == 0, timeout=3.0)
+        writer.close()
+    assert _count(redis_server) == (1 if http == "aiohttp" else 0)
+
+
 @pytest.mark.parametrize(
     "payload",
     [
