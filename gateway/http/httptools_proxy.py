@@ -1,0 +1,187 @@
+"""The own front end's client connection when the action is the proxy (`--upstream`).
+
+A `_Connection` (gateway.http.httptools_impl) that hands each request to the
+proxy at the end of its head instead of answering it once complete: the body is
+then streamed to the upstream while it arrives. Everything before that point is
+the plain front end's: its limits, timeouts and refusals (smuggling shapes, bad
+Host, oversized heads) apply unchanged, so nothing it refuses reaches an upstream.
+
+Owns, per client connection: the exchanges in request order (`exchanges`; only
+the oldest runs, a pipelined one waits with reading paused), the request body's
+backpressure (reading pauses while an exchange holds `BODY_BUFFER` bytes not yet
+sent upstream), the response's (the upstream pauses while the client's socket
+buffer is full), and how the connection ends after each exchange. Answers of the
+front end's own (a 4xx, 100 Continue) wait behind the exchanges before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from ..actions.proxy import BODY_BUFFER, Exchange
+from .httptools_impl import BODY, IDLE, HttpToolsFrontEnd, _Connection, _Reject
+
+log = logging.getLogger("gateway")
+
+
+class ProxyConnection(_Connection):
+    def __init__(self, server: HttpToolsFrontEnd) -> None:
+        super().__init__(server)
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.exchanges: deque[Exchange] = deque()
+        self.tasks: dict[Exchange, asyncio.Task[None]] = {}
+        # Own answers (bytes, close) owed after the exchanges before them.
+        self.after: list[tuple[bytes, bool]] = []
+
+    # -- parser callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.fields = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.phase == BODY:
+            return  # a trailer field: not forwarded
+        super().on_header(name, value)
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.upgrade is not None:
+            raise _Reject(501, "protocol upgrades (WebSocket) are not supported by the proxy")
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            raise _Reject(405, "CONNECT is not supported")
+        ex = Exchange(self, method, self.url, self.fields, self.peer, self.http10, self.content_length, self.chunked)
+        if self.xff is not None and self.pipeline.uses_forwarded_for:
+            ex.forwarded_for = [value.decode("latin-1") for value in self.xff]
+        self.fields = []
+        self.exchanges.append(ex)
+        self.waiting += 1
+        if len(self.exchanges) == 1:
+            self._start(ex)
+        else:
+            self._update_reading()  # pipelined: read nothing more until the ones before are answered
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        ex = self.exchanges[-1]
+        ex.feed(body)
+        if ex.buffered > BODY_BUFFER:
+            self._update_reading()
+
+    def on_message_complete(self) -> None:
+        self.phase = IDLE
+        keep_alive = self.parser.should_keep_alive() and not self.server.draining
+        if self.http10 and keep_alive and (self.chunked or b"close" in (self.connection or b"").lower()):
+            keep_alive = False  # as the plain front end decides (RFC 9112 6.1)
+        if not keep_alive:
+            self.closing = True  # read no further request
+        if self.exchanges:
+            self.exchanges[-1].feed_end(keep_alive)
+
+    # -- exchanges, in order --------------------------------------------------------------
+
+    def _start(self, ex: Exchange) -> None:
+        loop = self.server.loop
+        assert loop is not None
+        ex.client_paused = self.write_paused
+        task = loop.create_task(self.pipeline.forward(ex, self.peer, ex.forwarded_for))
+        self.tasks[ex] = task
+        task.add_done_callback(lambda t: self._exchange_done(ex, t))
+
+    def _exchange_done(self, ex: Exchange, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(ex, None)
+        transport = self.transport
+        if transport is None or not self.exchanges or self.exchanges[0] is not ex:
+            return  # the client is gone (its exchanges were cancelled)
+        self.exchanges.popleft()
+        self.waiting -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("proxy exchange failed", exc_info=task.exception())
+            ex.fail(502, "bad gateway")
+            ex.close_after = True
+        self.served = True
+        self.since = self.server.now
+        if ex.cut:
+            transport.abort()
+            return
+        if ex.close_after or not ex.keep_alive or not ex.body_done:
+            self.closing = True
+            self.exchanges.clear()
+            transport.close()
+            return
+        if self.exchanges:
+            self._start(self.exchanges[0])
+        else:
+            after, self.after = self.after, []
+            for data, close in after:
+                self.waiting += 1
+                self._write(data, close)
+            if self.closing and not self.waiting and not transport.is_closing():
+                transport.close()
+        self._update_reading()
+
+    # -- what the exchange calls (gateway.actions.proxy.ClientSide) ------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def body_drained(self) -> None:
+        """The exchange passed its buffered body on: read the client again if that paused it."""
+        if self.read_paused:
+            self._update_reading()
+
+    # -- the plain front end's hooks ------------------------------------------------------------
+
+    def _saturated(self) -> bool:
+        exchanges = self.exchanges
+        if exchanges and (len(exchanges) > 1 or exchanges[-1].buffered > BODY_BUFFER):
+            return True
+        return super()._saturated()
+
+    def _send_ready(self, data: bytes, close: bool) -> None:
+        if self.exchanges:
+            self.after.append((data, close))  # after the responses owed before it
+            return
+        super()._send_ready(data, close)
+
+    def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
+        exchanges = self.exchanges
+        if exchanges and not exchanges[-1].body_done:
+            # The request being read is refused mid-body (413, 408, bad chunk framing): its
+            # exchange cannot go on; the client gets the status if no response began, else a cut.
+            ex = exchanges.pop()
+            self.waiting -= 1
+            task = self.tasks.pop(ex, None)
+            if task is not None:
+                task.cancel()
+            if ex.started and self.transport is not None:
+                if bad:
+                    self.server.bad_requests += 1
+                self.transport.abort()
+                return
+        super()._reject(status, reason, bad)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.exchanges:
+            self.exchanges[0].set_client_paused(True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.exchanges:
+            self.exchanges[0].set_client_paused(False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.transport = None
+        self.exchanges.clear()
+        self.after.clear()
+        for task in self.tasks.values():
+            task.cancel()  # the exchange's connection is discarded (gateway.actions.proxy)
+        self.tasks.clear()
