@@ -39,7 +39,9 @@ def upstream_app(name: str = "a") -> web.Application:
     async def data(request: web.Request) -> web.StreamResponse:
         n = int(request.query.get("n", "0"))
         chunked = request.query.get("framing") == "chunked"
-        resp = web.StreamResponse(headers={"X-Server": name, "Connection": "X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5"})
+        resp = web.StreamResponse(
+            headers={"X-Server": name, "Connection": "X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5"}
+        )
         if chunked:
             resp.enable_chunked_encoding()
         else:
@@ -158,7 +160,9 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
-def proxy_config(upstreams: list[str], redis_url: str = "redis://127.0.0.1:1/0", mode: str = "off", **kw: Any) -> Config:
+def proxy_config(
+    upstreams: list[str], redis_url: str = "redis://127.0.0.1:1/0", mode: str = "off", **kw: Any
+) -> Config:
     return make_config(redis_url, mode, upstreams=tuple(parse_upstream(u) for u in upstreams), **kw)
 
 

@@ -553,6 +553,10 @@ class Proxy:
                     sender.result()  # an upload error ends the exchange here
                     ex.progress = loop.time()
             await head
+            # From the head on, the one deadline is the body's idleness.
+            if ex.timer is not None:
+                ex.timer.cancel()
+            ex.timer = loop.call_at(conn.last_activity + self._body_timeout, self._watch, ex, head, done)
             server.latency.observe(loop.time() - started)
             server.responses[f"{ex.status // 100}xx"] += 1
             self.responses[f"{ex.status // 100}xx"] += 1
