@@ -217,6 +217,7 @@ class Exchange:
         self.sent_whole = False
         self.waiting_client = False
         self.timer: asyncio.TimerHandle | None = None
+        self.corked: list[bytes] | None = None  # output gathered during one upstream read
         #: The client's X-Forwarded-For values, for the client-IP rule (set by the front end).
         self.forwarded_for: list[str] | None = None
 
@@ -270,10 +271,22 @@ class Exchange:
 
     # -- output -----------------------------------------------------------------------
 
+    def cork(self) -> None:
+        self.corked = []
+
+    def uncork(self) -> None:
+        corked = self.corked
+        self.corked = None
+        if corked:
+            self.client.write(corked[0] if len(corked) == 1 else b"".join(corked))
+
     def emit(self, data: bytes) -> None:
         self.started = True
         if self.commit is None:
-            self.client.write(data)
+            if self.corked is not None:
+                self.corked.append(data)
+            else:
+                self.client.write(data)
             return
         self.held.append(data)
         self.held_bytes += len(data)

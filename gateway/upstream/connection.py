@@ -46,6 +46,12 @@ class ResponseSink(Protocol):
 
     def on_fail(self, kind: str, detail: str) -> None: ...
 
+    def cork(self) -> None:
+        """Events of one read follow: gather their output."""
+
+    def uncork(self) -> None:
+        """The read's events are over: send what was gathered in one write."""
+
 
 class _NoBody(Exception):
     """Raised from on_headers_complete for a HEAD response: the message ends with its head."""
@@ -187,6 +193,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail("protocol", "unexpected bytes from the upstream")
             return
         self.got_bytes = True
+        sink = self.sink
+        sink.cork()  # a head and a body in one read leave in one write to the client
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -197,6 +205,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail("protocol", f"malformed upstream response: {exc.__context__ or exc}")
         except httptools.HttpParserError as exc:
             self._fail("protocol", f"malformed upstream response: {exc}")
+        finally:
+            sink.uncork()
 
     def eof_received(self) -> bool | None:
         return False  # close; connection_lost decides what the close means
