@@ -578,8 +578,11 @@ class Proxy:
             if ex.timer is not None:
                 ex.timer.cancel()
                 ex.timer = None
-            if sender is not None and not sender.done():
-                sender.cancel()
+            if sender is not None:
+                if not sender.done():
+                    sender.cancel()
+                elif not sender.cancelled():
+                    sender.exception()  # retrieved: an upload error after the head changes nothing
             ex.head_fut = ex.done_fut = None
 
     def _watch(self, ex: Exchange, head: asyncio.Future[None], done: asyncio.Future[None]) -> None:

@@ -120,7 +120,7 @@ class ProxyConnection(_Connection):
             for data, close in after:
                 self.waiting += 1
                 self._write(data, close)
-            if self.closing and not self.waiting and not transport.is_closing():
+            if (self.closing or self.server.draining) and not self.waiting and not transport.is_closing():
                 transport.close()
         self._update_reading()
 
