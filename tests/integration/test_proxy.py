@@ -686,3 +686,119 @@ async def test_stats_and_metrics_show_servers(upstream: Upstream) -> None:
         assert f'gateway_upstream_responses_total{{class="5xx",server="{name}"}} 1.0' in text
         assert f'gateway_upstream_up{{server="{name}"}} 1.0' in text
         assert "gateway_upstream_latency_seconds_bucket" in text
+
+
+# -- request shapes -------------------------------------------------------------------------------------------
+
+
+async def test_pipelined_requests_with_bodies_are_answered_in_order(upstream: Upstream) -> None:
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        reply = await raw_exchange(
+            base,
+            b"POST /echo/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"POST /echo/2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            b"GET /echo/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        assert reply.count(b"HTTP/1.1 200 OK") == 3
+        paths = [p for p in (b'"/echo/1"', b'"/echo/2"', b'"/echo/3"') if p in reply]
+        assert paths == [b'"/echo/1"', b'"/echo/2"', b'"/echo/3"']
+        assert reply.index(b'"/echo/1"') < reply.index(b'"/echo/2"') < reply.index(b'"/echo/3"')
+        assert b'"size": 5' in reply and b'"size": 3' in reply
+        _pool_clean(gw)
+
+
+async def test_expect_continue_and_http10_keepalive(upstream: Upstream) -> None:
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        reply = await raw_exchange(
+            base, b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi", 1
+        )
+        assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+        assert b'"size": 2' in reply and b"expect" not in reply.lower().split(b"\r\n\r\n", 2)[2]
+        reply = await raw_exchange(
+            base,
+            b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /echo HTTP/1.0\r\n\r\n",
+        )
+        assert reply.count(b"HTTP/1.1 200 OK") == 2
+        assert b"Connection: keep-alive" in reply
+        _pool_clean(gw)
+
+
+async def test_early_upstream_answer_ends_the_upload() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url], max_body_bytes=100_000_000)) as (gw, base):
+            host, port = base.removeprefix("http://").rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"a" * 100_000)
+            reply = await asyncio.wait_for(reader.read(), 5)  # answered, then closed: the rest is never read
+            writer.transport.abort()
+            assert reply.startswith(b"HTTP/1.1 413") and b"Connection: close" in reply and reply.endswith(b"big\n")
+            _pool_clean(gw)
+            assert gw.stats()["upstream"]["servers"][f"127.0.0.1:{up.port}"]["connections"]["open"] == 0
+    finally:
+        await up.stop()
+
+
+# -- chaos: upstreams going away under load -----------------------------------------------------------------------
+
+
+async def _load(base: str, seconds: float, clients: int = 8) -> Counter[int | str]:
+    out: Counter[int | str] = Counter()
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as s:
+
+        async def client() -> None:
+            while time.monotonic() < deadline:
+                try:
+                    async with s.get(base + "/echo", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        await r.read()
+                        out[r.status] += 1
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    out[type(exc).__name__] += 1
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return out
+
+
+async def test_one_of_two_upstreams_restarted_under_load(
+    upstream: Upstream, upstream_b: Upstream, redis_server: RedisServer
+) -> None:
+    """Every GET is answered 200 while one server is stopped and started again; counts are exact."""
+    port = upstream_b.port
+    config = proxy_config([upstream.url, upstream_b.url], redis_server.url, "raw", upstream_fail_timeout_s=0.3)
+    async with proxy(config) as (gw, base):
+        load = asyncio.ensure_future(_load(base, 1.5))
+        await asyncio.sleep(0.4)
+        await upstream_b.stop()
+        await asyncio.sleep(0.4)
+        await upstream_b.start(port)
+        statuses = await load
+        assert set(statuses) == {200}, statuses
+        assert gw.stats()["requests"]["counted"] == statuses[200]
+        _pool_clean(gw)
+    assert redis_server.client().get("ip:127.0.0.1") == str(statuses[200]).encode()
+
+
+async def test_stalled_upstream_answers_within_the_bound(upstream: Upstream) -> None:
+    """A server that accepts and never answers: every request is answered 504 within the head timeout."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    stalled = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([stalled.url], upstream_response_timeout_s=0.3, upstream_max_fails=1000)
+        async with proxy(config) as (gw, base):
+            started = time.monotonic()
+            statuses = await _load(base, 0.5, clients=4)
+            assert set(statuses) == {504}, statuses
+            assert time.monotonic() - started < 2
+            _pool_clean(gw)
+    finally:
+        await stalled.stop()
