@@ -36,6 +36,7 @@ import asyncio
 import logging
 from collections import Counter, deque
 from http import HTTPStatus
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import errors
@@ -545,9 +546,15 @@ class Proxy:
         ex.sent_whole = False
         ex.conn = conn
         conn.begin(ex, ex.method == b"HEAD")
+        if conn.closed:
+            # Closed by the upstream after the pool handed it over (a queued request resumes a
+            # loop turn after the hand-off): nothing was sent, so this is the stale case.
+            conn.sink = None
+            raise _Failed(CLOSED, "the upstream closed the connection before answering")
         if ex.client_paused:
             conn.pause_reading()
         conn.write(self._head(ex, server))
+        sent = perf_counter()  # the latency histogram's clock (the loop's is cached per iteration)
         started = loop.time()
         ex.progress = started
         sender = None
@@ -570,7 +577,7 @@ class Proxy:
             if ex.timer is not None:
                 ex.timer.cancel()
             ex.timer = loop.call_at(conn.last_activity + self._body_timeout, self._watch, ex, head, done)
-            server.latency.observe(loop.time() - started)
+            server.latency.observe(perf_counter() - sent)
             server.responses[f"{ex.status // 100}xx"] += 1
             self.responses[f"{ex.status // 100}xx"] += 1
             await done

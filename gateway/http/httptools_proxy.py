@@ -34,6 +34,7 @@ class ProxyConnection(_Connection):
         self.tasks: dict[Exchange, asyncio.Task[None]] = {}
         # Own answers (bytes, close) owed after the exchanges before them.
         self.after: list[tuple[bytes, bool]] = []
+        self.preambles: dict[Exchange, list[tuple[bytes, bool]]] = {}
 
     # -- parser callbacks -------------------------------------------------------------
 
@@ -58,6 +59,10 @@ class ProxyConnection(_Connection):
         if self.xff is not None and self.pipeline.uses_forwarded_for:
             ex.forwarded_for = [value.decode("latin-1") for value in self.xff]
         self.fields = []
+        if self.after:
+            # Queued behind the exchanges before this one (its 100 Continue): sent as it starts.
+            self.preambles[ex] = self.after
+            self.after = []
         self.exchanges.append(ex)
         self.waiting += 1
         if len(self.exchanges) == 1:
@@ -88,6 +93,9 @@ class ProxyConnection(_Connection):
         loop = self.server.loop
         assert loop is not None
         ex.client_paused = self.write_paused
+        for data, close in self.preambles.pop(ex, ()):
+            self.waiting += 1
+            self._write(data, close)
         task = loop.create_task(self.pipeline.forward(ex, self.peer, ex.forwarded_for))
         self.tasks[ex] = task
         task.add_done_callback(lambda t: self._exchange_done(ex, t))
@@ -182,6 +190,7 @@ class ProxyConnection(_Connection):
         self.transport = None
         self.exchanges.clear()
         self.after.clear()
+        self.preambles.clear()
         for task in self.tasks.values():
             task.cancel()  # the exchange's connection is discarded (gateway.actions.proxy)
         self.tasks.clear()

@@ -714,6 +714,15 @@ async def test_expect_continue_and_http10_keepalive(upstream: Upstream) -> None:
         )
         assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
         assert b'"size": 2' in reply and b"expect" not in reply.lower().split(b"\r\n\r\n", 2)[2]
+        # Pipelined behind a slow answer, the 100 Continue comes after that answer, not inside it.
+        reply = await raw_exchange(
+            base,
+            b"GET /slow?s=0.2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\nhi",
+        )
+        assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:100]
+        assert reply.index(b"slow\n") < reply.index(b"HTTP/1.1 100 Continue") < reply.index(b'"size": 2')
         reply = await raw_exchange(
             base,
             b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /echo HTTP/1.0\r\n\r\n",
