@@ -77,6 +77,7 @@ CLOSED = "closed"
 PROTOCOL = "protocol"
 NO_SERVER = "no_server"
 
+_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _FAILURE_STATUS = {RESPONSE_TIMEOUT: 504, BODY_TIMEOUT: 504, CLOSED: 502, PROTOCOL: 502}
 
 
@@ -172,6 +173,14 @@ class Exchange:
     Also a `gateway.holding.Holder`: with batched accounting and `--batch-ack flush`,
     the response bytes wait here until the flush holding the increment settles.
     """
+
+    __slots__ = (
+        "_body_wake", "_released", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
+        "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked", "cut",
+        "done_fut", "forwarded_for", "has_body", "head_fut", "headers", "held", "held_bytes", "http10",
+        "keep_alive", "method", "peer", "progress", "sent_whole", "started", "status", "target", "timer",
+        "waiting_client",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -573,14 +582,17 @@ class Proxy:
                     sender.result()  # an upload error ends the exchange here
                     ex.progress = loop.time()
             await head
-            # From the head on, the one deadline is the body's idleness.
-            if ex.timer is not None:
-                ex.timer.cancel()
-            ex.timer = loop.call_at(conn.last_activity + self._body_timeout, self._watch, ex, head, done)
             server.latency.observe(perf_counter() - sent)
-            server.responses[f"{ex.status // 100}xx"] += 1
-            self.responses[f"{ex.status // 100}xx"] += 1
-            await done
+            klass = _CLASSES[ex.status // 100] if ex.status < 600 else "other"
+            server.responses[klass] += 1
+            self.responses[klass] += 1
+            if not done.done():  # the body did not come with the head: its idleness is the deadline now
+                if ex.timer is not None:
+                    ex.timer.cancel()
+                ex.timer = loop.call_at(conn.last_activity + self._body_timeout, self._watch, ex, head, done)
+                await done
+            else:
+                done.result()  # raises if the body failed in the same read as the head
         finally:
             if ex.timer is not None:
                 ex.timer.cancel()

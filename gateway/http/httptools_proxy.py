@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any
 
 from ..actions.proxy import BODY_BUFFER, Exchange
 from .httptools_impl import BODY, IDLE, HttpToolsFrontEnd, _Connection, _Reject
@@ -26,12 +28,73 @@ from .httptools_impl import BODY, IDLE, HttpToolsFrontEnd, _Connection, _Reject
 log = logging.getLogger("gateway")
 
 
+class _Run:
+    """Runs one exchange's coroutine without an asyncio Task (as the plain front end's `_Slot`
+    does): each step is resumed from the done callback of the future it waits on. Used when
+    nothing on the path needs a Task (the accounting backend is task-free, or not awaited)."""
+
+    __slots__ = ("cancelled", "conn", "coro", "ex", "waited")
+
+    def __init__(self, conn: ProxyConnection, ex: Exchange, coro: Coroutine[Any, Any, None]) -> None:
+        self.conn = conn
+        self.ex = ex
+        self.coro = coro
+        self.waited: Any = None
+        self.cancelled = False
+
+    def step(self, _: object = None) -> None:
+        if self.cancelled:
+            return
+        self.waited = None
+        try:
+            waited = self.coro.send(None)
+        except StopIteration:
+            self.conn._exchange_done(self.ex, None)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            self.conn._exchange_done(self.ex, exc)
+            return
+        self._wait(waited)
+
+    def _wait(self, waited: Any) -> None:
+        if waited is None:  # a bare yield: go on in the next loop turn
+            loop = self.conn.server.loop
+            assert loop is not None
+            loop.call_soon(self.step)
+        else:
+            waited._asyncio_future_blocking = False  # what a Task does with the future it is given
+            self.waited = waited
+            waited.add_done_callback(self.step)
+
+    def cancel(self) -> None:
+        """The client is gone: raise CancelledError where the exchange waits (its cleanup runs)."""
+        waited = self.waited
+        self.cancelled = True
+        if waited is None:
+            self.coro.close()  # not started yet (or finished): it never runs
+            return
+        waited.remove_done_callback(self.step)
+        self.waited = None
+        try:
+            waited = self.coro.throw(asyncio.CancelledError())
+        except BaseException:
+            return  # ended, by the cancellation or otherwise: the client is gone, nothing to answer
+        # Still cleaning up (it should not wait, but if it does, let it finish).
+        self.cancelled = False
+        self._wait(waited)
+
+
 class ProxyConnection(_Connection):
     def __init__(self, server: HttpToolsFrontEnd) -> None:
         super().__init__(server)
         self.fields: list[tuple[bytes, bytes]] = []
         self.exchanges: deque[Exchange] = deque()
-        self.tasks: dict[Exchange, asyncio.Task[None]] = {}
+        self.tasks: dict[Exchange, asyncio.Task[None] | _Run] = {}
+        # The accounting step needs a Task only with a backend that awaits in a Task's context.
+        pipeline = self.pipeline
+        self.task_free = pipeline.task_free or pipeline.holds or not pipeline.backend.uses_redis
         # Own answers (bytes, close) owed after the exchanges before them.
         self.after: list[tuple[bytes, bool]] = []
         self.preambles: dict[Exchange, list[tuple[bytes, bool]]] = {}
@@ -72,6 +135,8 @@ class ProxyConnection(_Connection):
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
+        if not self.exchanges:
+            return  # answered and closing already: the rest of the body is not read
         ex = self.exchanges[-1]
         ex.feed(body)
         if ex.buffered > BODY_BUFFER:
@@ -96,19 +161,23 @@ class ProxyConnection(_Connection):
         for data, close in self.preambles.pop(ex, ()):
             self.waiting += 1
             self._write(data, close)
-        task = loop.create_task(self.pipeline.forward(ex, self.peer, ex.forwarded_for))
-        self.tasks[ex] = task
-        task.add_done_callback(lambda t: self._exchange_done(ex, t))
+        coro = self.pipeline.forward(ex, self.peer, ex.forwarded_for)
+        if self.task_free:
+            run = self.tasks[ex] = _Run(self, ex, coro)
+            loop.call_soon(run.step)  # not from inside the parser's callback that started it
+        else:
+            task = self.tasks[ex] = loop.create_task(coro)
+            task.add_done_callback(lambda t: self._exchange_done(ex, None if t.cancelled() else t.exception()))
 
-    def _exchange_done(self, ex: Exchange, task: asyncio.Task[None]) -> None:
+    def _exchange_done(self, ex: Exchange, exc: BaseException | None) -> None:
         self.tasks.pop(ex, None)
         transport = self.transport
         if transport is None or not self.exchanges or self.exchanges[0] is not ex:
             return  # the client is gone (its exchanges were cancelled)
         self.exchanges.popleft()
         self.waiting -= 1
-        if not task.cancelled() and task.exception() is not None:
-            log.error("proxy exchange failed", exc_info=task.exception())
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            log.error("proxy exchange failed", exc_info=exc)
             ex.fail(502, "bad gateway")
             ex.close_after = True
         self.served = True

@@ -32,6 +32,12 @@ log = logging.getLogger("gateway.upstream")
 UPSTREAM_BOUNDS = (*LATENCY_BOUNDS, 5.0, 10.0, 30.0)
 
 
+def _close_orphan(task: asyncio.Task[tuple[asyncio.BaseTransport, UpstreamConnection]]) -> None:
+    """A connect nobody waits for any more: close what it made, if it made anything."""
+    if not task.cancelled() and task.exception() is None:
+        task.result()[0].close()
+
+
 class Server:
     def __init__(self, spec: UpstreamServer, config: Config) -> None:
         self.spec = spec
@@ -58,21 +64,38 @@ class Server:
         self.check: dict[str, Any] = {"passed": 0, "failed": 0, "last": None}
 
     async def _connect(self) -> UpstreamConnection:
+        # Not asyncio.timeout: the exchange may run without a Task of its own (the front end steps
+        # its coroutine), so the connect gets the Task and a timer cancels it.
         c = self._config
         loop = asyncio.get_running_loop()
+        connect = loop.create_task(
+            loop.create_connection(
+                lambda: UpstreamConnection(
+                    c.upstream_idle_timeout_s, c.upstream_max_lifetime_s, c.upstream_max_requests
+                ),
+                self.spec.host,
+                self.spec.port,
+            )
+        )
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            connect.cancel()
+
+        timer = loop.call_later(c.upstream_connect_timeout_ms / 1000, expire)
         try:
-            async with asyncio.timeout(c.upstream_connect_timeout_ms / 1000):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(
-                        c.upstream_idle_timeout_s, c.upstream_max_lifetime_s, c.upstream_max_requests
-                    ),
-                    self.spec.host,
-                    self.spec.port,
-                )
-        except TimeoutError:
-            raise AccountingError(errors.CONNECT, f"connect to {self.name} timed out") from None
+            _, conn = await connect
+        except asyncio.CancelledError:
+            if expired:
+                raise AccountingError(errors.CONNECT, f"connect to {self.name} timed out") from None
+            connect.cancel()  # the exchange was abandoned: so is its connect
+            connect.add_done_callback(_close_orphan)
+            raise
         except OSError as exc:
             raise AccountingError(errors.CONNECT, f"connect to {self.name} failed: {exc.strerror or exc}") from None
+        finally:
+            timer.cancel()
         return conn
 
     # -- state --------------------------------------------------------------------

@@ -53,8 +53,9 @@ def _pool_clean(gw: object) -> None:
 # -- the request path: accounting first, then forward --------------------------------------------------
 
 
-async def test_counted_then_forwarded(upstream: Upstream, redis_server: RedisServer) -> None:
-    async with proxy(proxy_config([upstream.url], redis_server.url, "raw")) as (gw, base):
+async def test_counted_then_forwarded(upstream: Upstream, redis_server: RedisServer, redis_mode: str) -> None:
+    # Every accounting mode: those whose path needs an asyncio Task (redis-py's) and those that do not.
+    async with proxy(proxy_config([upstream.url], redis_server.url, redis_mode)) as (gw, base):
         async with aiohttp.ClientSession() as s:
             for _ in range(3):
                 async with s.get(base + "/echo/x?y=1", allow_redirects=False) as r:
@@ -651,8 +652,11 @@ async def test_leastconn_avoids_the_busy_server(upstream: Upstream, upstream_b: 
 # -- the client goes away -------------------------------------------------------------------------------------
 
 
-async def test_client_leaving_mid_response_discards_the_connection(upstream: Upstream) -> None:
-    async with proxy(proxy_config([upstream.url])) as (gw, base):
+@pytest.mark.parametrize("acct", ["off", "pooled"])  # the exchange without a Task of its own, and in one
+async def test_client_leaving_mid_response_discards_the_connection(
+    upstream: Upstream, redis_server: RedisServer, acct: str
+) -> None:
+    async with proxy(proxy_config([upstream.url], redis_server.url, acct)) as (gw, base):
         host, port = base.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"GET /data?n=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
