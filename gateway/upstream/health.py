@@ -34,6 +34,8 @@ async def check_once(server: Server, path: str, timeout: float) -> tuple[bool, s
         return False, "timeout"
     except OSError as exc:
         return False, exc.strerror or type(exc).__name__
+    except (ValueError, EOFError) as exc:  # readline: a status line longer than its limit
+        return False, type(exc).__name__
     finally:
         if writer is not None:
             writer.transport.abort()

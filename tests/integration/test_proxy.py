@@ -815,3 +815,36 @@ async def test_stalled_upstream_answers_within_the_bound(upstream: Upstream) -> 
             _pool_clean(gw)
     finally:
         await stalled.stop()
+
+
+async def test_health_check_results_are_reported(upstream: Upstream) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    failing = await RawUpstream(handler).start()
+    try:
+        config = proxy_config(
+            [upstream.url, failing.url],
+            health_check_path="/health",
+            health_check_interval_s=0.05,
+            health_check_fall=2,
+        )
+        async with proxy(config) as (gw, base):
+            name = f"127.0.0.1:{failing.port}"
+            for _ in range(60):
+                if gw.stats()["upstream"]["servers"][name]["state"] == "down":
+                    break
+                await asyncio.sleep(0.05)
+            servers = gw.stats()["upstream"]["servers"]
+            assert servers[name]["state"] == "down"
+            assert servers[name]["check"]["last"] == "500" and servers[name]["check"]["failed"] >= 2
+            assert servers[f"127.0.0.1:{upstream.port}"]["check"]["last"] == "200"
+            async with aiohttp.ClientSession() as s:
+                for _ in range(4):
+                    async with s.get(base + "/echo") as r:
+                        assert r.status == 200  # a down server gets no traffic
+            assert gw.stats()["upstream"]["servers"][name]["requests"] == 0
+    finally:
+        await failing.stop()
