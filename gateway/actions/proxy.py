@@ -178,7 +178,7 @@ class Exchange:
         "_body_wake", "_released", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
         "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked", "cut",
         "done_fut", "forwarded_for", "has_body", "head_fut", "headers", "held", "held_bytes", "http10",
-        "keep_alive", "method", "peer", "progress", "sent_whole", "started", "status", "target", "timer",
+        "keep_alive", "method", "peer", "progress", "sent", "sent_whole", "started", "status", "target", "timer",
         "waiting_client",
     )  # fmt: skip
 
@@ -206,7 +206,8 @@ class Exchange:
         self.close_after = False  # the client connection must close after this response
         self.cut = False  # the response broke off: the client connection must be aborted
         self.started = False  # response bytes were emitted (sent or held)
-        self.status = 0
+        self.status = 0  # the response's status, the upstream's or the gateway's own
+        self.sent = 0  # response bytes emitted, for the access log
         # Request body, fed by the front end.
         self.body: deque[bytes] = deque()
         self.buffered = 0
@@ -292,6 +293,7 @@ class Exchange:
 
     def emit(self, data: bytes) -> None:
         self.started = True
+        self.sent += len(data)
         if self.commit is None:
             if self.corked is not None:
                 self.corked.append(data)
@@ -320,6 +322,7 @@ class Exchange:
     def answer(self, response: Response) -> None:
         """A complete answer of the gateway's own (the deny policy's 503)."""
         body = response.body
+        self.status = response.status
         lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode())]
         lines += [f"{n}: {v}\r\n".encode("latin-1") for n, v in response.headers]
         self._own_answer(lines, body)
@@ -330,6 +333,7 @@ class Exchange:
             self.cut = True
             return
         body = f"{text}\n".encode()
+        self.status = status
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
         lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
         if status == 503:

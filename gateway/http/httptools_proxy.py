@@ -23,6 +23,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..actions.proxy import BODY_BUFFER, Exchange
+from ..pipeline import Response
 from .httptools_impl import BODY, IDLE, HttpToolsFrontEnd, _Connection, _Reject
 
 log = logging.getLogger("gateway")
@@ -98,6 +99,7 @@ class ProxyConnection(_Connection):
         # Own answers (bytes, close) owed after the exchanges before them.
         self.after: list[tuple[bytes, bool]] = []
         self.preambles: dict[Exchange, list[tuple[bytes, bool]]] = {}
+        self.log_info: dict[Exchange, tuple[bytes, bytes, bool, bytes, bytes]] = {}
 
     # -- parser callbacks -------------------------------------------------------------
 
@@ -121,6 +123,8 @@ class ProxyConnection(_Connection):
         ex = Exchange(self, method, self.url, self.fields, self.peer, self.http10, self.content_length, self.chunked)
         if self.xff is not None and self.pipeline.uses_forwarded_for:
             ex.forwarded_for = [value.decode("latin-1") for value in self.xff]
+        if self.server.access_log:
+            self.log_info[ex] = (method, self.url, self.http10, self.referer, self.user_agent)
         self.fields = []
         if self.after:
             # Queued behind the exchanges before this one (its 100 Continue): sent as it starts.
@@ -182,6 +186,9 @@ class ProxyConnection(_Connection):
             ex.close_after = True
         self.served = True
         self.since = self.server.now
+        info = self.log_info.pop(ex, None)
+        if info is not None:
+            self._log(info, Response(ex.status or 502, ""), ex.sent)
         if ex.cut:
             transport.abort()
             return
@@ -260,6 +267,7 @@ class ProxyConnection(_Connection):
         self.exchanges.clear()
         self.after.clear()
         self.preambles.clear()
+        self.log_info.clear()
         for task in self.tasks.values():
             task.cancel()  # the exchange's connection is discarded (gateway.actions.proxy)
         self.tasks.clear()

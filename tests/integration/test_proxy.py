@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import socket
 import time
 import tracemalloc
@@ -848,3 +849,18 @@ async def test_health_check_results_are_reported(upstream: Upstream) -> None:
             assert gw.stats()["upstream"]["servers"][name]["requests"] == 0
     finally:
         await failing.stop()
+
+
+async def test_access_log_for_proxied_requests(upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with proxy(proxy_config([upstream.url], access_log="combined")) as (_gw, base):
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/data?n=1000", headers={"User-Agent": "probe/1"}) as r:
+                assert len(await r.read()) == 1000
+            async with s.get(base + "/status/404") as r:
+                assert r.status == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 2
+    assert '"GET /data?n=1000 HTTP/1.1" 200 ' in lines[0] and '"probe/1"' in lines[0]
+    assert int(lines[0].split('" 200 ')[1].split()[0]) > 1000  # head and body
+    assert '"GET /status/404 HTTP/1.1" 404 ' in lines[1]
