@@ -864,3 +864,20 @@ async def test_access_log_for_proxied_requests(upstream: Upstream, caplog: pytes
     assert '"GET /data?n=1000 HTTP/1.1" 200 ' in lines[0] and '"probe/1"' in lines[0]
     assert int(lines[0].split('" 200 ')[1].split()[0]) > 1000  # head and body
     assert '"GET /status/404 HTTP/1.1" 404 ' in lines[1]
+
+
+async def test_connection_lifecycle_limits(upstream: Upstream) -> None:
+    name = f"127.0.0.1:{upstream.port}"
+    config = proxy_config([upstream.url], upstream_max_requests=2, upstream_idle_timeout_s=0.2)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.get(base + "/echo") as r:
+                assert r.status == 200
+        conns = gw.stats()["upstream"]["servers"][name]["connections"]
+        assert conns["created"] == 3  # two requests per connection
+        await asyncio.sleep(0.3)  # longer than the idle timeout: the idle one is not reused
+        async with s.get(base + "/echo") as r:
+            assert r.status == 200
+        conns = gw.stats()["upstream"]["servers"][name]["connections"]
+        assert conns["created"] == 4 and conns["open"] == 1
+        _pool_clean(gw)
