@@ -57,7 +57,8 @@ haproxy: redis system-deps
 test: system-deps venv lint
 	$(PY) -m pytest -q
 
-# The full benchmark (about 14 minutes on 2 cores): every gateway mode and every HAProxy+Lua mode, 5 rounds.
+# The full benchmark (about 24 minutes on 2 cores): every gateway mode and every HAProxy+Lua mode, redirecting
+# and proxying (the proxy targets forward to haproxy/upstream.cfg), 5 rounds.
 bench: system-deps venv
 	$(PY) -m loadtest --rounds 5 --out results/bench --report docs/benchmarks.md $(BENCH_ARGS)
 

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .actions.proxy import Proxy
 from .backends import backend_class
 from .backends.base import Backend
 from .config import Config
@@ -46,14 +47,21 @@ class Gateway:
         self.config = config
         self.backend = backend or backend_class(config.mode)(config)
         self.pipeline = Pipeline(config, self.backend)
+        self.proxy: Proxy | None = None
+        if config.upstreams:
+            self.proxy = self.pipeline.proxy = Proxy(config, self.pipeline.resolver)
         self.server: FrontEnd = front_end_class(config.http)(self.pipeline, config)
         self._registry = registry_for(self.stats)
         self._started = time.monotonic()
 
     async def start(self) -> None:
         await self.backend.start()
+        if self.proxy is not None:
+            await self.proxy.start()
 
     async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
         await self.backend.close()
 
     # -- admin ------------------------------------------------------------------
@@ -69,6 +77,7 @@ class Gateway:
             "accounting_latency_s": self.pipeline.latency.snapshot(),
             "pool": self.backend.stats(),
             "connections": self.server.stats(),
+            **({"upstream": self.proxy.stats()} if self.proxy is not None else {}),
         }
 
     async def _stats_view(self, request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, get_args
 
 from .config import (
+    BALANCES,
     HTTP_FRONT_ENDS,
     MODES,
     AccessLog,
@@ -29,6 +30,7 @@ from .config import (
     parse_listen,
     parse_networks,
     parse_redis_urls,
+    parse_upstreams,
     parse_workers,
 )
 
@@ -269,7 +271,124 @@ def build_parser() -> argparse.ArgumentParser:
         choices=get_args(AccessLog),
     )
     opt("--log-level", "GATEWAY_LOG_LEVEL", DEFAULTS["log_level"], "DEBUG, INFO, WARNING or ERROR")
+    _proxy_options(p, opt)
     return p
+
+
+def _proxy_options(p: argparse.ArgumentParser, opt: Callable[..., None]) -> None:
+    """The proxy action's options (docs/proxy.md)."""
+    p.add_argument(
+        "--upstream",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="forward counted requests to this server instead of redirecting: http://host[:port][?weight=N]; "
+        "repeatable [env GATEWAY_UPSTREAMS, comma-separated] (default: none, redirect)",
+    )
+    opt(
+        "--balance",
+        "GATEWAY_BALANCE",
+        DEFAULTS["balance"],
+        "how a server is chosen: roundrobin (weighted) or leastconn (fewest requests in flight per weight)",
+        choices=BALANCES,
+    )
+    opt(
+        "--upstream-maxconn",
+        "GATEWAY_UPSTREAM_MAXCONN",
+        DEFAULTS["upstream_maxconn"],
+        "most connections open to each upstream server; more requests wait in its queue",
+        type=int,
+    )
+    opt(
+        "--upstream-queue-timeout-ms",
+        "GATEWAY_UPSTREAM_QUEUE_TIMEOUT_MS",
+        DEFAULTS["upstream_queue_timeout_ms"],
+        "longest wait for a connection to a busy server, else 503",
+        type=float,
+    )
+    opt(
+        "--upstream-connect-timeout-ms",
+        "GATEWAY_UPSTREAM_CONNECT_TIMEOUT_MS",
+        DEFAULTS["upstream_connect_timeout_ms"],
+        "longest connect to an upstream server (a failed connect is retried on another server)",
+        type=float,
+    )
+    opt(
+        "--upstream-response-timeout-s",
+        "GATEWAY_UPSTREAM_RESPONSE_TIMEOUT_S",
+        DEFAULTS["upstream_response_timeout_s"],
+        "longest wait for the response head once the request is sent, else 504",
+        type=float,
+    )
+    opt(
+        "--upstream-body-timeout-s",
+        "GATEWAY_UPSTREAM_BODY_TIMEOUT_S",
+        DEFAULTS["upstream_body_timeout_s"],
+        "longest pause between body reads or writes on an upstream connection (the exchange is then cut)",
+        type=float,
+    )
+    opt(
+        "--upstream-idle-timeout-s",
+        "GATEWAY_UPSTREAM_IDLE_TIMEOUT_S",
+        DEFAULTS["upstream_idle_timeout_s"],
+        "a kept-alive upstream connection idle this long is not reused (keep it below the upstream's own)",
+        type=float,
+    )
+    opt(
+        "--upstream-max-lifetime-s",
+        "GATEWAY_UPSTREAM_MAX_LIFETIME_S",
+        DEFAULTS["upstream_max_lifetime_s"],
+        "an upstream connection this old is not reused",
+        type=float,
+    )
+    opt(
+        "--upstream-max-requests",
+        "GATEWAY_UPSTREAM_MAX_REQUESTS",
+        DEFAULTS["upstream_max_requests"],
+        "an upstream connection is closed after this many requests",
+        type=int,
+    )
+    opt(
+        "--upstream-max-fails",
+        "GATEWAY_UPSTREAM_MAX_FAILS",
+        DEFAULTS["upstream_max_fails"],
+        "consecutive failures (connect error, timeout, malformed or cut response) that eject a server",
+        type=int,
+    )
+    opt(
+        "--upstream-fail-timeout-s",
+        "GATEWAY_UPSTREAM_FAIL_TIMEOUT_S",
+        DEFAULTS["upstream_fail_timeout_s"],
+        "how long an ejected server gets no traffic when no active check runs",
+        type=float,
+    )
+    opt(
+        "--health-check-path",
+        "GATEWAY_HEALTH_CHECK_PATH",
+        DEFAULTS["health_check_path"],
+        "active health checks: GET this path on every server (2xx/3xx is a pass); off by default",
+    )
+    opt(
+        "--health-check-interval-s",
+        "GATEWAY_HEALTH_CHECK_INTERVAL_S",
+        DEFAULTS["health_check_interval_s"],
+        "time between two checks of one server (also each check's timeout)",
+        type=float,
+    )
+    opt(
+        "--health-check-rise",
+        "GATEWAY_HEALTH_CHECK_RISE",
+        DEFAULTS["health_check_rise"],
+        "consecutive passed checks that bring a down server up",
+        type=int,
+    )
+    opt(
+        "--health-check-fall",
+        "GATEWAY_HEALTH_CHECK_FALL",
+        DEFAULTS["health_check_fall"],
+        "consecutive failed checks that take an up server down",
+        type=int,
+    )
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> Config:
@@ -317,6 +436,24 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             count_header=args.count_header or None,
             access_log=args.access_log,
             log_level=level,
+            upstreams=parse_upstreams(
+                args.upstream if args.upstream is not None else [os.environ.get("GATEWAY_UPSTREAMS", "")]
+            ),
+            balance=args.balance,
+            upstream_maxconn=args.upstream_maxconn,
+            upstream_queue_timeout_ms=args.upstream_queue_timeout_ms,
+            upstream_connect_timeout_ms=args.upstream_connect_timeout_ms,
+            upstream_response_timeout_s=args.upstream_response_timeout_s,
+            upstream_body_timeout_s=args.upstream_body_timeout_s,
+            upstream_idle_timeout_s=args.upstream_idle_timeout_s,
+            upstream_max_lifetime_s=args.upstream_max_lifetime_s,
+            upstream_max_requests=args.upstream_max_requests,
+            upstream_max_fails=args.upstream_max_fails,
+            upstream_fail_timeout_s=args.upstream_fail_timeout_s,
+            health_check_path=args.health_check_path or None,
+            health_check_interval_s=args.health_check_interval_s,
+            health_check_rise=args.health_check_rise,
+            health_check_fall=args.health_check_fall,
         )
     except ConfigError as exc:
         parser.error(str(exc))

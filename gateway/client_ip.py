@@ -81,6 +81,11 @@ class ClientIPResolver:
         ip = ipaddress.ip_address(addr)
         return any(ip.version == net.version and ip in net for net in self._trusted)
 
+    def trusts(self, peer: str | None) -> bool:
+        """Whether the peer is a trusted proxy (its X-Forwarded-For chain is believed and forwarded)."""
+        client = self._canonical(peer) if peer else None
+        return client is not None and bool(self._trusted) and self._is_trusted_cached(client)
+
     def resolve(self, peer: str | None, forwarded_for: str | Sequence[str] | None = None) -> str | None:
         """The address to count, or None when not even the peer parses.
 

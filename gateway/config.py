@@ -19,6 +19,8 @@ BatchAck = Literal["flush", "none"]
 AccessLog = Literal["off", "combined"]
 HttpFrontEnd = Literal["httptools", "aiohttp"]
 HTTP_FRONT_ENDS: tuple[str, ...] = get_args(HttpFrontEnd)
+Balance = Literal["roundrobin", "leastconn"]
+BALANCES: tuple[str, ...] = get_args(Balance)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -108,6 +110,58 @@ def parse_redis_urls(text: str, cluster: bool = False) -> tuple[tuple[RedisTarge
     if cluster and any(t.db for t in targets):
         raise ConfigError("Redis Cluster has only database 0")
     return targets, cluster
+
+
+@dataclass(frozen=True)
+class UpstreamServer:
+    """One upstream server, parsed from `http://host[:port][?weight=N]`."""
+
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def name(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_upstream(url: str) -> UpstreamServer:
+    """Parse an upstream URL: `http://host[:port][/][?weight=N]` (weight 1 to 256)."""
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid upstream {text!r}: {exc}") from None
+    if parts.scheme != "http":
+        raise ConfigError(f"invalid upstream {text!r}: only http:// upstreams are supported")
+    if not parts.hostname:
+        raise ConfigError(f"invalid upstream {text!r}: no host")
+    if parts.path not in ("", "/") or parts.username or parts.password or parts.fragment:
+        raise ConfigError(f"invalid upstream {text!r}: expected http://host[:port][?weight=N]")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    weight = 1
+    for key, values in query.items():
+        if key != "weight":
+            raise ConfigError(f"invalid upstream {text!r}: unknown parameter {key!r} (only weight)")
+        try:
+            weight = int(values[-1])
+        except ValueError:
+            raise ConfigError(f"invalid upstream {text!r}: weight must be a number") from None
+        if not 1 <= weight <= 256:
+            raise ConfigError(f"invalid upstream {text!r}: weight must be 1 to 256")
+    return UpstreamServer(parts.hostname, port or 80, weight)
+
+
+def parse_upstreams(items: list[str] | tuple[str, ...]) -> tuple[UpstreamServer, ...]:
+    """Upstream URLs, each item possibly a comma-separated list."""
+    out = []
+    for item in items:
+        for text in item.split(","):
+            if text.strip():
+                out.append(parse_upstream(text))
+    return tuple(out)
 
 
 def parse_listen(text: str, default_host: str) -> tuple[str, int]:
@@ -205,6 +259,32 @@ class Config:
     count_header: str | None = None
     access_log: AccessLog = "off"
     log_level: str = "INFO"
+    # The proxy action (httptools front end): with upstreams, counted requests are forwarded to them
+    # instead of redirected. Names follow HAProxy's where the concept is the same.
+    upstreams: tuple[UpstreamServer, ...] = ()
+    balance: Balance = "roundrobin"
+    # Per server: most connections open at once (HAProxy's server maxconn) and the longest wait
+    # for one when all are busy (HAProxy's timeout queue); 503 after it.
+    upstream_maxconn: int = 100
+    upstream_queue_timeout_ms: float = 1000.0
+    upstream_connect_timeout_ms: float = 1000.0
+    # From the request sent to the response head (504 after it), and between body reads or writes.
+    upstream_response_timeout_s: float = 30.0
+    upstream_body_timeout_s: float = 30.0
+    # Kept-alive connections: below the common upstream keep-alive timeouts (uvicorn closes idle
+    # connections after 5 s, nginx after 75 s), so the upstream is not the one to close them.
+    upstream_idle_timeout_s: float = 4.0
+    upstream_max_lifetime_s: float = 300.0
+    upstream_max_requests: int = 1000
+    # Passive health: this many consecutive failures eject a server for upstream_fail_timeout_s
+    # (or, with active checks, until they see it rise).
+    upstream_max_fails: int = 3
+    upstream_fail_timeout_s: float = 10.0
+    # Active health checks: GET this path every interval; rise/fall consecutive results flip the state.
+    health_check_path: str | None = None
+    health_check_interval_s: float = 2.0
+    health_check_rise: int = 2
+    health_check_fall: int = 3
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -248,6 +328,32 @@ class Config:
             raise ConfigError(f"invalid access-log {self.access_log!r}: choose off or combined")
         if self.batch_ack not in get_args(BatchAck):
             raise ConfigError(f"invalid batch-ack {self.batch_ack!r}: choose flush or none")
+        self._check_upstream()
+
+    def _check_upstream(self) -> None:
+        if self.balance not in BALANCES:
+            raise ConfigError(f"invalid balance {self.balance!r}: choose from {', '.join(BALANCES)}")
+        if self.upstreams and self.http != "httptools":
+            raise ConfigError("--upstream needs the httptools front end (--http httptools)")
+        if self.upstream_maxconn < 1 or self.upstream_max_requests < 1:
+            raise ConfigError("upstream-maxconn and upstream-max-requests must be >= 1")
+        for name in (
+            "upstream_queue_timeout_ms",
+            "upstream_connect_timeout_ms",
+            "upstream_response_timeout_s",
+            "upstream_body_timeout_s",
+            "upstream_idle_timeout_s",
+            "upstream_max_lifetime_s",
+            "upstream_fail_timeout_s",
+            "health_check_interval_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"invalid {name.replace('_', '-')}: must be > 0")
+        if self.upstream_max_fails < 1 or self.health_check_rise < 1 or self.health_check_fall < 1:
+            raise ConfigError("upstream-max-fails, health-check-rise and health-check-fall must be >= 1")
+        path = self.health_check_path
+        if path is not None and (not path.startswith("/") or any(c in path for c in "\r\n \t")):
+            raise ConfigError(f"invalid health-check-path {path!r}: must be a path starting with /")
 
     @property
     def seeds(self) -> tuple[RedisTarget, ...]:

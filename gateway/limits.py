@@ -75,7 +75,7 @@ class FileBudget:
         limit += f", raised from {self.before})" if self.soft > self.before else ")"
         reserve = (
             f"reserving {self.reserved} for Redis ({self.redis}), the admin listener ({self.admin}) "
-            f"and the process ({self.process})"
+            f"and the process with its upstream connections ({self.process})"
         )
         if self.lowered:
             return f"{limit}: max-connections lowered from {self.requested} to {self.max_connections}, {reserve}"
@@ -87,11 +87,19 @@ def wanted_soft_limit(config: Config) -> int:
     return config.max_connections + reserve(config)[3]
 
 
+def upstream_connections(config: Config) -> int:
+    """The most upstream connections the proxy opens at once: each server's maxconn and its check."""
+    per_server = config.upstream_maxconn + (1 if config.health_check_path is not None else 0)
+    return len(config.upstreams) * per_server
+
+
 def reserve(config: Config) -> tuple[int, int, int, int]:
-    """(Redis, admin, process, total) files set aside from the client connections."""
+    """(Redis, admin, process, total) files set aside from the client connections; the process's
+    share includes the proxy's upstream connections."""
     redis = redis_connections(config)
     admin = ADMIN_MAX_CONNECTIONS if config.admin_listen is not None else 0
-    return redis, admin, PROCESS_RESERVE, redis + admin + PROCESS_RESERVE
+    process = PROCESS_RESERVE + upstream_connections(config)
+    return redis, admin, process, redis + admin + process
 
 
 def plan(config: Config, soft: int, hard: int, before: int | None = None) -> FileBudget:

@@ -123,6 +123,45 @@ class GatewayCollector(Collector):
             yield CounterMetricFamily(
                 "gateway_client_rejected", "Client connections refused at the limit", conns["rejected"]
             )
+        upstream = stats.get("upstream")
+        if upstream:
+            yield from _upstream_metrics(upstream)
+
+
+def _upstream_metrics(upstream: dict[str, Any]) -> Iterator[Metric]:
+    """The proxy's per-server families (what HAProxy's stats page shows per server)."""
+    servers = upstream["servers"]
+    up = GaugeMetricFamily("gateway_upstream_up", "1 if the server gets traffic (up, not ejected)", labels=["server"])
+    conns = GaugeMetricFamily(
+        "gateway_upstream_connections", "Upstream connections by state", labels=["server", "state"]
+    )
+    queue = GaugeMetricFamily("gateway_upstream_queue", "Requests waiting for a connection", labels=["server"])
+    requests = CounterMetricFamily("gateway_upstream_requests", "Requests sent to the server", labels=["server"])
+    retries = CounterMetricFamily("gateway_upstream_retries", "Requests retried after this server", labels=["server"])
+    errors = CounterMetricFamily("gateway_upstream_errors", "Failed exchanges by kind", labels=["server", "kind"])
+    responses = CounterMetricFamily(
+        "gateway_upstream_responses", "Responses by status class", labels=["server", "class"]
+    )
+    latency = HistogramMetricFamily(
+        "gateway_upstream_latency_seconds", "Request sent to response head", labels=["server"]
+    )
+    for name, s in sorted(servers.items()):
+        up.add_metric([name], 1 if s["state"] == "up" else 0)
+        for state in ("idle", "in_use"):
+            conns.add_metric([name, state], s["connections"][state])
+        queue.add_metric([name], s["queue"])
+        requests.add_metric([name], s["requests"])
+        retries.add_metric([name], s["retries"])
+        for kind, n in sorted(s["errors"].items()):
+            errors.add_metric([name, kind], n)
+        for klass, n in sorted(s["responses"].items()):
+            responses.add_metric([name, klass], n)
+        snap = s["latency_s"]
+        latency.add_metric([name], cumulative(snap), snap["sum"])
+    yield from (up, conns, queue, requests, retries, errors, responses, latency)
+    no_server = CounterMetricFamily("gateway_upstream_no_server", "Requests answered 503: no server available")
+    no_server.add_metric([], upstream["errors"].get("no_server", 0))
+    yield no_server
 
 
 def registry_for(stats: StatsSource) -> CollectorRegistry:

@@ -7,6 +7,10 @@ and turns the `Response` it gets back into bytes; nothing here imports an HTTP
 library, so every front end runs exactly this path and the benchmark compares
 front ends, not rules.
 
+With `--upstream` the action is the proxy (`gateway.actions.proxy`): the front end
+calls `forward()` at the end of the request head instead, which runs the same
+client-IP and accounting steps and then hands the exchange to the proxy.
+
 `handle()` returns a `Response` when the answer is known at once (calibration, a
 client without an address, batched with held responses) and otherwise an
 awaitable of one (a Redis round trip). A backend that holds responses (batched,
@@ -26,7 +30,7 @@ import logging
 from collections import Counter
 from collections.abc import Coroutine, Sequence
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from . import errors
@@ -37,6 +41,9 @@ from .errors import AccountingError
 from .faultlog import FailureLog
 from .histogram import LATENCY_BOUNDS, Histogram
 from .holding import Holder
+
+if TYPE_CHECKING:
+    from .actions.proxy import Exchange, Proxy
 
 log = logging.getLogger("gateway")
 
@@ -103,6 +110,8 @@ class Pipeline:
         # Responses wait for their flush without their handler waiting; a deny policy must
         # know the outcome before it picks the response, so it keeps the await.
         self.holds = backend.holds_responses and not self._deny
+        #: The proxy action, when upstreams are configured (set by the gateway); else the redirect.
+        self.proxy: Proxy | None = None
         #: The awaitable `handle` returns needs no asyncio Task (see Backend.task_free).
         self.task_free = backend.task_free
         self.requests = 0
@@ -148,6 +157,48 @@ class Pipeline:
             return self._account(self._prefix + ip, path)
         # self.action(path), inlined: this line runs for every request answered at once.
         return self.target_ok if path == self._target else self.redirect
+
+    async def forward(self, exchange: Exchange, peer: str | None, forwarded_for: Sequence[str] | None) -> None:
+        """The request path with the proxy as its action: the same steps as `handle`, then forward."""
+        assert self.proxy is not None
+        self.requests += 1
+        ip = self.resolver.resolve(peer, forwarded_for)
+        if ip is None:
+            self.no_client_ip += 1
+        elif not self._uses_redis:
+            self.uncounted += 1
+        elif self.holds:
+            # Forwarded at once; the response waits in the exchange until the flush settles.
+            try:
+                exchange.hold(self.backend.incr_held(self._prefix + ip))
+            except AccountingError as err:
+                self._failed(err)
+            except Exception as exc:
+                self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
+        elif not await self._admit(self._prefix + ip):
+            exchange.answer(self.denied)  # deny policy: nothing is forwarded
+            return
+        await self.proxy.forward(exchange)
+
+    async def _admit(self, key: str) -> bool:
+        """Account one request for the proxy; False when policy says deny."""
+        started = perf_counter()
+        try:
+            await self.backend.incr(key)
+        except AccountingError as err:
+            failure: AccountingError | None = err
+            cause: BaseException | None = None
+        except Exception as exc:
+            failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
+        else:
+            failure = None
+        self.latency.observe(perf_counter() - started)
+        if failure is not None:
+            return not self._failed(failure, cause)
+        self.counted += 1
+        if self.failure_log.failing:
+            self.failure_log.success()
+        return True
 
     async def _account(self, key: str, path: str) -> Response:
         started = perf_counter()

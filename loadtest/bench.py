@@ -64,6 +64,13 @@ GATEWAY_VARIANTS = {
     "batched-cluster": ["--mode", "batched"],
     "raw-w2": ["--mode", "raw", "--workers", "2"],
     "batched-w2": ["--mode", "batched", "--workers", "2"],
+    # The proxy action: the same modes, forwarding to the benchmark's upstream (--upstream is added).
+    "proxy-off": ["--mode", "off"],
+    "proxy-naive": ["--mode", "naive"],
+    "proxy-pooled": ["--mode", "pooled"],
+    "proxy-raw": ["--mode", "raw"],
+    "proxy-multiplexed": ["--mode", "multiplexed"],
+    "proxy-batched": ["--mode", "batched"],
 }
 # Measured only when named in --targets: with two workers the gateway takes every core,
 # sharing one with the injector and Redis, so these are not part of the per-core table.
@@ -74,6 +81,10 @@ WINDOW_MODES = ("batched-win05", "batched-win1")
 # Use --client-ips to spread the keys over the masters.
 CLUSTER_MODES = ("raw-cluster", "multiplexed-cluster", "batched-cluster")
 HAPROXY_MODES = ("calibration", "naive", "pooled", "raw", "seed-pooled", "seed-raw")
+# Proxy targets: count, then forward every request to an upstream (haproxy/upstream.cfg, an HAProxy
+# answering 200 itself) that runs on the injector's and Redis' core(s), not the target's.
+PROXY_GATEWAY_MODES = ("proxy-off", "proxy-naive", "proxy-pooled", "proxy-raw", "proxy-multiplexed", "proxy-batched")
+PROXY_HAPROXY_MODES = ("proxy-calibration", "proxy-naive", "proxy-pooled", "proxy-raw")
 # seed-pooled and seed-raw run the seed's published Lua (lua_reference/seed.lua, docs/reference.md):
 # beside pooled and raw they show what the reference's additions cost. No gateway mode peers them.
 # Which HAProxy listener is the same mode as which gateway mode.
@@ -85,6 +96,11 @@ PEER_MODE = {
     "raw": "raw",
     "off-aiohttp": "calibration",
     "raw-aiohttp": "raw",
+    "proxy-off": "proxy-calibration",
+    "proxy-calibration": "proxy-off",
+    "proxy-naive": "proxy-naive",
+    "proxy-pooled": "proxy-pooled",
+    "proxy-raw": "proxy-raw",
 }
 # Ratios the report states when both targets ran: (what, numerator, denominator).
 RATIOS = (
@@ -101,6 +117,9 @@ RATIOS = (
     ("raw ÷ seed's raw Lua", "gateway/raw", "haproxy/seed-raw"),
     ("HAProxy reference ÷ seed's code, pooled", "haproxy/pooled", "haproxy/seed-pooled"),
     ("HAProxy reference ÷ seed's code, raw", "haproxy/raw", "haproxy/seed-raw"),
+    ("proxy: gateway batched ÷ HAProxy pooled Lua", "gateway/proxy-batched", "haproxy/proxy-pooled"),
+    ("proxy: gateway calibration ÷ HAProxy calibration", "gateway/proxy-off", "haproxy/proxy-calibration"),
+    ("proxy: HAProxy calibration ÷ the upstream alone", "haproxy/proxy-calibration", "haproxy/calibration"),
 )
 
 
@@ -121,7 +140,11 @@ class Target:
 
     @property
     def calibration(self) -> bool:
-        return self.base_mode in ("off", "calibration")
+        return self.base_mode in ("off", "calibration", "proxy-calibration")
+
+    @property
+    def proxy(self) -> bool:
+        return self.mode.startswith("proxy-")
 
 
 @dataclass
@@ -275,10 +298,24 @@ class ConnectionSampler(threading.Thread):
             c.close()
 
 
-def start_target(t: Target, db: Redis | ClusterRedis, cpus: str | None) -> tuple[subprocess.Popen[bytes], int]:
+def start_upstream(cpus: str | None) -> tuple[subprocess.Popen[bytes], int]:
+    """The proxy targets' upstream: an HAProxy answering 200 itself (haproxy/upstream.cfg)."""
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_BIND": "127.0.0.1", "UPSTREAM_PORT": str(port)}
+    cmd = ["haproxy", "-db", "-f", str(ROOT / "haproxy" / "upstream.cfg")]
+    proc = subprocess.Popen(pinned(cmd, cpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_port(port, proc)
+    return proc, port
+
+
+def start_target(
+    t: Target, db: Redis | ClusterRedis, cpus: str | None, upstream: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     if t.impl == "gateway":
         mode_args = GATEWAY_VARIANTS.get(t.mode, ["--mode", t.mode])
+        if upstream is not None:
+            mode_args = [*mode_args, "--upstream", f"http://127.0.0.1:{upstream}"]
         cmd = [sys.executable, "-m", "gateway", *mode_args, "--listen", f"127.0.0.1:{port}",
                "--admin-listen", "off", "--redis-url", db.url,
                "--trusted-proxy", "127.0.0.1", "--log-level", "WARNING"]  # fmt: skip
@@ -290,8 +327,12 @@ def start_target(t: Target, db: Redis | ClusterRedis, cpus: str | None) -> tuple
             "HAPROXY_BIND": "127.0.0.1",
             "REF_REDIS_PORT": str(db.ports[0]),
             "REF_TRUSTED_PROXIES": "127.0.0.1",
-            **{f"HAPROXY_{m.upper().replace('-', '_')}_PORT": str(free_port()) for m in HAPROXY_MODES},
+            **{
+                f"HAPROXY_{m.upper().replace('-', '_')}_PORT": str(free_port())
+                for m in HAPROXY_MODES + PROXY_HAPROXY_MODES
+            },
             "HAPROXY_STATS_PORT": str(free_port()),
+            "HAPROXY_UPSTREAM": f"127.0.0.1:{upstream or 1}",
         }
         env[f"HAPROXY_{t.mode.upper().replace('-', '_')}_PORT"] = str(port)
     proc = subprocess.Popen(pinned(cmd, cpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -389,9 +430,12 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
     other_cpus = f"1-{cores - 1}" if pin else None
     sample = Sample(target=t.name, round=rnd)
     db: Redis | ClusterRedis = ClusterRedis(other_cpus) if t.mode in CLUSTER_MODES else Redis(other_cpus)
-    proc = None
+    proc = upstream = None
     try:
-        proc, port = start_target(t, db, target_cpus)
+        upstream_port = None
+        if t.proxy:
+            upstream, upstream_port = start_upstream(other_cpus)
+        proc, port = start_target(t, db, target_cpus, upstream_port)
         url = f"http://127.0.0.1:{port}"
         inject = run_wrk if s.injector == "wrk" else run_locust
         if s.warmup > 0:
@@ -439,6 +483,7 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
         sample.error = str(exc)
     finally:
         stop_process(proc)
+        stop_process(upstream)
         db.close()
     return sample
 
@@ -469,7 +514,9 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
         # then the median: drift on a shared machine cancels out far better than with
         # a ratio of medians.
         own_cal = "gateway/off" if name.startswith("gateway/") else "haproxy/calibration"
-        if name.endswith("-aiohttp"):
+        if "/proxy-" in name:
+            own_cal = "gateway/proxy-off" if name.startswith("gateway/") else "haproxy/proxy-calibration"
+        elif name.endswith("-aiohttp"):
             own_cal = "gateway/off-aiohttp"  # each front end against its own calibration
         row["ratio_to_calibration"] = _median_ratio(by_target.get(name, []), by_target.get(own_cal, []))
         peer = PEER_MODE.get(name.split("/", 1)[1])
@@ -499,6 +546,10 @@ def ratios_of(summary: dict[str, dict[str, Any]], a: str, b: str) -> tuple[float
 
 def _fmt_rps(v: float | None) -> str:
     return "–" if v is None else f"{v:,.0f}"
+
+
+def _p99(row: dict[str, Any]) -> str:
+    return f"{row['p99_ms']:.2f}" if row.get("p99_ms") is not None else "–"
 
 
 def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str, str]) -> str:
@@ -540,6 +591,27 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
             f"{_fmt_rps(h_rps) if peer else 'n/a'} | {ratio(h, 'ratio_to_calibration') if peer else 'n/a'} | "
             f"{cpu(h) if peer else 'n/a'} | {ratio(g, 'ratio_to_haproxy') if peer else 'n/a'} |"
         )
+    proxied = [m for m in PROXY_GATEWAY_MODES if f"gateway/{m}" in summary] or (
+        ["proxy-off"] if "haproxy/proxy-calibration" in summary else []
+    )
+    if proxied:
+        lines += [
+            "",
+            "| Proxy (count, then forward to the upstream) | Gateway req/s | p99 ms | HAProxy+Lua req/s | p99 ms "
+            "| Gateway ÷ HAProxy |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for mode in proxied:
+            g = summary.get(f"gateway/{mode}") or {}
+            peer = PEER_MODE.get(mode)
+            h = (summary.get(f"haproxy/{peer}") or {}) if peer else {}
+            r = g.get("ratio_to_haproxy")
+
+            lines.append(
+                f"| {mode.removeprefix('proxy-').replace('off', 'calibration (off)')} | {_fmt_rps(g.get('rps'))} "
+                f"| {_p99(g)} | {_fmt_rps(h.get('rps')) if peer else 'n/a'} | {_p99(h) if peer else 'n/a'} "
+                f"| {f'{r:.2f}×' if r else '–'} |"
+            )
     lines += [
         "",
         "| Target | req/s | p50 ms | p99 ms | target CPU % (user+sys) | peak RSS MB | peak Redis conns "
@@ -658,7 +730,9 @@ Raw samples of every round are in the run's `results.json`.
 
 
 def all_targets() -> list[Target]:
-    return [Target("gateway", m) for m in GATEWAY_MODES] + [Target("haproxy", m) for m in HAPROXY_MODES]
+    return [Target("gateway", m) for m in GATEWAY_MODES + PROXY_GATEWAY_MODES] + [
+        Target("haproxy", m) for m in HAPROXY_MODES + PROXY_HAPROXY_MODES
+    ]
 
 
 def known_targets() -> list[Target]:

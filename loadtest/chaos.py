@@ -10,6 +10,11 @@ Misdelivery is checked through the count header: client i's counter starts at
 i * 1 000 000, so a reply carrying another client's value cannot go unnoticed,
 and each client's values must strictly grow.
 
+The proxy scenarios (`--upstream`) fault the upstream instead: killed and restarted,
+stalled. Their upstream answers each request with its own target, so a response
+handed to the wrong request is caught (Misdelivered), and Conns left counts the
+upstream connections still open after the gateway closed.
+
 `python -m loadtest.chaos` (or `make chaos`) runs them all and prints the table;
 the test suite runs the same functions and asserts on their results.
 """
@@ -34,7 +39,7 @@ from typing import Any
 import aiohttp
 
 from gateway.app import Gateway, Running
-from gateway.config import Config, parse_redis_url
+from gateway.config import Config, parse_redis_url, parse_upstream
 
 from .procs import RedisProcess, free_port, stop_process, wait_port
 
@@ -554,6 +559,143 @@ async def graceful_shutdown(mode: str = "batched", clients: int = 20) -> Outcome
 # -- the table -------------------------------------------------------------------------------
 
 
+class ChaosUpstream:
+    """A small HTTP/1.1 upstream for the proxy scenarios: answers each request with its target as
+    the body (keep-alive); `stall` holds the answers; `kill` aborts every connection and stops
+    listening, `start` listens again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.go = asyncio.Event()
+        self.go.set()
+
+    async def start(self) -> ChaosUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1]
+                await self.go.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(target), target))
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.transport.abort()
+
+    async def kill(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for w in list(self.writers):
+                w.transport.abort()
+            await self.server.wait_closed()
+            self.server = None
+
+
+async def _proxy_load(base: str, clients: int, out: Outcome, stop: asyncio.Event) -> list[float]:
+    """Closed-loop GETs, each for a target of its own; counts statuses and misdelivered bodies."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
+
+        async def client(i: int) -> None:
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                out.sent += 1
+                path = f"/c{i}/{seq}"
+                t0 = time.monotonic()
+                try:
+                    async with session.get(base + path, headers={"X-Forwarded-For": client_ip(i)}) as r:
+                        body = await r.read()
+                        status = r.status
+                except (TimeoutError, aiohttp.ClientError):
+                    out.extra["client_errors"] = out.extra.get("client_errors", 0) + 1
+                    await asyncio.sleep(0.01)
+                    continue
+                latencies.append(time.monotonic() - t0)
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 200 and body != path.encode():
+                    out.mismatches += 1
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    out.answered = sum(statuses.values())
+    out.status_5xx = sum(n for st, n in statuses.items() if st >= 500)
+    out.other_status = sum(n for st, n in statuses.items() if st != 200 and st < 500)
+    out.extra["statuses"] = statuses
+    return latencies
+
+
+async def upstream_fault(fault: str, mode: str = "batched", clients: int = 20) -> Outcome:
+    """The proxy under load while an upstream is `restarted` (one of two killed for a second, then
+    back), `down` (the only one killed for a second, then back) or `stalled` (answers held 1.5 s)."""
+    server = RedisProcess().start()
+    names = {
+        "restarted": "upstream killed and restarted (one of two)",
+        "down": "upstream killed and restarted (the only one)",
+        "stalled": "upstream stalled",
+    }
+    out = Outcome(names[fault], mode)
+    ups = [await ChaosUpstream().start() for _ in range(1 if fault in ("down", "stalled") else 2)]
+    try:
+        seed_counters(server, clients)
+        cfg = gateway_config(
+            server.url,
+            mode,
+            upstreams=tuple(parse_upstream(u.url) for u in ups),
+            upstream_response_timeout_s=0.5,
+            upstream_fail_timeout_s=0.5,
+        )
+        with LogCounter() as logs:
+            async with gateway(cfg) as (gw, base):
+                stop = asyncio.Event()
+                load = asyncio.ensure_future(_proxy_load(base, clients, out, stop))
+                await asyncio.sleep(1.0)
+                victim = ups[-1]
+                if fault == "stalled":
+                    victim.go.clear()
+                    await asyncio.sleep(1.5)
+                    victim.go.set()
+                else:
+                    await victim.kill()
+                    await asyncio.sleep(1.0)
+                    await victim.start()
+                await asyncio.sleep(1.5)
+                stop.set()
+                latencies = await load
+                upstream = gw.stats()["upstream"]
+                out.extra["in_use_after"] = sum(s["connections"]["in_use"] for s in upstream["servers"].values())
+                out.extra["retries"] = upstream["retries"]
+                out.failures = {f"upstream:{k}": v for k, v in upstream["errors"].items()}
+                await gw.backend.close()
+                out.drift = drift(server, clients, gw)
+            out.log_lines = len(logs.records)
+        await asyncio.sleep(0.1)
+        out.conns_left = sum(len(u.writers) for u in ups)
+        ordered = sorted(latencies)
+        if ordered:
+            out.p99_ms = round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1)
+            out.max_ms = round(1000 * ordered[-1], 1)
+        out.notes = f"retries {out.extra['retries']}, upstream connections in use after: {out.extra['in_use_after']}"
+    finally:
+        for u in ups:
+            await u.kill()
+        server.cleanup()
+    return out
+
+
 def table(rows: list[Outcome]) -> str:
     lines = [
         "| Scenario | Mode | Sent | Answered | 5xx | p99 ms | max ms | Count drift | Misdelivered "
@@ -585,6 +727,7 @@ async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
     plan += [partial(bad_key, m) for m in modes]
     plan += [partial(client_disconnects, m) for m in modes]
     plan += [slowloris, partial(graceful_shutdown, "batched"), partial(graceful_shutdown, "raw")]
+    plan += [partial(upstream_fault, f) for f in ("restarted", "down", "stalled")]
     rows = []
     for i, step in enumerate(plan, 1):
         try:

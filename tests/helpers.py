@@ -175,9 +175,12 @@ class HAProxyReference:
     LISTENERS = ("calibration", "naive", "pooled", "raw")
     # The seed's own code (lua_reference/seed.lua), as benchmark targets beside the reference.
     SEED_LISTENERS = ("seed-pooled", "seed-raw")
+    # Count, then forward to HAPROXY_UPSTREAM (the benchmark's proxy targets).
+    PROXY_LISTENERS = ("proxy-calibration", "proxy-naive", "proxy-pooled", "proxy-raw")
 
     def __init__(self, redis_port: int, trusted: str = "127.0.0.0/8", pool_size: int = 20, **env: str) -> None:
-        self.ports = {name: free_port() for name in (*self.LISTENERS, *self.SEED_LISTENERS, "stats")}
+        names = (*self.LISTENERS, *self.SEED_LISTENERS, *self.PROXY_LISTENERS, "stats")
+        self.ports = {name: free_port() for name in names}
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.script = os.path.join(root, "haproxy", "run.sh")
         self.env = {

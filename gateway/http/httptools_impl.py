@@ -238,6 +238,10 @@ class HttpToolsFrontEnd(FrontEnd):
             self._ticker = loop.call_later(self.tick, self._on_tick)
 
     def _connection(self) -> _Connection:
+        if self.pipeline.proxy is not None:
+            from .httptools_proxy import ProxyConnection  # the proxy action's client side
+
+            return ProxyConnection(self)
         return _Connection(self)
 
     @property

@@ -25,9 +25,11 @@ def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
     # What `make bench-quick` runs, into a temporary directory.
     out = tmp_path / "quick"
     report = tmp_path / "bench.md"
+    # The redirect targets; the proxy targets have their own smoke run below.
+    names = [t.name for t in bench.all_targets() if not t.proxy]
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest", "--duration", "1", "--warmup", "1", "--rounds", "1",
-         "--out", str(out), "--report", str(report)],
+         "--targets", ",".join(names), "--out", str(out), "--report", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -51,6 +53,32 @@ def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
     assert "| calibration (off) |" in table and "| batched |" in table
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "python -m loadtest" in report.read_text() and (tmp_path / "bench.png").exists()
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("haproxy") is None, reason="needs wrk and haproxy")
+def test_bench_proxy_targets_run(tmp_path: Path) -> None:
+    # Every proxy target is known to the runner and part of the full run; a few of them, briefly.
+    names = {t.name for t in bench.all_targets() if t.proxy}
+    assert names == {f"gateway/{m}" for m in bench.PROXY_GATEWAY_MODES} | {
+        f"haproxy/{m}" for m in bench.PROXY_HAPROXY_MODES
+    }
+    out = tmp_path / "proxy"
+    targets = "gateway/proxy-off,gateway/proxy-batched,haproxy/proxy-pooled"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--duration", "1", "--warmup", "0", "--rounds", "1",
+         "--targets", targets, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert set(summary) == set(targets.split(","))
+    for name, row in summary.items():
+        assert row["errors"] == [] and row["rps"] > 0 and row["non_3xx"] == 0, (name, row)
+    for name in ("gateway/proxy-batched", "haproxy/proxy-pooled"):
+        # Every request forwarded was counted (extras only for those in flight at the stop).
+        assert 0 <= summary[name]["min_extra"] <= summary[name]["max_extra"] <= 50, summary[name]
+    assert summary["gateway/proxy-off"]["counted"] == 0
+    assert "| Proxy (count, then forward to the upstream) |" in (out / "table.md").read_text()
 
 
 async def test_locustfile_headless_against_gateway(redis_server: RedisServer) -> None:

@@ -120,3 +120,19 @@ async def test_graceful_shutdown(shutdown_mode: str) -> None:
     # answer was cut by the close may be counted without being seen.
     assert 0 <= out.drift <= 20, out
     assert out.conns_left == 0, out
+
+
+@pytest.mark.parametrize("fault", ["restarted", "down", "stalled"])
+async def test_upstream_faults_under_load(fault: str) -> None:
+    out = await chaos.upstream_fault(fault)
+    assert out.sent > 100
+    assert out.answered == out.sent  # every request answered (no client-side error or timeout)
+    assert out.mismatches == 0  # never another request's response
+    assert out.drift == 0  # counts exact
+    assert out.conns_left == 0 and out.extra["in_use_after"] == 0  # no upstream connection leaked
+    assert out.max_ms < 2000  # within the bound whatever the upstream does
+    if fault == "restarted":
+        assert out.status_5xx == 0  # the other server takes the traffic; stale GETs are retried
+    else:
+        assert out.status_5xx > 0 and set(out.extra["statuses"]) <= {200, 502, 503, 504}
+    assert out.log_lines <= 10  # a line per state change, not per request

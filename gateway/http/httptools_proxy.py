@@ -1,0 +1,273 @@
+"""The own front end's client connection when the action is the proxy (`--upstream`).
+
+A `_Connection` (gateway.http.httptools_impl) that hands each request to the
+proxy at the end of its head instead of answering it once complete: the body is
+then streamed to the upstream while it arrives. Everything before that point is
+the plain front end's: its limits, timeouts and refusals (smuggling shapes, bad
+Host, oversized heads) apply unchanged, so nothing it refuses reaches an upstream.
+
+Owns, per client connection: the exchanges in request order (`exchanges`; only
+the oldest runs, a pipelined one waits with reading paused), the request body's
+backpressure (reading pauses while an exchange holds `BODY_BUFFER` bytes not yet
+sent upstream), the response's (the upstream pauses while the client's socket
+buffer is full), and how the connection ends after each exchange. Answers of the
+front end's own (a 4xx, 100 Continue) wait behind the exchanges before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+from ..actions.proxy import BODY_BUFFER, Exchange
+from ..pipeline import Response
+from .httptools_impl import BODY, IDLE, HttpToolsFrontEnd, _Connection, _Reject
+
+log = logging.getLogger("gateway")
+
+
+class _Run:
+    """Runs one exchange's coroutine without an asyncio Task (as the plain front end's `_Slot`
+    does): each step is resumed from the done callback of the future it waits on. Used when
+    nothing on the path needs a Task (the accounting backend is task-free, or not awaited)."""
+
+    __slots__ = ("cancelled", "conn", "coro", "ex", "waited")
+
+    def __init__(self, conn: ProxyConnection, ex: Exchange, coro: Coroutine[Any, Any, None]) -> None:
+        self.conn = conn
+        self.ex = ex
+        self.coro = coro
+        self.waited: Any = None
+        self.cancelled = False
+
+    def step(self, _: object = None) -> None:
+        if self.cancelled:
+            return
+        self.waited = None
+        try:
+            waited = self.coro.send(None)
+        except StopIteration:
+            self.conn._exchange_done(self.ex, None)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            self.conn._exchange_done(self.ex, exc)
+            return
+        self._wait(waited)
+
+    def _wait(self, waited: Any) -> None:
+        if waited is None:  # a bare yield: go on in the next loop turn
+            loop = self.conn.server.loop
+            assert loop is not None
+            loop.call_soon(self.step)
+        else:
+            waited._asyncio_future_blocking = False  # what a Task does with the future it is given
+            self.waited = waited
+            waited.add_done_callback(self.step)
+
+    def cancel(self) -> None:
+        """The client is gone: raise CancelledError where the exchange waits (its cleanup runs)."""
+        waited = self.waited
+        self.cancelled = True
+        if waited is None:
+            self.coro.close()  # not started yet (or finished): it never runs
+            return
+        waited.remove_done_callback(self.step)
+        self.waited = None
+        try:
+            waited = self.coro.throw(asyncio.CancelledError())
+        except BaseException:
+            return  # ended, by the cancellation or otherwise: the client is gone, nothing to answer
+        # Still cleaning up (it should not wait, but if it does, let it finish).
+        self.cancelled = False
+        self._wait(waited)
+
+
+class ProxyConnection(_Connection):
+    def __init__(self, server: HttpToolsFrontEnd) -> None:
+        super().__init__(server)
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.exchanges: deque[Exchange] = deque()
+        self.tasks: dict[Exchange, asyncio.Task[None] | _Run] = {}
+        # The accounting step needs a Task only with a backend that awaits in a Task's context.
+        pipeline = self.pipeline
+        self.task_free = pipeline.task_free or pipeline.holds or not pipeline.backend.uses_redis
+        # Own answers (bytes, close) owed after the exchanges before them.
+        self.after: list[tuple[bytes, bool]] = []
+        self.preambles: dict[Exchange, list[tuple[bytes, bool]]] = {}
+        self.log_info: dict[Exchange, tuple[bytes, bytes, bool, bytes, bytes]] = {}
+
+    # -- parser callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.fields = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.phase == BODY:
+            return  # a trailer field: not forwarded
+        super().on_header(name, value)
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.upgrade is not None:
+            raise _Reject(501, "protocol upgrades (WebSocket) are not supported by the proxy")
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            raise _Reject(405, "CONNECT is not supported")
+        ex = Exchange(self, method, self.url, self.fields, self.peer, self.http10, self.content_length, self.chunked)
+        if self.xff is not None and self.pipeline.uses_forwarded_for:
+            ex.forwarded_for = [value.decode("latin-1") for value in self.xff]
+        if self.server.access_log:
+            self.log_info[ex] = (method, self.url, self.http10, self.referer, self.user_agent)
+        self.fields = []
+        if self.after:
+            # Queued behind the exchanges before this one (its 100 Continue): sent as it starts.
+            self.preambles[ex] = self.after
+            self.after = []
+        self.exchanges.append(ex)
+        self.waiting += 1
+        if len(self.exchanges) == 1:
+            self._start(ex)
+        else:
+            self._update_reading()  # pipelined: read nothing more until the ones before are answered
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if not self.exchanges:
+            return  # answered and closing already: the rest of the body is not read
+        ex = self.exchanges[-1]
+        ex.feed(body)
+        if ex.buffered > BODY_BUFFER:
+            self._update_reading()
+
+    def on_message_complete(self) -> None:
+        self.phase = IDLE
+        keep_alive = self.parser.should_keep_alive() and not self.server.draining
+        if self.http10 and keep_alive and (self.chunked or b"close" in (self.connection or b"").lower()):
+            keep_alive = False  # as the plain front end decides (RFC 9112 6.1)
+        if not keep_alive:
+            self.closing = True  # read no further request
+        if self.exchanges:
+            self.exchanges[-1].feed_end(keep_alive)
+
+    # -- exchanges, in order --------------------------------------------------------------
+
+    def _start(self, ex: Exchange) -> None:
+        loop = self.server.loop
+        assert loop is not None
+        ex.client_paused = self.write_paused
+        for data, close in self.preambles.pop(ex, ()):
+            self.waiting += 1
+            self._write(data, close)
+        coro = self.pipeline.forward(ex, self.peer, ex.forwarded_for)
+        if self.task_free:
+            run = self.tasks[ex] = _Run(self, ex, coro)
+            loop.call_soon(run.step)  # not from inside the parser's callback that started it
+        else:
+            task = self.tasks[ex] = loop.create_task(coro)
+            task.add_done_callback(lambda t: self._exchange_done(ex, None if t.cancelled() else t.exception()))
+
+    def _exchange_done(self, ex: Exchange, exc: BaseException | None) -> None:
+        self.tasks.pop(ex, None)
+        transport = self.transport
+        if transport is None or not self.exchanges or self.exchanges[0] is not ex:
+            return  # the client is gone (its exchanges were cancelled)
+        self.exchanges.popleft()
+        self.waiting -= 1
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            log.error("proxy exchange failed", exc_info=exc)
+            ex.fail(502, "bad gateway")
+            ex.close_after = True
+        self.served = True
+        self.since = self.server.now
+        info = self.log_info.pop(ex, None)
+        if info is not None:
+            self._log(info, Response(ex.status or 502, ""), ex.sent)
+        if ex.cut:
+            transport.abort()
+            return
+        if ex.close_after or not ex.keep_alive or not ex.body_done:
+            self.closing = True
+            self.exchanges.clear()
+            transport.close()
+            return
+        if self.exchanges:
+            self._start(self.exchanges[0])
+        else:
+            after, self.after = self.after, []
+            for data, close in after:
+                self.waiting += 1
+                self._write(data, close)
+            if (self.closing or self.server.draining) and not self.waiting and not transport.is_closing():
+                transport.close()
+        self._update_reading()
+
+    # -- what the exchange calls (gateway.actions.proxy.ClientSide) ------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def body_drained(self) -> None:
+        """The exchange passed its buffered body on: read the client again if that paused it."""
+        if self.read_paused:
+            self._update_reading()
+
+    # -- the plain front end's hooks ------------------------------------------------------------
+
+    def _saturated(self) -> bool:
+        exchanges = self.exchanges
+        if exchanges and (len(exchanges) > 1 or exchanges[-1].buffered > BODY_BUFFER):
+            return True
+        return super()._saturated()
+
+    def _send_ready(self, data: bytes, close: bool) -> None:
+        if self.exchanges:
+            self.after.append((data, close))  # after the responses owed before it
+            return
+        super()._send_ready(data, close)
+
+    def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
+        exchanges = self.exchanges
+        if exchanges and not exchanges[-1].body_done:
+            # The request being read is refused mid-body (413, 408, bad chunk framing): its
+            # exchange cannot go on; the client gets the status if no response began, else a cut.
+            ex = exchanges.pop()
+            self.waiting -= 1
+            task = self.tasks.pop(ex, None)
+            if task is not None:
+                task.cancel()
+            if ex.started and self.transport is not None:
+                if bad:
+                    self.server.bad_requests += 1
+                self.transport.abort()
+                return
+        super()._reject(status, reason, bad)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.exchanges:
+            self.exchanges[0].set_client_paused(True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.exchanges:
+            self.exchanges[0].set_client_paused(False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.transport = None
+        self.exchanges.clear()
+        self.after.clear()
+        self.preambles.clear()
+        self.log_info.clear()
+        for task in self.tasks.values():
+            task.cancel()  # the exchange's connection is discarded (gateway.actions.proxy)
+        self.tasks.clear()

@@ -1,0 +1,284 @@
+"""One HTTP/1.1 client connection to an upstream server, pooled by `gateway.pool.Pool`.
+
+Owns the socket and the response parser (llhttp through httptools). It carries
+one exchange at a time: `begin(sink)` hands it the exchange whose response it
+parses, and the parser's events go straight to that sink (head, body chunks,
+end, failure). Writing the request and every deadline belong to the exchange
+(`gateway.actions.proxy`).
+
+Invariants:
+
+- `pending` is 1 from `begin` until the response has been read whole; the pool
+  never puts a pending connection back (an unread or partly read response would
+  be handed to the next request).
+- Discard on doubt: a parse error, bytes nobody asked for, a response that asks to
+  close, a cut, an exchange abandoned (`abort`) or a response to HEAD (whose body
+  length llhttp cannot be told to skip) make the connection unusable for good.
+- It is also unusable, and so discarded by the pool at checkout, once idle longer
+  than the idle timeout, older than the maximum lifetime, or used for the maximum
+  number of requests: the upstream must never be the one closing a connection we
+  are about to reuse, as far as we can help it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, cast
+
+import httptools
+
+# How the response body is delimited.
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
+
+# Bounds on an upstream's response head, as on a client's request head.
+MAX_HEADERS = 100
+MAX_HEAD = 64 * 1024
+
+
+class ResponseSink(Protocol):
+    """Who receives the events of the response being read (the exchange)."""
+
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None: ...
+
+    def on_body(self, data: bytes) -> None: ...
+
+    def on_end(self) -> None: ...
+
+    def on_fail(self, kind: str, detail: str) -> None: ...
+
+    def cork(self) -> None:
+        """Events of one read follow: gather their output."""
+
+    def uncork(self) -> None:
+        """The read's events are over: send what was gathered in one write."""
+
+
+class _NoBody(Exception):
+    """Raised from on_headers_complete for a HEAD response: the message ends with its head."""
+
+
+class _Unexpected(Exception):
+    """Raised from a parser callback: a response nobody asked for."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, idle_timeout: float, max_lifetime: float, max_requests: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self._idle_timeout = idle_timeout
+        self._max_lifetime = max_lifetime
+        self._max_requests = max_requests
+        self.created = self.last_used = self.last_activity = self.loop.time()
+        self.requests = 0
+        self.pending = 0
+        self.doubt = False  # never reuse
+        self.closed = False
+        self.sink: ResponseSink | None = None
+        # The response being parsed.
+        self.head_method = False
+        self.got_bytes = False  # any byte of the response arrived
+        self.interim = False
+        self.framing = NO_BODY
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head_done = False
+        # Flow control.
+        self.write_paused = False
+        self.read_paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    # -- what the pool asks ---------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        if self.doubt or self.closed or self.pending or self.requests >= self._max_requests:
+            return False
+        now = self.loop.time()
+        return now - self.last_used < self._idle_timeout and now - self.created < self._max_lifetime
+
+    def abort(self) -> None:
+        self.doubt = True
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def close(self) -> None:
+        self.doubt = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- one exchange ---------------------------------------------------------------
+
+    def begin(self, sink: ResponseSink, head_method: bool) -> None:
+        """Start an exchange: the next response belongs to `sink`."""
+        self.sink = sink
+        self.pending = 1
+        self.requests += 1
+        self.head_method = head_method
+        self.got_bytes = self.interim = self.head_done = False
+        self.framing = NO_BODY
+        self.reason = b""
+        self.headers = []
+        self.head_size = 0
+        self.last_activity = self.loop.time()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the socket's write buffer is above its high-water mark."""
+        if self.closed:
+            raise ConnectionResetError("upstream connection closed")
+        if not self.write_paused:
+            return
+        fut = self._drained = self.loop.create_future()
+        await fut
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.last_activity = self.loop.time()
+            self.transport.resume_reading()
+
+    def _finished(self) -> None:
+        """The response was read whole: the connection may be reused (if nothing says otherwise)."""
+        sink = self.sink
+        self.sink = None
+        self.pending = 0
+        self.last_used = self.loop.time()
+        if sink is not None:
+            sink.on_end()
+
+    def _fail(self, kind: str, detail: str) -> None:
+        sink = self.sink
+        self.doubt = True
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
+        if sink is not None:
+            sink.on_fail(kind, detail)
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.doubt = True
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ConnectionResetError("upstream connection closed"))
+        sink = self.sink
+        if sink is None:
+            return
+        if self.head_done and self.framing == UNTIL_CLOSE:
+            self._finished()  # the close is the end of this body
+        else:
+            self.sink = None
+            detail = "the upstream closed the connection" + ("" if self.got_bytes else " before answering")
+            sink.on_fail("closed", detail)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        if self.sink is None:
+            # A response nobody asked for (or after one that ended): never trust this connection again.
+            self._fail("protocol", "unexpected bytes from the upstream")
+            return
+        self.got_bytes = True
+        sink = self.sink
+        sink.cork()  # a head and a body in one read leave in one write to the client
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _NoBody):
+                self.doubt = True  # whatever follows the head cannot be framed: no reuse
+                self._finished()
+            else:
+                self._fail("protocol", f"malformed upstream response: {exc.__context__ or exc}")
+        except httptools.HttpParserError as exc:
+            self._fail("protocol", f"malformed upstream response: {exc}")
+        finally:
+            sink.uncork()
+
+    def eof_received(self) -> bool | None:
+        return False  # close; connection_lost decides what the close means
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_activity = self.loop.time()
+        fut = self._drained
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        self._drained = None
+
+    # -- parser callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.sink is None:
+            raise _Unexpected
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+        self.head_size += len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer field: not forwarded
+        self.headers.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+        if len(self.headers) > MAX_HEADERS or self.head_size > MAX_HEAD:
+            raise ValueError("response head too large")
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise ValueError("101 Switching Protocols to a request that asked no upgrade")
+            # An interim response (100 Continue, 103 Early Hints): not forwarded; the final one follows.
+            self.interim = True
+            self.reason = b""
+            self.headers = []
+            self.head_size = 0
+            return
+        self.head_done = True
+        framing = UNTIL_CLOSE
+        if self.head_method or status in (204, 304):
+            framing = NO_BODY
+        else:
+            for name, _ in self.headers:
+                lower = name.lower()
+                if lower == b"transfer-encoding":
+                    framing = CHUNKED  # llhttp refuses a response whose last coding is not chunked
+                    break
+                if lower == b"content-length":
+                    framing = LENGTH
+        self.framing = framing
+        sink = self.sink
+        if sink is not None:
+            sink.on_head(status, self.reason, self.headers, framing)
+        if self.head_method:
+            raise _NoBody
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if not self.parser.should_keep_alive():
+            self.doubt = True  # the upstream asked to close (or spoke HTTP/1.0 without keep-alive)
+        self._finished()

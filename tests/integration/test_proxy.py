@@ -1,0 +1,883 @@
+"""The proxy action against real upstream servers (an aiohttp app) and raw ones for faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import socket
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from gateway.config import ConfigError
+
+from ..helpers import RedisServer
+from ..proxy_helpers import (
+    RawUpstream,
+    Upstream,
+    body_json,
+    proxy,
+    proxy_config,
+    raw_exchange,
+    read_head,
+)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = await Upstream("a").start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture
+async def upstream_b() -> AsyncIterator[Upstream]:
+    up = await Upstream("b").start()
+    yield up
+    await up.stop()
+
+
+def _pool_clean(gw: object) -> None:
+    """No upstream connection is left checked out, and no request is left waiting."""
+    for name, s in gw.stats()["upstream"]["servers"].items():  # type: ignore[attr-defined]
+        assert s["connections"]["in_use"] == 0, name
+        assert s["queue"] == 0, name
+        assert s["in_flight"] == 0, name
+
+
+# -- the request path: accounting first, then forward --------------------------------------------------
+
+
+async def test_counted_then_forwarded(upstream: Upstream, redis_server: RedisServer, redis_mode: str) -> None:
+    # Every accounting mode: those whose path needs an asyncio Task (redis-py's) and those that do not.
+    async with proxy(proxy_config([upstream.url], redis_server.url, redis_mode)) as (gw, base):
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.get(base + "/echo/x?y=1", allow_redirects=False) as r:
+                    assert r.status == 200
+                    info = await r.json()
+                    assert info["path"] == "/echo/x?y=1"
+                    assert r.headers["X-Server"] == "a"
+                    assert "Location" not in r.headers
+        assert gw.stats()["requests"]["counted"] == 3
+        _pool_clean(gw)
+    assert redis_server.client().get("ip:127.0.0.1") == b"3"
+
+
+async def test_deny_policy_answers_503_without_forwarding() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_head(reader))
+
+    up = await RawUpstream(handler).start()
+    try:
+        # Nothing listens at this Redis address: every increment fails.
+        config = proxy_config([up.url], "redis://127.0.0.1:1/0", "raw", on_redis_error="deny")
+        async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+            async with s.get(base + "/echo") as r:
+                assert r.status == 503
+                assert "Retry-After" in r.headers
+            assert gw.stats()["upstream"]["requests"] == 0
+        assert up.connections == 0 and seen == []
+    finally:
+        await up.stop()
+
+
+async def test_batched_flush_holds_the_upstream_response(upstream: Upstream, redis_server: RedisServer) -> None:
+    config = proxy_config([upstream.url], redis_server.url, "batched", batch_ack="flush", batch_window_ms=300.0)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        started = time.monotonic()
+        async with s.get(base + "/echo") as r:
+            # The response is out only once the increment is in Redis.
+            assert redis_server.client().get("ip:127.0.0.1") == b"1"
+            assert r.status == 200
+            assert (await r.json())["server"] == "a"
+        assert time.monotonic() - started >= 0.2
+        assert gw.stats()["upstream"]["requests"] == 1
+
+
+async def test_aiohttp_front_end_refuses_upstream() -> None:
+    with pytest.raises(ConfigError, match="httptools"):
+        proxy_config(["http://127.0.0.1:9"], http="aiohttp")
+
+
+# -- bodies, every framing, both ways ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_framing", ["none", "length", "chunked"])
+@pytest.mark.parametrize("response_framing", ["length", "chunked"])
+async def test_bodies_of_every_framing(upstream: Upstream, request_framing: str, response_framing: str) -> None:
+    payload = bytes(range(256)) * 1000
+    async with proxy(proxy_config([upstream.url], max_body_bytes=10_000_000)) as (gw, base):
+        async with aiohttp.ClientSession() as s:
+            if request_framing == "none":
+                req = s.get(base + "/echo")
+            elif request_framing == "length":
+                req = s.post(base + "/echo", data=payload)
+            else:
+
+                async def gen() -> AsyncIterator[bytes]:
+                    for i in range(0, len(payload), 10_000):
+                        yield payload[i : i + 10_000]
+
+                req = s.post(base + "/echo", data=gen())
+            async with req as r:
+                info = await r.json()
+                assert r.status == 200
+            if request_framing != "none":
+                assert info["size"] == len(payload)
+                assert info["sha256"] == hashlib.sha256(payload).hexdigest()
+                assert info["chunked"] == (request_framing == "chunked")
+            async with s.get(base + f"/data?n=300000&framing={response_framing}") as r:
+                body = await r.read()
+                assert body == b"x" * 300000
+                if response_framing == "chunked":
+                    assert r.headers["Transfer-Encoding"] == "chunked"
+                else:
+                    assert r.headers["Content-Length"] == "300000"
+        _pool_clean(gw)
+
+
+async def test_read_until_close_response_and_http10_client() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Framing: close\r\n\r\n" + b"z" * 5000)
+        await writer.drain()
+        writer.close()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            # HTTP/1.1 client: re-chunked, and the client connection stays usable.
+            reply = await raw_exchange(base, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n", 2)
+            assert reply.count(b"HTTP/1.1 200 OK") == 2
+            assert b"Transfer-Encoding: chunked" in reply
+            assert reply.endswith(b"0\r\n\r\n")
+            # HTTP/1.0 client: the body ends with the close.
+            reply = await raw_exchange(base, b"GET /a HTTP/1.0\r\nHost: x\r\n\r\n")
+            head, body = reply.split(b"\r\n\r\n", 1)
+            assert b"Transfer-Encoding" not in head and body == b"z" * 5000
+            assert b"Connection: close" in head
+            assert up.connections == 3  # read-until-close connections are never reused
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+@pytest.mark.parametrize("line", [b"HEAD /data?n=1000", b"GET /status/204", b"GET /status/304"])
+async def test_no_body_responses(upstream: Upstream, line: bytes) -> None:
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        # A second request follows on the same client connection: the first had no body to mistake for it.
+        reply = await raw_exchange(
+            base, line + b" HTTP/1.1\r\nHost: x\r\n\r\nGET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        first, rest = reply.split(b"\r\n\r\n", 1)
+        assert rest.startswith(b"HTTP/1.1 200 OK"), reply[:300]
+        if line.startswith(b"HEAD"):
+            assert b"Content-Length: 1000" in first
+        _pool_clean(gw)
+
+
+async def test_large_bodies_stream_with_bounded_memory(upstream: Upstream) -> None:
+    size = 50 * 1024 * 1024
+    block = b"q" * (1024 * 1024)
+
+    async def gen() -> AsyncIterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    async with proxy(proxy_config([upstream.url], max_body_bytes=size)) as (gw, base):
+        async with aiohttp.ClientSession() as s:
+            tracemalloc.start()
+            try:
+                async with s.post(base + "/echo", data=gen()) as r:
+                    info = await r.json()
+                upload_peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.reset_peak()
+                got = 0
+                async with s.get(base + f"/data?n={size}&framing=chunked") as r:
+                    async for chunk in r.content.iter_any():
+                        got += len(chunk)
+                download_peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert info["size"] == size
+        assert got == size
+        # Client, gateway and upstream share this process: all of it stays far below the body's size.
+        assert upload_peak < 16 * 1024 * 1024, upload_peak
+        assert download_peak < 16 * 1024 * 1024, download_peak
+        _pool_clean(gw)
+
+
+# -- header rules ----------------------------------------------------------------------------------------
+
+
+async def test_hop_by_hop_fields_are_stripped(upstream: Upstream) -> None:
+    async with proxy(proxy_config([upstream.url])) as (_gw, base):
+        reply = await raw_exchange(
+            base,
+            b"GET /echo HTTP/1.1\r\nHost: example.test\r\nConnection: keep-alive, X-Private\r\n"
+            b"X-Private: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+            b"Trailer: X-T\r\nX-Kept: yes\r\n\r\n",
+            1,
+        )
+        sent = {k.lower(): v for k, v in body_json(reply)["headers"]}
+        for name in ("connection", "x-private", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"):
+            assert name not in sent, name
+        assert sent["x-kept"] == "yes"
+        assert sent["host"] == "example.test"
+        assert sent["x-forwarded-host"] == "example.test"
+        assert sent["x-forwarded-proto"] == "http"
+        # The upstream's own hop-by-hop fields (X-Hop is named in its Connection) do not reach the client.
+        async with aiohttp.ClientSession() as s, s.get(base + "/data?n=10") as r:
+            assert "X-Hop" not in r.headers and "Keep-Alive" not in r.headers
+            assert r.headers["X-Server"] == "a"
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_x_forwarded_for(upstream: Upstream, redis_server: RedisServer, trusted: bool) -> None:
+    extra = {"trusted_proxies": __import__("gateway.config").config.parse_networks(["127.0.0.0/8"])} if trusted else {}
+    async with proxy(proxy_config([upstream.url], redis_server.url, "raw", **extra)) as (_gw, base):
+        headers = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "front.test"}
+        async with aiohttp.ClientSession() as s, s.get(base + "/echo", headers=headers) as r:
+            sent = {k.lower(): v for k, v in (await r.json())["headers"]}
+    if trusted:
+        assert sent["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+        assert sent["x-forwarded-proto"] == "https"
+        assert sent["x-forwarded-host"] == "front.test"
+        assert redis_server.client().get("ip:203.0.113.7") == b"1"
+    else:
+        # An untrusted peer's chain could say anything: it is replaced by the peer.
+        assert sent["x-forwarded-for"] == "127.0.0.1"
+        assert sent["x-forwarded-proto"] == "http"
+        assert sent["x-forwarded-host"].startswith("127.0.0.1:")
+        assert redis_server.client().get("ip:127.0.0.1") == b"1"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    ],
+    ids=["cl-te", "two-lengths", "te-not-chunked", "two-hosts"],
+)
+async def test_smuggling_shapes_never_reach_the_upstream(payload: bytes) -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_head(reader))
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (_gw, base):
+            reply = await raw_exchange(base, payload, 2)
+            assert reply.startswith(b"HTTP/1.1 4"), reply[:100]
+        assert seen == [] and up.connections == 0
+    finally:
+        await up.stop()
+
+
+async def test_upgrade_gets_501(upstream: Upstream) -> None:
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        reply = await raw_exchange(
+            base,
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            2,
+        )
+        assert reply.startswith(b"HTTP/1.1 501"), reply[:100]
+        assert b"not supported" in reply
+        assert gw.stats()["upstream"]["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello",
+    ],
+    ids=["garbage", "two-lengths", "bad-length"],
+)
+async def test_malformed_upstream_response_is_502_and_dropped(response: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(response)
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url], upstream_max_fails=100)) as (gw, base):
+            async with aiohttp.ClientSession() as s:
+                for _ in range(2):
+                    async with s.get(base + "/x") as r:
+                        assert r.status == 502
+            stats = gw.stats()["upstream"]["servers"][f"127.0.0.1:{up.port}"]
+            assert stats["errors"]["protocol"] == 2
+            assert stats["connections"]["open"] == 0
+            _pool_clean(gw)
+        assert up.connections == 2  # each malformed response cost its connection
+    finally:
+        await up.stop()
+
+
+async def test_malformed_body_after_the_head_cuts_the_client() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base), aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with s.get(base + "/x") as r:
+                    assert r.status == 200  # the head was on its way before the body broke
+                    await r.read()
+            assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+# -- timeouts ----------------------------------------------------------------------------------------------
+
+
+async def test_response_head_timeout_is_504(upstream: Upstream) -> None:
+    config = proxy_config([upstream.url], upstream_response_timeout_s=0.3, upstream_max_fails=100)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        started = time.monotonic()
+        async with s.get(base + "/slow?s=1.5") as r:
+            assert r.status == 504
+        assert time.monotonic() - started < 2
+        assert gw.stats()["upstream"]["errors"]["response_timeout"] == 1
+        async with s.get(base + "/echo") as r:
+            assert r.status == 200
+        _pool_clean(gw)
+
+
+async def test_body_idle_timeout_cuts_the_response(upstream: Upstream) -> None:
+    config = proxy_config([upstream.url], upstream_body_timeout_s=0.3, upstream_max_fails=100)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with s.get(base + "/stall-body?s=1.5") as r:
+                assert r.status == 200
+                await r.read()
+        assert time.monotonic() - started < 2
+        assert gw.stats()["upstream"]["errors"]["body_timeout"] == 1
+        _pool_clean(gw)
+
+
+async def test_request_body_timeout_when_the_upstream_stops_reading() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(5)  # never reads the body
+
+    up = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([up.url], upstream_body_timeout_s=0.3, max_body_bytes=100_000_000)
+        async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            try:
+                async with s.post(base + "/echo", data=b"u" * 30_000_000) as r:
+                    assert r.status == 504
+            except aiohttp.ClientError:
+                pass  # the gateway may close while the client is still sending: also an answer in bound
+            assert time.monotonic() - started < 3
+            assert gw.stats()["upstream"]["errors"]["body_timeout"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_connect_timeout_answers_within_bound() -> None:
+    # A listener that never accepts, its accept queue full: further connects hang (SYNs dropped).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        fillers.append(c)
+    try:
+        config = proxy_config([f"http://127.0.0.1:{port}"], upstream_connect_timeout_ms=200.0)
+        async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            async with s.get(base + "/echo") as r:
+                assert r.status == 502
+            assert time.monotonic() - started < 1.5
+            assert gw.stats()["upstream"]["errors"]["connect"] == 1
+    finally:
+        for c in fillers:
+            c.close()
+        listener.close()
+
+
+# -- retries -----------------------------------------------------------------------------------------------
+
+
+async def test_connect_failure_is_redispatched(upstream: Upstream) -> None:
+    dead = "http://127.0.0.1:1"  # refused
+    async with proxy(proxy_config([dead, upstream.url], upstream_max_fails=1000)) as (gw, base):
+        async with aiohttp.ClientSession() as s:
+            for method in ("GET", "POST", "GET", "POST"):
+                async with s.request(method, base + "/echo", data=b"b" if method == "POST" else None) as r:
+                    assert r.status == 200
+                    assert (await r.json())["server"] == "a"
+        stats = gw.stats()["upstream"]
+        assert stats["retries"] >= 2
+        assert stats["servers"]["127.0.0.1:1"]["errors"]["connect"] >= 1
+
+
+def _stale_after_first(answered: list[bytes]) -> RawUpstream:
+    """An upstream that answers the first request of a connection (keep-alive) and closes the
+    connection without answering when a second request arrives on it: an idle close racing a reuse."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        if b"Content-Length: " in head:
+            n = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(n)
+        answered.append(head.split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        await writer.drain()
+        await reader.read(1)  # the next request's first byte: close without answering
+
+    return RawUpstream(handler)
+
+
+async def test_stale_keepalive_connection_retried_once_for_get_never_for_post() -> None:
+    answered: list[bytes] = []
+    up = await _stale_after_first(answered).start()
+    try:
+        async with proxy(proxy_config([up.url], upstream_max_fails=1000)) as (gw, base):
+            async with aiohttp.ClientSession() as s:
+                async with s.get(base + "/one") as r:
+                    assert r.status == 200
+                async with s.get(base + "/two") as r:  # reuses the connection, which closes: retried
+                    assert r.status == 200
+                async with s.post(base + "/three", data=b"abc") as r:  # reuses again: never replayed
+                    assert r.status == 502
+                async with s.get(base + "/four") as r:
+                    assert r.status == 200
+            stats = gw.stats()["upstream"]
+            assert stats["retries"] == 1
+            assert stats["errors"]["stale_connection"] == 2
+            _pool_clean(gw)
+        assert answered.count(b"POST /three HTTP/1.1") == 0
+        assert answered == [b"GET /one HTTP/1.1", b"GET /two HTTP/1.1", b"GET /four HTTP/1.1"]
+    finally:
+        await up.stop()
+
+
+async def test_keepalive_race_gives_no_client_errors() -> None:
+    """An upstream closing idle connections after 50 ms while GETs arrive every 30-70 ms."""
+    served = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while True:
+            try:
+                async with asyncio.timeout(0.05):
+                    head = await read_head(reader)
+            except TimeoutError:
+                return  # idle close, racing the gateway's reuse
+            served += 1
+            del head
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url], upstream_max_fails=1000)) as (gw, base):
+            statuses: Counter[int] = Counter()
+            async with aiohttp.ClientSession() as s:
+
+                async def client(offset: float) -> None:
+                    await asyncio.sleep(offset)
+                    for i in range(25):
+                        async with s.get(base + "/race") as r:
+                            statuses[r.status] += 1
+                        await asyncio.sleep(0.03 + (i % 5) * 0.01)
+
+                await asyncio.gather(*(client(k * 0.007) for k in range(4)))
+            assert statuses == Counter({200: 100})
+            stats = gw.stats()["upstream"]
+            assert stats["errors"].get("stale_connection", 0) == stats["retries"]
+            _pool_clean(gw)
+        assert served == 100
+    finally:
+        await up.stop()
+
+
+# -- health, ejection, queueing -----------------------------------------------------------------------------
+
+
+async def test_active_checks_take_a_server_down_and_up(upstream: Upstream) -> None:
+    b = await Upstream("b").start()
+    port = b.port
+    config = proxy_config(
+        [upstream.url, b.url],
+        health_check_path="/health",
+        health_check_interval_s=0.1,
+        health_check_rise=2,
+        health_check_fall=2,
+    )
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        await b.stop()
+        name = f"127.0.0.1:{port}"
+        for _ in range(50):
+            if gw.stats()["upstream"]["servers"][name]["state"] == "down":
+                break
+            await asyncio.sleep(0.05)
+        assert gw.stats()["upstream"]["servers"][name]["state"] == "down"
+        for _ in range(6):
+            async with s.get(base + "/echo") as r:
+                assert r.status == 200
+                assert (await r.json())["server"] == "a"
+        b = await Upstream("b").start(port)
+        for _ in range(50):
+            if gw.stats()["upstream"]["servers"][name]["state"] == "up":
+                break
+            await asyncio.sleep(0.05)
+        assert gw.stats()["upstream"]["servers"][name]["state"] == "up"
+        seen = set()
+        for _ in range(4):
+            async with s.get(base + "/echo") as r:
+                seen.add((await r.json())["server"])
+        assert seen == {"a", "b"}
+    await b.stop()
+
+
+async def test_passive_ejection_and_all_down_503(upstream: Upstream) -> None:
+    dead = "http://127.0.0.1:1"
+    config = proxy_config([dead, upstream.url], upstream_max_fails=2, upstream_fail_timeout_s=30.0)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.get(base + "/echo") as r:
+                assert r.status == 200
+        servers = gw.stats()["upstream"]["servers"]
+        assert servers["127.0.0.1:1"]["state"] == "ejected"
+        assert servers["127.0.0.1:1"]["ejections"] == 1
+        # Once ejected, the dead server is not tried any more.
+        attempts = servers["127.0.0.1:1"]["errors"]["connect"]
+        for _ in range(4):
+            async with s.get(base + "/echo") as r:
+                assert r.status == 200
+        assert gw.stats()["upstream"]["servers"]["127.0.0.1:1"]["errors"]["connect"] == attempts
+        # The other one goes down too: 503 at once.
+        await upstream.stop()
+        for _ in range(3):
+            async with s.get(base + "/echo") as r:
+                assert r.status in (502, 503)
+        started = time.monotonic()
+        async with s.get(base + "/echo") as r:
+            assert r.status == 503
+            assert "Retry-After" in r.headers
+        assert time.monotonic() - started < 0.5
+        assert gw.stats()["upstream"]["errors"]["no_server"] >= 1
+
+
+async def test_maxconn_queue_and_queue_timeout(upstream: Upstream) -> None:
+    config = proxy_config([upstream.url], upstream_maxconn=1, upstream_queue_timeout_ms=200.0)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+
+        async def get(path: str) -> int:
+            async with s.get(base + path) as r:
+                await r.read()
+                return r.status
+
+        slow = asyncio.ensure_future(get("/slow?s=0.6"))
+        await asyncio.sleep(0.1)
+        assert await get("/echo") == 503  # the one connection stays busy past the queue timeout
+        assert await slow == 200
+        stats = gw.stats()["upstream"]["servers"][f"127.0.0.1:{upstream.port}"]
+        assert stats["queue_timeouts"] == 1
+        assert stats["connections"]["open"] <= 1
+    config = proxy_config([upstream.url], upstream_maxconn=2, upstream_queue_timeout_ms=5000.0)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        statuses = await asyncio.gather(*(get("/slow?s=0.1") for _ in range(8)))
+        assert statuses == [200] * 8
+        stats = gw.stats()["upstream"]["servers"][f"127.0.0.1:{upstream.port}"]
+        assert stats["connections"]["created"] == 2  # queued requests reused the two connections
+        _pool_clean(gw)
+
+
+# -- balancing ----------------------------------------------------------------------------------------------
+
+
+async def test_weighted_roundrobin(upstream: Upstream, upstream_b: Upstream) -> None:
+    async with proxy(proxy_config([upstream.url + "?weight=3", upstream_b.url])) as (_gw, base):
+        seen: Counter[str] = Counter()
+        async with aiohttp.ClientSession() as s:
+            for _ in range(40):
+                async with s.get(base + "/echo") as r:
+                    seen[(await r.json())["server"]] += 1
+        assert seen == Counter({"a": 30, "b": 10})
+
+
+async def test_leastconn_avoids_the_busy_server(upstream: Upstream, upstream_b: Upstream) -> None:
+    async with proxy(proxy_config([upstream.url, upstream_b.url], balance="leastconn")) as (_gw, base):
+        async with aiohttp.ClientSession() as s:
+
+            async def get(path: str) -> str:
+                async with s.get(base + path) as r:
+                    return r.headers["X-Server"]
+
+            busy = [asyncio.ensure_future(get("/slow?s=0.5")) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            quick = [await get("/echo") for _ in range(5)]
+            servers = await asyncio.gather(*busy)
+        # The three slow ones spread 2/1; then each quick request goes to the server with fewer in flight.
+        busier = Counter(servers).most_common(1)[0][0]
+        assert busier not in quick
+
+
+# -- the client goes away -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("acct", ["off", "pooled"])  # the exchange without a Task of its own, and in one
+async def test_client_leaving_mid_response_discards_the_connection(
+    upstream: Upstream, redis_server: RedisServer, acct: str
+) -> None:
+    async with proxy(proxy_config([upstream.url], redis_server.url, acct)) as (gw, base):
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /data?n=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readexactly(1000)
+        writer.transport.abort()
+        for _ in range(100):
+            conns = gw.stats()["upstream"]["servers"][f"127.0.0.1:{upstream.port}"]["connections"]
+            if conns["in_use"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert conns["in_use"] == 0 and conns["idle"] == 0 and conns["discarded"] == 1
+        async with aiohttp.ClientSession() as s, s.get(base + "/echo") as r:
+            assert r.status == 200
+
+
+async def test_stats_and_metrics_show_servers(upstream: Upstream) -> None:
+    config = proxy_config([upstream.url], admin_listen=("127.0.0.1", 0))
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        async with s.get(base + "/status/503") as r:
+            assert r.status == 503
+        async with s.get(base + "/echo") as r:
+            assert r.status == 200
+        name = f"127.0.0.1:{upstream.port}"
+        server = gw.stats()["upstream"]["servers"][name]
+        assert server["responses"] == {"5xx": 1, "2xx": 1}
+        assert server["requests"] == 2
+        assert sum(server["latency_s"]["counts"]) == 2
+        from gateway.metrics import exposition, registry_for
+
+        text = exposition(registry_for(gw.stats)).decode()
+        assert f'gateway_upstream_responses_total{{class="5xx",server="{name}"}} 1.0' in text
+        assert f'gateway_upstream_up{{server="{name}"}} 1.0' in text
+        assert "gateway_upstream_latency_seconds_bucket" in text
+
+
+# -- request shapes -------------------------------------------------------------------------------------------
+
+
+async def test_pipelined_requests_with_bodies_are_answered_in_order(upstream: Upstream) -> None:
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        reply = await raw_exchange(
+            base,
+            b"POST /echo/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"POST /echo/2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            b"GET /echo/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        assert reply.count(b"HTTP/1.1 200 OK") == 3
+        paths = [p for p in (b'"/echo/1"', b'"/echo/2"', b'"/echo/3"') if p in reply]
+        assert paths == [b'"/echo/1"', b'"/echo/2"', b'"/echo/3"']
+        assert reply.index(b'"/echo/1"') < reply.index(b'"/echo/2"') < reply.index(b'"/echo/3"')
+        assert b'"size": 5' in reply and b'"size": 3' in reply
+        _pool_clean(gw)
+
+
+async def test_expect_continue_and_http10_keepalive(upstream: Upstream) -> None:
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        reply = await raw_exchange(
+            base, b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi", 1
+        )
+        assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+        assert b'"size": 2' in reply and b"expect" not in reply.lower().split(b"\r\n\r\n", 2)[2]
+        # Pipelined behind a slow answer, the 100 Continue comes after that answer, not inside it.
+        reply = await raw_exchange(
+            base,
+            b"GET /slow?s=0.2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\nhi",
+        )
+        assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:100]
+        assert reply.index(b"slow\n") < reply.index(b"HTTP/1.1 100 Continue") < reply.index(b'"size": 2')
+        reply = await raw_exchange(
+            base,
+            b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /echo HTTP/1.0\r\n\r\n",
+        )
+        assert reply.count(b"HTTP/1.1 200 OK") == 2
+        assert b"Connection: keep-alive" in reply
+        _pool_clean(gw)
+
+
+async def test_early_upstream_answer_ends_the_upload() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url], max_body_bytes=100_000_000)) as (gw, base):
+            host, port = base.removeprefix("http://").rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"a" * 100_000)
+            reply = await asyncio.wait_for(reader.read(), 5)  # answered, then closed: the rest is never read
+            writer.transport.abort()
+            assert reply.startswith(b"HTTP/1.1 413") and b"Connection: close" in reply and reply.endswith(b"big\n")
+            _pool_clean(gw)
+            assert gw.stats()["upstream"]["servers"][f"127.0.0.1:{up.port}"]["connections"]["open"] == 0
+    finally:
+        await up.stop()
+
+
+# -- chaos: upstreams going away under load -----------------------------------------------------------------------
+
+
+async def _load(base: str, seconds: float, clients: int = 8) -> Counter[int | str]:
+    out: Counter[int | str] = Counter()
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as s:
+
+        async def client() -> None:
+            while time.monotonic() < deadline:
+                try:
+                    async with s.get(base + "/echo", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        await r.read()
+                        out[r.status] += 1
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    out[type(exc).__name__] += 1
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return out
+
+
+async def test_one_of_two_upstreams_restarted_under_load(
+    upstream: Upstream, upstream_b: Upstream, redis_server: RedisServer
+) -> None:
+    """Every GET is answered 200 while one server is stopped and started again; counts are exact."""
+    port = upstream_b.port
+    config = proxy_config([upstream.url, upstream_b.url], redis_server.url, "raw", upstream_fail_timeout_s=0.3)
+    async with proxy(config) as (gw, base):
+        load = asyncio.ensure_future(_load(base, 1.5))
+        await asyncio.sleep(0.4)
+        await upstream_b.stop()
+        await asyncio.sleep(0.4)
+        await upstream_b.start(port)
+        statuses = await load
+        assert set(statuses) == {200}, statuses
+        assert gw.stats()["requests"]["counted"] == statuses[200]
+        _pool_clean(gw)
+    assert redis_server.client().get("ip:127.0.0.1") == str(statuses[200]).encode()
+
+
+async def test_stalled_upstream_answers_within_the_bound(upstream: Upstream) -> None:
+    """A server that accepts and never answers: every request is answered 504 within the head timeout."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    stalled = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([stalled.url], upstream_response_timeout_s=0.3, upstream_max_fails=1000)
+        async with proxy(config) as (gw, base):
+            started = time.monotonic()
+            statuses = await _load(base, 0.5, clients=4)
+            assert set(statuses) == {504}, statuses
+            assert time.monotonic() - started < 2
+            _pool_clean(gw)
+    finally:
+        await stalled.stop()
+
+
+async def test_health_check_results_are_reported(upstream: Upstream) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    failing = await RawUpstream(handler).start()
+    try:
+        config = proxy_config(
+            [upstream.url, failing.url],
+            health_check_path="/health",
+            health_check_interval_s=0.05,
+            health_check_fall=2,
+        )
+        async with proxy(config) as (gw, base):
+            name = f"127.0.0.1:{failing.port}"
+            for _ in range(60):
+                if gw.stats()["upstream"]["servers"][name]["state"] == "down":
+                    break
+                await asyncio.sleep(0.05)
+            servers = gw.stats()["upstream"]["servers"]
+            assert servers[name]["state"] == "down"
+            assert servers[name]["check"]["last"] == "500" and servers[name]["check"]["failed"] >= 2
+            assert servers[f"127.0.0.1:{upstream.port}"]["check"]["last"] == "200"
+            async with aiohttp.ClientSession() as s:
+                for _ in range(4):
+                    async with s.get(base + "/echo") as r:
+                        assert r.status == 200  # a down server gets no traffic
+            assert gw.stats()["upstream"]["servers"][name]["requests"] == 0
+    finally:
+        await failing.stop()
+
+
+async def test_access_log_for_proxied_requests(upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with proxy(proxy_config([upstream.url], access_log="combined")) as (_gw, base):
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/data?n=1000", headers={"User-Agent": "probe/1"}) as r:
+                assert len(await r.read()) == 1000
+            async with s.get(base + "/status/404") as r:
+                assert r.status == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 2
+    assert '"GET /data?n=1000 HTTP/1.1" 200 ' in lines[0] and '"probe/1"' in lines[0]
+    assert int(lines[0].split('" 200 ')[1].split()[0]) > 1000  # head and body
+    assert '"GET /status/404 HTTP/1.1" 404 ' in lines[1]
+
+
+async def test_connection_lifecycle_limits(upstream: Upstream) -> None:
+    name = f"127.0.0.1:{upstream.port}"
+    config = proxy_config([upstream.url], upstream_max_requests=2, upstream_idle_timeout_s=0.2)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.get(base + "/echo") as r:
+                assert r.status == 200
+        conns = gw.stats()["upstream"]["servers"][name]["connections"]
+        assert conns["created"] == 3  # two requests per connection
+        await asyncio.sleep(0.3)  # longer than the idle timeout: the idle one is not reused
+        async with s.get(base + "/echo") as r:
+            assert r.status == 200
+        conns = gw.stats()["upstream"]["servers"][name]["connections"]
+        assert conns["created"] == 4 and conns["open"] == 1
+        _pool_clean(gw)

@@ -1,0 +1,270 @@
+"""The proxy's pure parts: header rules, target form, balancing, upstream URLs; and the upstream
+connection's response parsing in memory, at every split point."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from gateway.actions.proxy import connection_tokens, origin_form, request_fields
+from gateway.config import ConfigError, UpstreamServer, parse_upstream, parse_upstreams
+from gateway.upstream.balancer import Balancer
+from gateway.upstream.connection import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (b"/a/b?c=d", b"/a/b?c=d"),
+        (b"*", b"*"),
+        (b"http://example.test/x?y", b"/x?y"),
+        (b"http://example.test", b"/"),
+        (b"http://example.test?q=1", b"/?q=1"),
+    ],
+)
+def test_origin_form(target: bytes, expected: bytes) -> None:
+    assert origin_form(target) == expected
+
+
+def test_connection_tokens() -> None:
+    headers = [(b"Connection", b"keep-alive, X-A"), (b"connection", b" x-b ,"), (b"X-A", b"1")]
+    assert connection_tokens(headers) == {b"keep-alive", b"x-a", b"x-b"}
+
+
+def _fields(headers: list[tuple[bytes, bytes]], peer: str | None, trusted: bool) -> dict[bytes, bytes]:
+    lines, host = request_fields(headers, peer, trusted)
+    out = {}
+    for line in lines:
+        name, _, value = line.rstrip(b"\r\n").partition(b": ")
+        assert name.lower() not in out, name  # every field once
+        out[name.lower()] = value
+    if host is not None:
+        out[b"(host)"] = host
+    return out
+
+
+def test_request_fields_strip_hop_by_hop_and_named() -> None:
+    headers = [
+        (b"Host", b"h.test"),
+        (b"Connection", b"close, X-Secret"),
+        (b"X-Secret", b"1"),
+        (b"Keep-Alive", b"5"),
+        (b"Proxy-Connection", b"x"),
+        (b"TE", b"trailers"),
+        (b"Trailer", b"X-T"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Upgrade", b"h2c"),
+        (b"Content-Length", b"3"),
+        (b"Expect", b"100-continue"),
+        (b"Accept", b"*/*"),
+    ]
+    out = _fields(headers, "192.0.2.1", trusted=False)
+    assert set(out) == {b"accept", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"(host)"}
+    assert out[b"(host)"] == b"h.test" and out[b"x-forwarded-host"] == b"h.test"
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_fields_follow_the_trusted_proxy_rule(trusted: bool) -> None:
+    headers = [
+        (b"Host", b"h.test"),
+        (b"X-Forwarded-For", b"198.51.100.1, 10.0.0.2"),
+        (b"x-forwarded-for", b"10.0.0.3"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"front.test"),
+    ]
+    out = _fields(headers, "10.0.0.9", trusted)
+    if trusted:
+        assert out[b"x-forwarded-for"] == b"198.51.100.1, 10.0.0.2, 10.0.0.3, 10.0.0.9"
+        assert out[b"x-forwarded-proto"] == b"https" and out[b"x-forwarded-host"] == b"front.test"
+    else:
+        assert out[b"x-forwarded-for"] == b"10.0.0.9"
+        assert out[b"x-forwarded-proto"] == b"http" and out[b"x-forwarded-host"] == b"h.test"
+
+
+def test_parse_upstream() -> None:
+    assert parse_upstream("http://a.test") == UpstreamServer("a.test", 80, 1)
+    assert parse_upstream("http://10.0.0.1:8080/?weight=3") == UpstreamServer("10.0.0.1", 8080, 3)
+    assert parse_upstream("http://[::1]:81") == UpstreamServer("::1", 81, 1)
+    assert parse_upstreams(["http://a:1,http://b:2", " http://c:3 "]) == (
+        UpstreamServer("a", 1),
+        UpstreamServer("b", 2),
+        UpstreamServer("c", 3),
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://a", "http://", "http://a/path", "http://a?weight=0", "http://a?weight=x", "http://a?w=1", "a:80"],
+)
+def test_parse_upstream_refuses(url: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_upstream(url)
+
+
+class _S:
+    """A stand-in server for the balancer (only what it reads)."""
+
+    def __init__(self, name: str, weight: int = 1) -> None:
+        self.name = name
+        self.weight = weight
+        self.current_weight = 0
+        self.inflight = 0
+        self.ok = True
+
+    def available(self, now: float) -> bool:
+        return self.ok
+
+
+def test_smooth_weighted_roundrobin() -> None:
+    a, b, c = _S("a", 5), _S("b"), _S("c")
+    bal = Balancer([a, b, c], "roundrobin", lambda: 0.0)  # type: ignore[list-item]
+    order = "".join(bal.pick(()).name for _ in range(7))  # type: ignore[union-attr]
+    assert order == "aabacaa"  # spread, not aaaaabc
+    b.ok = False
+    assert Counter(bal.pick(()).name for _ in range(12)) == Counter({"a": 10, "c": 2})  # type: ignore[union-attr]
+    assert bal.pick([a, c]) is None  # type: ignore[list-item]
+
+
+def test_leastconn_by_weight() -> None:
+    a, b = _S("a", 2), _S("b")
+    bal = Balancer([a, b], "leastconn", lambda: 0.0)  # type: ignore[list-item]
+    a.inflight, b.inflight = 2, 1
+    assert bal.pick(()) is a  # (2+1)/2 < (1+1)/1
+    a.inflight = 4
+    assert bal.pick(()) is b
+    a.ok = b.ok = False
+    assert bal.pick(()) is None
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        self.events.append(("head", status, reason, list(headers), framing))
+
+    def on_body(self, data: bytes) -> None:
+        if self.events and self.events[-1][0] == "body":
+            self.events[-1] = ("body", self.events[-1][1] + data)
+        else:
+            self.events.append(("body", data))
+
+    def on_end(self) -> None:
+        self.events.append(("end",))
+
+    def on_fail(self, kind: str, detail: str) -> None:
+        self.events.append(("fail", kind))
+
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+
+RESPONSES = [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", LENGTH, b"hello", True),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n", CHUNKED, b"hello", True),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nX: y\r\n\r\n", NO_BODY, b"", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", LENGTH, b"ok", False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", LENGTH, b"ok", False),
+]
+
+
+@pytest.mark.parametrize(("response", "framing", "body", "reusable"), RESPONSES)
+async def test_response_parsed_at_every_split_point(response: bytes, framing: int, body: bytes, reusable: bool) -> None:
+    for split in range(1, len(response)):
+        conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        sink = _Sink()
+        conn.begin(sink, head_method=False)
+        assert conn.pending and not conn.usable
+        conn.data_received(response[:split])
+        conn.data_received(response[split:])
+        kinds = [e[0] for e in sink.events]
+        assert kinds == (["head", "body", "end"] if body else ["head", "end"]), (split, sink.events)
+        assert sink.events[0][4] == framing
+        if body:
+            assert sink.events[1][1] == body
+        assert conn.pending == 0
+        assert conn.usable is reusable
+
+
+async def test_read_until_close_ends_with_the_close() -> None:
+    conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    sink = _Sink()
+    conn.begin(sink, head_method=False)
+    conn.data_received(b"HTTP/1.1 200 OK\r\n\r\nabc")
+    conn.data_received(b"def")
+    conn.connection_lost(None)
+    assert sink.events == [("head", 200, b"OK", [], UNTIL_CLOSE), ("body", b"abcdef"), ("end",)]
+    assert not conn.usable
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", b"HTTP/1.1 200 OK\r\n", b""],
+    ids=["mid-body", "mid-head", "nothing"],
+)
+async def test_a_cut_response_fails_and_is_never_reused(data: bytes) -> None:
+    conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    sink = _Sink()
+    conn.begin(sink, head_method=False)
+    if data:
+        conn.data_received(data)
+    conn.connection_lost(None)
+    assert sink.events[-1] == ("fail", "closed")
+    assert conn.got_bytes == bool(data)
+    assert not conn.usable
+
+
+async def test_unasked_bytes_and_head_responses_are_never_reused() -> None:
+    conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+    transport = _Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(b"HTTP/1.1 200 OK\r\n\r\n")  # nobody asked
+    assert transport.aborted and not conn.usable
+    conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    sink = _Sink()
+    conn.begin(sink, head_method=True)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    assert [e[0] for e in sink.events] == ["head", "end"] and sink.events[0][4] == NO_BODY
+    assert not conn.usable
+
+
+async def test_lifecycle_limits_make_a_connection_unusable() -> None:
+    loop = asyncio.get_running_loop()
+    conn = UpstreamConnection(idle_timeout=0.05, max_lifetime=100, max_requests=2)
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    assert conn.usable
+    await asyncio.sleep(0.06)
+    assert not conn.usable  # idle too long
+    conn.last_used = loop.time()
+    assert conn.usable
+    for _ in range(2):
+        sink = _Sink()
+        conn.begin(sink, head_method=False)
+        conn.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert not conn.usable  # used for its maximum number of requests
+    old = UpstreamConnection(idle_timeout=10, max_lifetime=0.01, max_requests=10)
+    old.connection_made(_Transport())  # type: ignore[arg-type]
+    await asyncio.sleep(0.02)
+    old.last_used = loop.time()
+    assert not old.usable  # too old
