@@ -69,6 +69,7 @@ class Gateway:
             "accounting_latency_s": self.pipeline.latency.snapshot(),
             "pool": self.backend.stats(),
             "connections": self.server.stats(),
+            "limits": self.pipeline.limiter.stats() if self.pipeline.limiter is not None else None,
         }
 
     async def _stats_view(self, request: web.Request) -> web.Response:
