@@ -79,6 +79,14 @@ class Algorithm(Generic[S]):
     def add(self, state: S, now: float, n: int) -> S:
         raise NotImplementedError
 
+    def idle(self, state: S, now: float) -> bool:
+        """True when `state` says nothing any more: the client is as if never seen."""
+        raise NotImplementedError
+
+    def from_reply(self, values: list[int]) -> S:
+        """The state from a flush script's reply (`gateway.limit.scripts`), in microseconds."""
+        raise NotImplementedError
+
 
 # Fixed window: (window index, allowed in it).
 FixedState = tuple[int, int]
@@ -108,6 +116,12 @@ class FixedWindow(Algorithm[FixedState]):
     def add(self, state: FixedState, now: float, n: int) -> FixedState:
         window, count, _ = self._current(state, now)
         return window, count + n
+
+    def idle(self, state: FixedState, now: float) -> bool:
+        return state[0] < math.floor(now / self.rate.period_s)
+
+    def from_reply(self, values: list[int]) -> FixedState:
+        return values[0], values[1]
 
 
 # Sliding-window counter: (window index, allowed in it, allowed in the window before).
@@ -155,6 +169,12 @@ class SlidingWindow(Algorithm[SlidingState]):
         window, count, prev, _ = self._current(state, now)
         return window, count + n, prev
 
+    def idle(self, state: SlidingState, now: float) -> bool:
+        return state[0] < math.floor(now / self.rate.period_s) - 1
+
+    def from_reply(self, values: list[int]) -> SlidingState:
+        return values[0], values[1], values[2]
+
 
 # GCRA: the theoretical arrival time (0: none yet).
 GcraState = float
@@ -181,6 +201,12 @@ class Gcra(Algorithm[GcraState]):
 
     def add(self, state: GcraState, now: float, n: int) -> GcraState:
         return max(state, now) + n * self.rate.interval_s
+
+    def idle(self, state: GcraState, now: float) -> bool:
+        return state <= now
+
+    def from_reply(self, values: list[int]) -> GcraState:
+        return values[0] / 1_000_000
 
 
 ALGORITHMS: dict[str, type[Algorithm[Any]]] = {
