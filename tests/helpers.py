@@ -175,9 +175,13 @@ class HAProxyReference:
     LISTENERS = ("calibration", "naive", "pooled", "raw")
     # The seed's own code (lua_reference/seed.lua), as benchmark targets beside the reference.
     SEED_LISTENERS = ("seed-pooled", "seed-raw")
+    # raw with a stick-table rate limit (HAPROXY_LIMIT_RATE per HAPROXY_LIMIT_PERIOD).
+    LIMITED_LISTENERS = ("raw-limited",)
 
     def __init__(self, redis_port: int, trusted: str = "127.0.0.0/8", pool_size: int = 20, **env: str) -> None:
-        self.ports = {name: free_port() for name in (*self.LISTENERS, *self.SEED_LISTENERS, "stats")}
+        self.ports = {
+            name: free_port() for name in (*self.LISTENERS, *self.SEED_LISTENERS, *self.LIMITED_LISTENERS, "stats")
+        }
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.script = os.path.join(root, "haproxy", "run.sh")
         self.env = {

@@ -372,3 +372,28 @@ def test_stats_json_of_a_limited_gateway(redis_server: RedisServer) -> None:
     assert doc["limits"] == {
         "algorithm": "gcra", "rate": "1/10s:burst=1", "allowed": 1, "limited": 2, "clients_limited": 1,
     }  # fmt: skip
+
+
+# -- the HAProxy reference ------------------------------------------------------------
+
+
+def test_haproxy_limited_listener_is_per_process(own_redis: RedisServer) -> None:
+    """The stick table limits one HAProxy process; a second one allows the client again."""
+    import shutil
+
+    from ..helpers import HAProxyReference
+
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed")
+    refs = [
+        HAProxyReference(own_redis.port, HAPROXY_LIMIT_RATE="3", HAPROXY_LIMIT_PERIOD="10s").start() for _ in range(2)
+    ]
+    try:
+        first = [http_get(refs[0].url("raw-limited") + "/x")[0] for _ in range(5)]
+        second = [http_get(refs[1].url("raw-limited") + "/x")[0] for _ in range(5)]
+    finally:
+        for ref in refs:
+            ref.stop()
+    assert first == [302, 302, 302, 429, 429]
+    assert second == first  # its own table: the same client gets the full rate again
+    assert int(own_redis.client().get("ip:127.0.0.1")) == 10  # every request counted, refused ones too
