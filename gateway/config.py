@@ -277,8 +277,6 @@ class Config:
             )
         if self.limit.burst != self.limit.limit and self.limit_algorithm != "gcra":
             raise ConfigError(f"a burst applies to --limit-algorithm gcra only, not {self.limit_algorithm}")
-        if self.mode == "batched" and self.cluster:
-            raise ConfigError("--limit with batched mode does not support Redis Cluster yet; use raw or multiplexed")
         problem = check_prefix(self.key_prefix)
         if problem is not None:
             raise ConfigError(problem)

@@ -34,7 +34,8 @@ Invariants:
   increments and the allowed counts and returns every flushed client's state,
   on Redis' clock. Between flushes each process decides alone: a client
   spread over N processes can get up to N times its remaining quota before the
-  flush corrects it (docs/limits.md measures it). Local states of clients idle
+  flush corrects it (docs/limits.md measures it). With --redis-cluster, each
+  slot's flush carries its clients' limit keys (they share the slot). Local states of clients idle
   for a window are dropped, so their number stays bounded by the active ones.
 - With --redis-cluster, a flush is one such EVAL per hash slot (a script's keys
   must share a slot), with a sequence marker per slot; the EVALs for one node
@@ -207,17 +208,17 @@ class BatchedBackend(OwnCodecBackend):
             allowed[key] = allowed.get(key, 0) + 1
         return decision
 
-    def _limit_command(self, batch: _Batch, keys: list[str]) -> tuple[object, ...]:
+    def _limit_args(self, batch: _Batch, keys: list[str], seq_key: str) -> tuple[object, ...]:
+        """The flush script's arguments after its name: KEYS (marker, then each client's two
+        keys, which share its slot) and ARGV (the rate, the sequence, each client's amounts)."""
         assert self._limiter is not None
         name = self._limiter.algorithm_name
-        script = self._flush_limits
-        head = ("EVALSHA", script.sha) if self._sha_known else ("EVAL", script.body)
         pairs: list[object] = []
         amounts: list[object] = []
         for key in keys:
             pairs += (key, limit_key(key, name))
             amounts += (batch.counts[key], batch.allowed.get(key, 0))
-        return (*head, 2 * len(keys) + 1, self.seq_key, *pairs, *self._limiter.args, batch.seq, SEQ_TTL_S, *amounts)
+        return (2 * len(keys) + 1, seq_key, *pairs, *self._limiter.args, batch.seq, SEQ_TTL_S, *amounts)
 
     def _read_limit_reply(self, reply: Reply, keys: list[str]) -> dict[str, AccountingError]:
         """The keys Redis refused, after taking in every flushed client's limit state."""
@@ -360,7 +361,9 @@ class BatchedBackend(OwnCodecBackend):
             return
         keys = list(batch.counts)
         if self._limiter is not None:
-            command = self._limit_command(batch, keys)
+            script = self._flush_limits
+            head = ("EVALSHA", script.sha) if self._sha_known else ("EVAL", script.body)
+            command = (*head, *self._limit_args(batch, keys, self.seq_key))
         else:
             command = (*self._script(), len(keys) + 1, self.seq_key, *keys, batch.seq, SEQ_TTL_S,
                        *(batch.counts[k] for k in keys))  # fmt: skip
@@ -499,6 +502,13 @@ class BatchedBackend(OwnCodecBackend):
         """One slot's EVAL; the keys Redis refused, or AccountingError if nothing is confirmed."""
         assert self.router is not None
         seq_key = f"{self.seq_key}:{{{self._tags.tag(slot)}}}"
+        if self._limiter is not None:
+            script = self._flush_limits
+            limit_args = self._limit_args(batch, keys, seq_key)
+            reply = await self.router.execute(slot, encode("EVALSHA", script.sha, *limit_args))
+            if _noscript(reply):
+                reply = await self.router.execute(slot, encode("EVAL", script.body, *limit_args))
+            return self._read_limit_reply(reply, keys)
         args = (len(keys) + 1, seq_key, *keys, batch.seq, SEQ_TTL_S, *(batch.counts[k] for k in keys))
         reply = await self.router.execute(slot, encode("EVALSHA", FLUSH_SHA, *args))
         if _noscript(reply):  # this node has not seen the script yet: nothing ran

@@ -237,7 +237,7 @@ async def test_pooled_cluster_pool_limit_fails_fast_as_pool_timeout(cluster: Red
     assert cluster.counter_sum() == r["counted"]
 
 
-@pytest.mark.parametrize("cmode", ["pooled", "raw", "multiplexed"])
+@pytest.mark.parametrize("cmode", CLUSTER_MODES)
 async def test_limits_on_a_cluster(cmode: str, cluster: RedisClusterProcesses) -> None:
     """--limit on Redis Cluster: a client's counter and limit state share its slot, whichever
     master it is on, so the one script per request runs there."""
