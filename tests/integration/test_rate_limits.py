@@ -239,6 +239,30 @@ async def test_no_decision_without_redis_takes_the_failure_policy(policy: str, s
         assert gw.stats()["limits"]["allowed"] == 0 and sum(gw.pipeline.failures.values()) == 3
 
 
+@pytest.mark.parametrize("pmode", ["raw", "multiplexed"])
+async def test_redis_paused_then_back(own_redis: RedisServer, pmode: str) -> None:
+    """A Redis that stops answering: each request waits at most the command timeout and takes the
+    failure policy; nothing is retried, no connection stays checked out, and once Redis answers
+    again the limit is enforced again (its state survived)."""
+    cfg = _cfg(own_redis, "2/10s", "gcra", pmode, command_timeout_ms=100.0, pool_size=4)
+    async with running_gateway(cfg) as (gw, base):
+        async with Client(base, "10.5.2.1") as c:
+            assert [await c.get() for _ in range(2)] == [302, 302]
+            own_redis.pause()
+            try:
+                started = time.monotonic()
+                assert [await c.get() for _ in range(3)] == [302, 302, 302]  # allow: let through
+                assert time.monotonic() - started < 3 * 0.1 + 1.0
+            finally:
+                own_redis.resume()
+            await asyncio.sleep(0.2)
+            assert await c.get() == 429  # the two allowed before the pause still count
+        stats = gw.stats()
+    assert sum(stats["failures"].values()) == 3 and stats["limits"]["allowed"] == 2
+    if pmode == "raw":
+        assert stats["pool"]["in_use"] == 0
+
+
 async def test_stats_and_metrics(redis_server: RedisServer) -> None:
     cfg = _cfg(redis_server, "2/10s", "fixed", admin_listen=("127.0.0.1", 0))
     async with running_gateway(cfg) as (gw, base):
