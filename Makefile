@@ -7,7 +7,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 RUN_DIR := run
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint system-deps venv redis haproxy bench bench-quick bench-scaling redis-cost instructions chaos clean
+.PHONY: run test lint system-deps venv redis haproxy bench bench-quick bench-scaling bench-limits redis-cost instructions chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,12 @@ bench-quick: system-deps venv
 # One and two workers per mode, with HAProxy's calibration as the injector's ceiling (docs/scaling.md).
 bench-scaling: system-deps venv
 	$(PY) -m loadtest --targets gateway/off,gateway/off-w2,gateway/raw,gateway/raw-w2,gateway/batched,gateway/batched-w2,haproxy/calibration --rounds 3 --duration 10 --out results/scaling $(BENCH_ARGS)
+
+# Each Redis mode with --limit beside the same mode without, and HAProxy's stick-table limit
+# beside its raw listener (docs/limits.md). BENCH_ARGS='--duration 1 --warmup 1 --rounds 1' for a smoke run.
+LIMIT_TARGETS := gateway/naive,gateway/naive-limit,gateway/pooled,gateway/pooled-limit,gateway/raw,gateway/raw-limit,gateway/multiplexed,gateway/multiplexed-limit,gateway/batched,gateway/batched-limit,haproxy/raw,haproxy/raw-limited
+bench-limits: system-deps venv
+	$(PY) -m loadtest --targets $(LIMIT_TARGETS) --rounds 3 --out results/limits $(BENCH_ARGS)
 
 # Redis CPU per request in each mode, and redis-benchmark's INCR ceiling (the 16-core estimate).
 redis-cost: system-deps venv

@@ -78,6 +78,7 @@ class Gateway:
             "pool": self.backend.stats(),
             "connections": self.server.stats(),
             **({"upstream": self.proxy.stats()} if self.proxy is not None else {}),
+            "limits": self.pipeline.limiter.stats() if self.pipeline.limiter is not None else None,
         }
 
     async def _stats_view(self, request: web.Request) -> web.Response:

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, get_args
 from .config import (
     BALANCES,
     HTTP_FRONT_ENDS,
+    LIMIT_ALGORITHMS,
     MODES,
     AccessLog,
     BatchAck,
@@ -27,6 +28,7 @@ from .config import (
     ConfigError,
     ErrorPolicy,
     parse_admin_listen,
+    parse_limit,
     parse_listen,
     parse_networks,
     parse_redis_urls,
@@ -264,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
         "response header carrying the client's new counter value (naive, pooled, raw, multiplexed); off by default",
     )
     opt(
+        "--limit",
+        "GATEWAY_LIMIT",
+        None,
+        "per-client rate limit shared through Redis: N/UNIT (100/s, 6000/min, 5/200ms; units ms, s, min, h, "
+        "d), for gcra with an optional :burst=B (100/s:burst=50); over it, 429 (default: no limit)",
+    )
+    opt(
+        "--limit-algorithm",
+        "GATEWAY_LIMIT_ALGORITHM",
+        DEFAULTS["limit_algorithm"],
+        "fixed (windows), sliding (two-counter sliding window) or gcra (smooth rate plus burst)",
+        choices=LIMIT_ALGORITHMS,
+    )
+    switch("--limit-headers", "GATEWAY_LIMIT_HEADERS", "RateLimit-Policy and RateLimit fields on allowed responses too")
+    opt(
         "--access-log",
         "GATEWAY_ACCESS_LOG",
         DEFAULTS["access_log"],
@@ -434,6 +451,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             max_connections=args.max_connections,
             max_body_bytes=args.max_body_bytes,
             count_header=args.count_header or None,
+            limit=parse_limit(args.limit),
+            limit_algorithm=args.limit_algorithm,
+            limit_headers=args.limit_headers,
             access_log=args.access_log,
             log_level=level,
             upstreams=parse_upstreams(

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .limit.algorithms import Rate, parse_rate
+from .limit.scripts import check_prefix
+
 Mode = Literal["off", "naive", "pooled", "raw", "multiplexed", "batched"]
 MODES: tuple[str, ...] = get_args(Mode)
 ErrorPolicy = Literal["allow", "deny"]
@@ -21,6 +24,8 @@ HttpFrontEnd = Literal["httptools", "aiohttp"]
 HTTP_FRONT_ENDS: tuple[str, ...] = get_args(HttpFrontEnd)
 Balance = Literal["roundrobin", "leastconn"]
 BALANCES: tuple[str, ...] = get_args(Balance)
+LimitAlgorithm = Literal["fixed", "sliding", "gcra"]
+LIMIT_ALGORITHMS: tuple[str, ...] = get_args(LimitAlgorithm)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -257,6 +262,12 @@ class Config:
     # Request bodies are read and discarded up to this size; larger ones get 413 (httptools front end).
     max_body_bytes: int = 1024 * 1024
     count_header: str | None = None
+    # Per-client rate limit (None: no limit, and the request path is exactly the unlimited one).
+    limit: Rate | None = None
+    # sliding: the closest to an exact sliding log of the three (docs/limits.md).
+    limit_algorithm: LimitAlgorithm = "sliding"
+    # RateLimit-Policy and RateLimit fields on allowed responses too, not only on 429s.
+    limit_headers: bool = False
     access_log: AccessLog = "off"
     log_level: str = "INFO"
     # The proxy action (httptools front end): with upstreams, counted requests are forwarded to them
@@ -329,6 +340,7 @@ class Config:
         if self.batch_ack not in get_args(BatchAck):
             raise ConfigError(f"invalid batch-ack {self.batch_ack!r}: choose flush or none")
         self._check_upstream()
+        self._check_limit()
 
     def _check_upstream(self) -> None:
         if self.balance not in BALANCES:
@@ -355,6 +367,26 @@ class Config:
         if path is not None and (not path.startswith("/") or any(c in path for c in "\r\n \t")):
             raise ConfigError(f"invalid health-check-path {path!r}: must be a path starting with /")
 
+    def _check_limit(self) -> None:
+        if self.limit_algorithm not in LIMIT_ALGORITHMS:
+            raise ConfigError(
+                f"invalid limit algorithm {self.limit_algorithm!r}: choose from {', '.join(LIMIT_ALGORITHMS)}"
+            )
+        if self.limit is None:
+            if self.limit_headers:
+                raise ConfigError("--limit-headers needs --limit")
+            return
+        if self.mode == "off":
+            raise ConfigError(
+                "--limit needs Redis to share the limit, and mode off never talks to Redis: "
+                "choose naive, pooled, raw, multiplexed or batched"
+            )
+        if self.limit.burst != self.limit.limit and self.limit_algorithm != "gcra":
+            raise ConfigError(f"a burst applies to --limit-algorithm gcra only, not {self.limit_algorithm}")
+        problem = check_prefix(self.key_prefix)
+        if problem is not None:
+            raise ConfigError(problem)
+
     @property
     def seeds(self) -> tuple[RedisTarget, ...]:
         """Every configured Redis address: the one server, or the cluster's seed nodes."""
@@ -377,3 +409,13 @@ class Config:
     @property
     def command_timeout(self) -> float:
         return self.command_timeout_ms / 1000
+
+
+def parse_limit(text: str | None) -> Rate | None:
+    """`--limit`: `N/UNIT[:burst=B]`, or empty/`off` for no limit."""
+    if text is None or text.strip().lower() in ("", "off", "none"):
+        return None
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

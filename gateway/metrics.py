@@ -103,6 +103,19 @@ class GatewayCollector(Collector):
                 mode,
                 pool["flush_latency_s"],
             )
+        limits = stats.get("limits")
+        if limits:
+            decided = CounterMetricFamily(
+                "gateway_limit_requests", "Requests the rate limit decided, by decision", labels=["mode", "decision"]
+            )
+            decided.add_metric([mode, "allowed"], limits["allowed"])
+            decided.add_metric([mode, "limited"], limits["limited"])
+            yield decided
+            g = GaugeMetricFamily(
+                "gateway_limit_clients_limited", "Clients told to wait (429) whose wait has not ended", labels=["mode"]
+            )
+            g.add_metric([mode], limits["clients_limited"])
+            yield g
         workers = stats.get("workers")
         if workers:
             yield GaugeMetricFamily(

@@ -1,6 +1,7 @@
 """The request path, independent of any HTTP front end.
 
     request facts -> client IP -> accounting -> policy -> action -> response description
+    request facts -> client IP -> accounting + limit -> policy -> action | 429    (with --limit)
 
 A front end (gateway.http) parses bytes into facts (path, peer, X-Forwarded-For)
 and turns the `Response` it gets back into bytes; nothing here imports an HTTP
@@ -18,6 +19,13 @@ awaitable of one (a Redis round trip). A backend that holds responses (batched,
 the response's bytes until the flush holding the increment settles
 (`_held_settled` then counts those requests).
 
+With `--limit`, `handle` is `handle_limited`, chosen once at start: the
+unlimited path does not even test for a limit. The limit step is one script
+per request (the increment, the window and the decision in one round trip,
+`gateway.limit`), or in batched mode a local decision from the state the last
+flush returned (`Backend.decide_local`). An allowed request goes on to the
+action; a limited one gets 429 with Retry-After and the RateLimit fields.
+
 Owns the counters behind /stats' `requests` and `failures` and the failure
 policy: when accounting fails the request is let through (`allow`, the
 default) or answered 503 (`deny`); each failure is counted by kind and logged
@@ -27,6 +35,7 @@ once per burst. An accounting failure never escapes as a 500.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Coroutine, Sequence
 from time import perf_counter
@@ -41,11 +50,16 @@ from .errors import AccountingError
 from .faultlog import FailureLog
 from .histogram import LATENCY_BOUNDS, Histogram
 from .holding import Holder
+from .limit.algorithms import Decision
+from .limit.limiter import Limiter
 
 if TYPE_CHECKING:
     from .actions.proxy import Exchange, Proxy
 
 log = logging.getLogger("gateway")
+
+_TEXT = ("Content-Type", "text/plain; charset=utf-8")
+_LIMITED = b"too many requests\n"
 
 
 class Response:
@@ -127,6 +141,14 @@ class Pipeline:
         )
         if self.holds:
             backend.on_held = self._held_settled
+        self.limiter: Limiter | None = None
+        if config.limit is not None:
+            self.limiter = Limiter(config.limit, config.limit_algorithm)
+            self._limit_headers = config.limit_headers
+            self._decides_locally = backend.decides_locally
+            if self._decides_locally:
+                backend.start_limiting(self.limiter)
+            self.handle = self.handle_limited  # type: ignore[method-assign]
 
     # -- the request path -----------------------------------------------------
 
@@ -220,6 +242,94 @@ class Pipeline:
         if self._count_header is not None and value is not None:
             return self.action(path).with_header(self._count_header, str(value))
         return self.action(path)
+
+    # -- the request path with --limit -----------------------------------------
+
+    def handle_limited(
+        self, path: str, peer: str | None, forwarded_for: Sequence[str] | None, holder: Holder | None
+    ) -> Response | Coroutine[Any, Any, Response]:
+        """`handle` with a limit: the same steps, the decision before the action."""
+        self.requests += 1
+        ip = self.resolver.resolve(peer, forwarded_for)
+        if ip is None:
+            self.no_client_ip += 1
+            return self.action(path)
+        key = self._prefix + ip
+        if not self._decides_locally:
+            return self._account_limited(key, ip, path)
+        # Batched: decided here from the last flush's state; the increment (and this decision's
+        # use of quota) goes to Redis with the next flush.
+        answer = self._decided(ip, self.backend.decide_local(key), path)
+        if not self.holds:
+            return self._account_decided(key, answer)
+        try:
+            commit = self.backend.incr_held(key)
+        except AccountingError as err:
+            if self._failed(err):
+                return self.denied
+        except Exception as exc:
+            if self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc):
+                return self.denied
+        else:
+            if holder is not None:
+                holder.hold(commit)
+        return answer
+
+    async def _account_limited(self, key: str, ip: str, path: str) -> Response:
+        """One script: the increment, the limit's window and the decision."""
+        limiter = self.limiter
+        assert limiter is not None
+        started = perf_counter()
+        cause: BaseException | None = None
+        try:
+            reply = await self.backend.run_script(limiter.script, limiter.keys(key), limiter.args)
+            value, decision = limiter.read(reply)
+        except AccountingError as err:
+            failure: AccountingError | None = err
+        except Exception as exc:  # a bug must not become a 500 storm
+            failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
+        else:
+            failure = None
+        self.latency.observe(perf_counter() - started)
+        if failure is not None:
+            # No decision could be made: the failure policy decides (allow or 503).
+            return self.denied if self._failed(failure, cause) else self.action(path)
+        self.counted += 1
+        if self.failure_log.failing:
+            self.failure_log.success()
+        answer = self._decided(ip, decision, path)
+        if self._count_header is not None:
+            return answer.with_header(self._count_header, str(value))
+        return answer
+
+    async def _account_decided(self, key: str, answer: Response) -> Response:
+        """Batched without held responses: the increment, then the answer already decided."""
+        started = perf_counter()
+        try:
+            await self.backend.incr(key)
+        except AccountingError as err:
+            failed = self._failed(err)
+        except Exception as exc:
+            failed = self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
+        else:
+            failed = False
+            self.counted += 1
+        self.latency.observe(perf_counter() - started)
+        return self.denied if failed else answer
+
+    def _decided(self, ip: str, decision: Decision, path: str) -> Response:
+        limiter = self.limiter
+        assert limiter is not None
+        limiter.count(ip, decision)
+        if not decision.allowed:
+            wait = str(max(1, math.ceil(decision.retry_after_s - 1e-9)))
+            return Response(
+                429, "Too Many Requests", (("Retry-After", wait), *limiter.fields(decision), _TEXT), _LIMITED
+            )
+        answer = self.action(path)
+        if self._limit_headers:
+            answer = Response(answer.status, answer.reason, answer.headers + limiter.fields(decision), answer.body)
+        return answer
 
     def action(self, path: str) -> Response:
         """What answers a request that may go on: 200 for the target itself, else the redirect."""

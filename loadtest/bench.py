@@ -72,6 +72,14 @@ GATEWAY_VARIANTS = {
     "proxy-multiplexed": ["--mode", "multiplexed"],
     "proxy-batched": ["--mode", "batched"],
 }
+# Each Redis mode with --limit beside the same mode without: what deciding costs per request.
+# The limit is one no client reaches, so every request is allowed and the count check holds
+# (`make bench-limits`; docs/limits.md). On demand, like the scaling targets below.
+LIMIT_BENCH_RATE = "1000000/s"
+LIMIT_MODES = ("naive-limit", "pooled-limit", "raw-limit", "multiplexed-limit", "batched-limit")
+GATEWAY_VARIANTS.update({m: ["--mode", m.removesuffix("-limit"), "--limit", LIMIT_BENCH_RATE] for m in LIMIT_MODES})
+# HAProxy's raw listener with a stick-table limit (per process), the peer of raw-limit.
+HAPROXY_LIMIT_MODES = ("raw-limited",)
 # Measured only when named in --targets: with two workers the gateway takes every core,
 # sharing one with the injector and Redis, so these are not part of the per-core table.
 SCALING_MODES = ("off-w2", "raw-w2", "batched-w2")
@@ -101,6 +109,8 @@ PEER_MODE = {
     "proxy-naive": "proxy-naive",
     "proxy-pooled": "proxy-pooled",
     "proxy-raw": "proxy-raw",
+    "raw-limit": "raw-limited",
+    "raw-limited": "raw-limit",
 }
 # Ratios the report states when both targets ran: (what, numerator, denominator).
 RATIOS = (
@@ -329,8 +339,9 @@ def start_target(
             "REF_TRUSTED_PROXIES": "127.0.0.1",
             **{
                 f"HAPROXY_{m.upper().replace('-', '_')}_PORT": str(free_port())
-                for m in HAPROXY_MODES + PROXY_HAPROXY_MODES
+                for m in HAPROXY_MODES + PROXY_HAPROXY_MODES + HAPROXY_LIMIT_MODES
             },
+            "HAPROXY_LIMIT_RATE": LIMIT_BENCH_RATE.split("/")[0],
             "HAPROXY_STATS_PORT": str(free_port()),
             "HAPROXY_UPSTREAM": f"127.0.0.1:{upstream or 1}",
         }
@@ -736,7 +747,11 @@ def all_targets() -> list[Target]:
 
 
 def known_targets() -> list[Target]:
-    return all_targets() + [Target("gateway", m) for m in SCALING_MODES + WINDOW_MODES + CLUSTER_MODES]
+    return (
+        all_targets()
+        + [Target("gateway", m) for m in SCALING_MODES + WINDOW_MODES + CLUSTER_MODES + LIMIT_MODES]
+        + [Target("haproxy", m) for m in HAPROXY_LIMIT_MODES]
+    )
 
 
 def parse_args(argv: list[str] | None) -> Settings:

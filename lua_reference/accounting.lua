@@ -235,6 +235,12 @@ core.register_action("acct-raw", { "http-req" }, with_pooled(function(conn, c)
   return first == COLON or first == MINUS
 end))
 
+-- The client's counter key in txn.client_key, for a stick table to track (the raw-limited
+-- listener): the same client, X-Forwarded-For included, as the accounting counts.
+core.register_action("acct-client-key", { "http-req" }, function(txn)
+  txn:set_var("txn.client_key", client_of(txn).key)
+end)
+
 -- Pool counters for tests and operators: GET on the admin listener.
 core.register_service("acct-stats", "http", function(applet)
   local body = string.format(

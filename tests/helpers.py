@@ -177,9 +177,11 @@ class HAProxyReference:
     SEED_LISTENERS = ("seed-pooled", "seed-raw")
     # Count, then forward to HAPROXY_UPSTREAM (the benchmark's proxy targets).
     PROXY_LISTENERS = ("proxy-calibration", "proxy-naive", "proxy-pooled", "proxy-raw")
+    # raw with a stick-table rate limit (HAPROXY_LIMIT_RATE per HAPROXY_LIMIT_PERIOD).
+    LIMITED_LISTENERS = ("raw-limited",)
 
     def __init__(self, redis_port: int, trusted: str = "127.0.0.0/8", pool_size: int = 20, **env: str) -> None:
-        names = (*self.LISTENERS, *self.SEED_LISTENERS, *self.PROXY_LISTENERS, "stats")
+        names = (*self.LISTENERS, *self.SEED_LISTENERS, *self.PROXY_LISTENERS, *self.LIMITED_LISTENERS, "stats")
         self.ports = {name: free_port() for name in names}
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.script = os.path.join(root, "haproxy", "run.sh")

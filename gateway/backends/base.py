@@ -10,7 +10,7 @@ calibration, or an increment acknowledged before it reached Redis), or raises
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -18,6 +18,10 @@ from ..cluster import ClusterRouter, NodeClient
 from ..config import Config, RedisTarget
 from ..errors import AccountingError
 from ..holding import Commit
+from ..limit.algorithms import Decision
+from ..limit.limiter import Limiter
+from ..limit.scripts import Script
+from ..resp import Reply, ReplyError, encode
 
 
 @dataclass(slots=True)
@@ -62,6 +66,24 @@ class Backend(abc.ABC):
         """Add 1 to `key` without waiting; the response must be held until the returned commit
         releases it (`gateway.holding`). Only backends with `holds_responses`."""
         raise NotImplementedError(f"{self.name} does not hold responses")
+
+    async def run_script(self, script: Script, keys: tuple[str, ...], args: tuple[int, ...]) -> Reply:
+        """Run `script` (the limit's decision: INCRBY, window, decision) in one round trip:
+        EVALSHA, resent once as EVAL if Redis answers NOSCRIPT (which means nothing ran).
+        A Redis error reply is returned, not raised; AccountingError as for `incr`."""
+        raise NotImplementedError(f"{self.name} does not run scripts")
+
+    #: True when the backend decides limits locally (batched): the request path then calls
+    #: `decide_local` instead of `run_script`, and `start_limiting` once.
+    decides_locally: ClassVar[bool] = False
+
+    def start_limiting(self, limiter: Limiter) -> None:
+        raise NotImplementedError(f"{self.name} does not decide limits locally")
+
+    def decide_local(self, key: str) -> Decision:
+        """Decide one request of `key` without Redis, from the state the last flush returned
+        plus what this process allowed since; record the use of quota for the next flush."""
+        raise NotImplementedError(f"{self.name} does not decide limits locally")
 
     def hurry(self) -> None:
         """Shutdown has begun: whatever waits to be sent should go now, not at its usual time."""
@@ -114,3 +136,18 @@ class OwnCodecBackend(Backend):
 
     async def close(self) -> None:
         await self.redis.close()
+
+
+def noscript(reply: Reply) -> bool:
+    """Redis does not have the script: nothing ran, so sending it again is safe."""
+    return isinstance(reply, ReplyError) and reply.prefix == "NOSCRIPT"
+
+
+async def eval_sha_first(
+    send: Callable[[bytes], Awaitable[Reply]], script: Script, keys: tuple[str, ...], args: tuple[int, ...]
+) -> Reply:
+    """EVALSHA through `send`; on NOSCRIPT the one EVAL that loads the script again."""
+    reply = await send(encode("EVALSHA", script.sha, len(keys), *keys, *args))
+    if noscript(reply):
+        reply = await send(encode("EVAL", script.body, len(keys), *keys, *args))
+    return reply

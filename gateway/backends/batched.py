@@ -28,6 +28,15 @@ Invariants:
   (`gateway.holding`), which spares each request a future and a task step.
   A settled batch reports its held requests through `on_held`.
 - Close flushes everything still held (bounded by the shutdown timeout).
+- With --limit, requests are decided here, without Redis (`decide_local`),
+  from each client's limit state as the last confirmed flush returned it plus
+  what this process allowed since. The flush (`flush_script`) applies the
+  increments and the allowed counts and returns every flushed client's state,
+  on Redis' clock. Between flushes each process decides alone: a client
+  spread over N processes can get up to N times its remaining quota before the
+  flush corrects it (docs/limits.md measures it). With --redis-cluster, each
+  slot's flush carries its clients' limit keys (they share the slot). Local states of clients idle
+  for a window are dropped, so their number stays bounded by the active ones.
 - With --redis-cluster, a flush is one such EVAL per hash slot (a script's keys
   must share a slot), with a sequence marker per slot; the EVALs for one node
   leave in one write. Groups confirmed are dropped from the batch; the rest
@@ -51,6 +60,9 @@ from ..config import RedisTarget
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, SIZE_BOUNDS, Histogram
 from ..holding import Holder
+from ..limit.algorithms import Algorithm, Decision
+from ..limit.limiter import Limiter
+from ..limit.scripts import Script, flush_script, limit_key
 from ..multiplexer import Multiplexer
 from ..resp import Reply, ReplyError, encode
 from ..slots import SlotTags, key_slot
@@ -84,10 +96,12 @@ FLUSH_SHA = hashlib.sha1(FLUSH_SCRIPT.encode()).hexdigest()
 
 
 class _Batch:
-    __slots__ = ("answered", "counts", "held", "held_since", "holders", "seq", "waiters")
+    __slots__ = ("allowed", "answered", "counts", "held", "held_since", "holders", "seq", "waiters")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        # With --limit: per key, the requests allowed locally (the quota they use).
+        self.allowed: dict[str, int] = {}
         self.waiters: list[asyncio.Future[_KeyErrors]] = []
         self.seq = 0  # given when the batch is first sent, kept across resends
         # Responses held until this batch settles (incr_held): their connections, their
@@ -106,6 +120,8 @@ def _noscript(reply: Reply) -> bool:
 
 class BatchedBackend(OwnCodecBackend):
     name = "batched"
+    decides_locally = True
+    _limiter: Limiter | None = None
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -168,6 +184,72 @@ class BatchedBackend(OwnCodecBackend):
             self._timer.cancel()
             self._timer = None
         self._schedule(0.0)
+
+    # -- limits -------------------------------------------------------------------
+
+    def start_limiting(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+        self._algo: Algorithm[Any] = limiter.algorithm
+        self._flush_limits: Script = flush_script(limiter.algorithm_name)
+        # Client key -> limit state as this process knows it (Redis' at the last flush + own since).
+        self._states: dict[str, Any] = {}
+        # Redis' clock minus this host's, from the last flush reply (half a round trip's error).
+        self._clock_offset = 0.0
+        self._pruned_at = 0.0
+
+    def decide_local(self, key: str) -> Decision:
+        algo = self._algo
+        states = self._states
+        now = time.time() + self._clock_offset
+        decision, state = algo.decide(states.get(key, algo.empty), now)
+        if decision.allowed:
+            states[key] = state
+            allowed = self._batch.allowed
+            allowed[key] = allowed.get(key, 0) + 1
+        return decision
+
+    def _limit_args(self, batch: _Batch, keys: list[str], seq_key: str) -> tuple[object, ...]:
+        """The flush script's arguments after its name: KEYS (marker, then each client's two
+        keys, which share its slot) and ARGV (the rate, the sequence, each client's amounts)."""
+        assert self._limiter is not None
+        name = self._limiter.algorithm_name
+        pairs: list[object] = []
+        amounts: list[object] = []
+        for key in keys:
+            pairs += (key, limit_key(key, name))
+            amounts += (batch.counts[key], batch.allowed.get(key, 0))
+        return (2 * len(keys) + 1, seq_key, *pairs, *self._limiter.args, batch.seq, SEQ_TTL_S, *amounts)
+
+    def _read_limit_reply(self, reply: Reply, keys: list[str]) -> dict[str, AccountingError]:
+        """The keys Redis refused, after taking in every flushed client's limit state."""
+        if isinstance(reply, ReplyError):
+            raise AccountingError(errors.reply_error_kind(reply.prefix), str(reply))
+        if (
+            not isinstance(reply, list)
+            or len(reply) != 4
+            or not isinstance(reply[0], int)
+            or not isinstance(reply[1], int)
+            or not isinstance(reply[2], list)
+            or not isinstance(reply[3], list)
+            or len(reply[3]) != len(keys)
+        ):
+            raise AccountingError(errors.PROTOCOL, f"flush answered {reply!r}")
+        redis_now = reply[1] / 1_000_000
+        local_now = time.time()
+        self._clock_offset = redis_now - local_now
+        algo, states, pending = self._algo, self._states, self._batch.allowed
+        for key, values in zip(keys, reply[3], strict=True):
+            if not isinstance(values, list) or not all(type(v) is int for v in values):
+                raise AccountingError(errors.PROTOCOL, f"flush answered state {values!r}")
+            state = algo.from_reply(values)  # type: ignore[arg-type]
+            n = pending.get(key)  # allowed here since this batch left: not in Redis' state yet
+            states[key] = algo.add(state, redis_now, n) if n else state
+        if local_now - self._pruned_at > 1.0:
+            self._pruned_at = local_now
+            for key in [k for k, st in states.items() if algo.idle(st, redis_now) and k not in pending]:
+                del states[key]
+        errs = reply[2]
+        return self._read_flush_reply([reply[0], *errs], keys)
 
     # -- request path ---------------------------------------------------------
 
@@ -278,8 +360,13 @@ class BatchedBackend(OwnCodecBackend):
             self._cluster_flush = asyncio.create_task(self._flush_cluster(batch))
             return
         keys = list(batch.counts)
-        command = (*self._script(), len(keys) + 1, self.seq_key, *keys, batch.seq, SEQ_TTL_S,
-                   *(batch.counts[k] for k in keys))  # fmt: skip
+        if self._limiter is not None:
+            script = self._flush_limits
+            head = ("EVALSHA", script.sha) if self._sha_known else ("EVAL", script.body)
+            command = (*head, *self._limit_args(batch, keys, self.seq_key))
+        else:
+            command = (*self._script(), len(keys) + 1, self.seq_key, *keys, batch.seq, SEQ_TTL_S,
+                       *(batch.counts[k] for k in keys))  # fmt: skip
         try:
             # One write now: the batch is this tick's coalesced write already.
             fut = self.mux.connection().send_packed(encode(*command), now=True)[0]
@@ -307,7 +394,10 @@ class BatchedBackend(OwnCodecBackend):
                 return
             self._sha_known = True
             try:
-                key_errors = self._read_flush_reply(reply, keys)
+                if self._limiter is not None:
+                    key_errors = self._read_limit_reply(reply, keys)
+                else:
+                    key_errors = self._read_flush_reply(reply, keys)
             except AccountingError as err:
                 self._flush_failed(batch, err)
                 return
@@ -412,6 +502,13 @@ class BatchedBackend(OwnCodecBackend):
         """One slot's EVAL; the keys Redis refused, or AccountingError if nothing is confirmed."""
         assert self.router is not None
         seq_key = f"{self.seq_key}:{{{self._tags.tag(slot)}}}"
+        if self._limiter is not None:
+            script = self._flush_limits
+            limit_args = self._limit_args(batch, keys, seq_key)
+            reply = await self.router.execute(slot, encode("EVALSHA", script.sha, *limit_args))
+            if _noscript(reply):
+                reply = await self.router.execute(slot, encode("EVAL", script.body, *limit_args))
+            return self._read_limit_reply(reply, keys)
         args = (len(keys) + 1, seq_key, *keys, batch.seq, SEQ_TTL_S, *(batch.counts[k] for k in keys))
         reply = await self.router.execute(slot, encode("EVALSHA", FLUSH_SHA, *args))
         if _noscript(reply):  # this node has not seen the script yet: nothing ran

@@ -10,9 +10,11 @@ from __future__ import annotations
 from ..accounting import incr_command, read_incr_reply
 from ..cluster import Direct, MuxNode
 from ..config import Config, RedisTarget
+from ..limit.scripts import Script
 from ..multiplexer import Multiplexer
+from ..resp import Reply
 from ..slots import key_slot
-from .base import OwnCodecBackend
+from .base import OwnCodecBackend, eval_sha_first
 
 
 class MultiplexedBackend(OwnCodecBackend):
@@ -47,3 +49,11 @@ class MultiplexedBackend(OwnCodecBackend):
             return read_incr_reply(await self.router.execute(key_slot(key), incr_command(key)))
         reply = await self.mux.connection().send_one(incr_command(key))
         return read_incr_reply(reply)
+
+    async def run_script(self, script: Script, keys: tuple[str, ...], args: tuple[int, ...]) -> Reply:
+        router = self.router
+        if router is not None:
+            slot = key_slot(keys[0])  # a client's keys share its slot (gateway.limit.scripts)
+            return await eval_sha_first(lambda packed: router.execute(slot, packed), script, keys, args)
+        mux = self.mux
+        return await eval_sha_first(lambda packed: mux.connection().send_packed(packed)[0], script, keys, args)

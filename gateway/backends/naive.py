@@ -18,6 +18,8 @@ import redis.exceptions as rexc
 from .. import errors
 from ..backoff import ConnectBackoff
 from ..errors import AccountingError
+from ..limit.scripts import Script
+from ..resp import Reply
 from ._redispy import connection_kwargs, gated_connection_class, settle, translate
 from .base import Backend
 
@@ -37,6 +39,15 @@ class NaiveBackend(Backend):
         self._wait_timeouts = 0
 
     async def incr(self, key: str) -> int:
+        return int(await self._one(("INCRBY", key, 1)))  # type: ignore[arg-type]
+
+    async def run_script(self, script: Script, keys: tuple[str, ...], args: tuple[int, ...]) -> Reply:
+        """EVALSHA on the request's own connection, and EVAL on it after a NOSCRIPT. An error
+        reply is raised as AccountingError, as for INCRBY."""
+        return await self._one(("EVALSHA", script.sha, len(keys), *keys, *args), script)
+
+    async def _one(self, command: tuple[object, ...], script: Script | None = None) -> Reply:
+        """Connect, send `command`, read its reply, close; for a script, EVAL after NOSCRIPT."""
         self._waiting += 1
         try:
             async with asyncio.timeout(self.config.pool_wait):
@@ -51,8 +62,14 @@ class NaiveBackend(Backend):
         try:
             await conn.connect()
             self._created += 1
-            await conn.send_command("INCRBY", key, 1)
-            value = await conn.read_response()
+            await conn.send_command(*command)
+            try:
+                value = await conn.read_response()
+            except rexc.NoScriptError:
+                if script is None:
+                    raise
+                await conn.send_command("EVAL", script.body, *command[2:])
+                value = await conn.read_response()
         except AccountingError:
             self._errors += 1  # refused by the connect backoff
             raise
@@ -69,7 +86,7 @@ class NaiveBackend(Backend):
             self._open -= 1
             self._slots.release()
         settle(self._backoff, None)
-        return int(value)
+        return value  # type: ignore[no-any-return]
 
     async def ping(self) -> None:
         conn = aioredis.Connection(**self._kwargs)

@@ -26,6 +26,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from .. import errors
 from ..backoff import ConnectBackoff
 from ..errors import AccountingError
+from ..limit.scripts import Script
+from ..resp import Reply
 from ._redispy import connection_kwargs, gated_connection_class, settle, translate
 from .base import Backend
 
@@ -91,6 +93,34 @@ class PooledBackend(Backend):
             self._inflight -= 1
         settle(self._backoff, None)
         return value
+
+    async def run_script(self, script: Script, keys: tuple[str, ...], args: tuple[int, ...]) -> Reply:
+        """One EVALSHA through redis-py (EVAL once on NOSCRIPT); an error reply is raised as
+        AccountingError, as for INCRBY."""
+        self._inflight += 1
+        try:
+            try:
+                reply = await self._client.evalsha(script.sha, len(keys), *keys, *args)
+            except rexc.NoScriptError:
+                reply = await self._client.eval(script.body, len(keys), *keys, *args)
+        except AccountingError:
+            self._errors += 1  # refused by the connect backoff
+            raise
+        except (rexc.RedisError, OSError) as exc:
+            err = translate(exc)
+            if err.kind == errors.POOL_TIMEOUT:
+                self._wait_timeouts += 1
+            else:
+                self._errors += 1
+                settle(self._backoff, exc, err)
+            raise err from None
+        except BaseException as exc:
+            settle(self._backoff, exc)
+            raise
+        finally:
+            self._inflight -= 1
+        settle(self._backoff, None)
+        return reply  # type: ignore[no-any-return]
 
     async def ping(self) -> None:
         try:

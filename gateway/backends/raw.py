@@ -14,9 +14,11 @@ from ..accounting import incr_command, read_incr_reply
 from ..cluster import Direct, PoolNode
 from ..config import Config, RedisTarget
 from ..connection import RedisConnection, open_connection
+from ..limit.scripts import Script
 from ..pool import Pool
+from ..resp import Reply
 from ..slots import key_slot
-from .base import OwnCodecBackend
+from .base import OwnCodecBackend, eval_sha_first
 
 
 class RawBackend(OwnCodecBackend):
@@ -51,3 +53,16 @@ class RawBackend(OwnCodecBackend):
         finally:
             pool.release(conn)
         return read_incr_reply(reply)
+
+    async def run_script(self, script: Script, keys: tuple[str, ...], args: tuple[int, ...]) -> Reply:
+        router = self.router
+        if router is not None:
+            slot = key_slot(keys[0])  # a client's keys share its slot (gateway.limit.scripts)
+            return await eval_sha_first(lambda packed: router.execute(slot, packed), script, keys, args)
+        pool = self.pool
+        conn = await pool.acquire()
+        try:
+            # The EVAL after a NOSCRIPT goes on the same connection: the first reply is read.
+            return await eval_sha_first(lambda packed: conn.send_packed(packed)[0], script, keys, args)
+        finally:
+            pool.release(conn)

@@ -235,3 +235,20 @@ async def test_pooled_cluster_pool_limit_fails_fast_as_pool_timeout(cluster: Red
     assert set(stats["failures"]) == {"pool_timeout"}
     assert stats["pool"]["wait_timeouts"] == r["failed"] > 0
     assert cluster.counter_sum() == r["counted"]
+
+
+@pytest.mark.parametrize("cmode", CLUSTER_MODES)
+async def test_limits_on_a_cluster(cmode: str, cluster: RedisClusterProcesses) -> None:
+    """--limit on Redis Cluster: a client's counter and limit state share its slot, whichever
+    master it is on, so the one script per request runs there."""
+    from gateway.limit.algorithms import parse_rate
+
+    ips = [f"10.{i}.0.9" for i in range(40)]
+    cfg = cluster_config(cluster, cmode, pool_size=40, limit=parse_rate("3/10s:burst=3"), limit_algorithm="gcra")
+    async with running_gateway(cfg) as (gw, _base), aiohttp.ClientSession() as s:
+        statuses = {ip: [await _hit(s, _base, ip) for _ in range(5)] for ip in ips}
+    assert all(v == [302, 302, 302, 429, 429] for v in statuses.values()), statuses
+    assert not gw.pipeline.failures
+    # Every request counted under the unchanged key; the limit state is not an ip:* key.
+    assert cluster.counters() == {f"ip:{ip}".encode(): 5 for ip in ips}
+    assert len({key_slot(f"ip:{ip}") for ip in ips}) > 1
