@@ -37,9 +37,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
 from . import errors
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from .actions.proxy import Exchange, Proxy
 
 log = logging.getLogger("gateway")
+
+T = TypeVar("T")
 
 _TEXT = ("Content-Type", "text/plain; charset=utf-8")
 _LIMITED = b"too many requests\n"
@@ -180,48 +182,6 @@ class Pipeline:
         # self.action(path), inlined: this line runs for every request answered at once.
         return self.target_ok if path == self._target else self.redirect
 
-    async def forward(self, exchange: Exchange, peer: str | None, forwarded_for: Sequence[str] | None) -> None:
-        """The request path with the proxy as its action: the same steps as `handle`, then forward."""
-        assert self.proxy is not None
-        self.requests += 1
-        ip = self.resolver.resolve(peer, forwarded_for)
-        if ip is None:
-            self.no_client_ip += 1
-        elif not self._uses_redis:
-            self.uncounted += 1
-        elif self.holds:
-            # Forwarded at once; the response waits in the exchange until the flush settles.
-            try:
-                exchange.hold(self.backend.incr_held(self._prefix + ip))
-            except AccountingError as err:
-                self._failed(err)
-            except Exception as exc:
-                self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
-        elif not await self._admit(self._prefix + ip):
-            exchange.answer(self.denied)  # deny policy: nothing is forwarded
-            return
-        await self.proxy.forward(exchange)
-
-    async def _admit(self, key: str) -> bool:
-        """Account one request for the proxy; False when policy says deny."""
-        started = perf_counter()
-        try:
-            await self.backend.incr(key)
-        except AccountingError as err:
-            failure: AccountingError | None = err
-            cause: BaseException | None = None
-        except Exception as exc:
-            failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
-        else:
-            failure = None
-        self.latency.observe(perf_counter() - started)
-        if failure is not None:
-            return not self._failed(failure, cause)
-        self.counted += 1
-        if self.failure_log.failing:
-            self.failure_log.success()
-        return True
-
     async def _account(self, key: str, path: str) -> Response:
         started = perf_counter()
         cause: BaseException | None = None
@@ -277,26 +237,11 @@ class Pipeline:
 
     async def _account_limited(self, key: str, ip: str, path: str) -> Response:
         """One script: the increment, the limit's window and the decision."""
-        limiter = self.limiter
-        assert limiter is not None
-        started = perf_counter()
-        cause: BaseException | None = None
-        try:
-            reply = await self.backend.run_script(limiter.script, limiter.keys(key), limiter.args)
-            value, decision = limiter.read(reply)
-        except AccountingError as err:
-            failure: AccountingError | None = err
-        except Exception as exc:  # a bug must not become a 500 storm
-            failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
-        else:
-            failure = None
-        self.latency.observe(perf_counter() - started)
-        if failure is not None:
+        result = await self._settle(self._scripted(key))
+        if isinstance(result, AccountingError):
             # No decision could be made: the failure policy decides (allow or 503).
-            return self.denied if self._failed(failure, cause) else self.action(path)
-        self.counted += 1
-        if self.failure_log.failing:
-            self.failure_log.success()
+            return self.denied if self._deny else self.action(path)
+        value, decision = result
         answer = self._decided(ip, decision, path)
         if self._count_header is not None:
             return answer.with_header(self._count_header, str(value))
@@ -304,32 +249,99 @@ class Pipeline:
 
     async def _account_decided(self, key: str, answer: Response) -> Response:
         """Batched without held responses: the increment, then the answer already decided."""
+        failed = isinstance(await self._settle(self.backend.incr(key)), AccountingError)
+        return self.denied if failed and self._deny else answer
+
+    async def _scripted(self, key: str) -> tuple[int, Decision]:
+        limiter = self.limiter
+        assert limiter is not None
+        return limiter.read(await self.backend.run_script(limiter.script, limiter.keys(key), limiter.args))
+
+    # -- the request path with the proxy as its action (--upstream) -------------
+
+    async def forward(self, exchange: Exchange, peer: str | None, forwarded_for: Sequence[str] | None) -> None:
+        """The request path with the proxy as its action: the same steps as `handle`, then forward."""
+        assert self.proxy is not None
+        self.requests += 1
+        ip = self.resolver.resolve(peer, forwarded_for)
+        if ip is None:
+            self.no_client_ip += 1
+        elif not self._uses_redis:
+            self.uncounted += 1
+        else:
+            refusal = await self._admit(exchange, self._prefix + ip, ip)
+            if refusal is not None:
+                exchange.answer(refusal)  # 503 (deny policy) or 429: nothing is forwarded
+                return
+        await self.proxy.forward(exchange)
+
+    async def _admit(self, exchange: Exchange, key: str, ip: str) -> Response | None:
+        """Account (and limit) one request for the proxy: None to forward it, else the answer instead."""
+        limiter = self.limiter
+        decision: Decision | None = None
+        if limiter is not None and not self._decides_locally:
+            result = await self._settle(self._scripted(key))
+            if isinstance(result, AccountingError):
+                return self.denied if self._deny else None
+            decision = result[1]
+        else:
+            if limiter is not None:
+                decision = self.backend.decide_local(key)
+            if self.holds:
+                # Forwarded at once; the response waits in the exchange until the flush settles.
+                try:
+                    exchange.hold(self.backend.incr_held(key))
+                except AccountingError as err:
+                    self._failed(err)
+                except Exception as exc:
+                    self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
+            elif isinstance(await self._settle(self.backend.incr(key)), AccountingError) and self._deny:
+                return self.denied
+        if limiter is not None and decision is not None:
+            limiter.count(ip, decision)
+            if not decision.allowed:
+                return self._limited(decision)
+            if self._limit_headers:
+                exchange.extra_fields = limiter.fields(decision)
+        return None
+
+    async def _settle(self, call: Awaitable[T]) -> T | AccountingError:
+        """Await one accounting call, timed; count its success, or count and log its failure
+        (returned: the caller applies the failure policy). `_account` is this, inlined."""
         started = perf_counter()
         try:
-            await self.backend.incr(key)
+            value = await call
         except AccountingError as err:
-            failed = self._failed(err)
-        except Exception as exc:
-            failed = self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
+            failure, cause = err, None
+        except Exception as exc:  # a bug in a backend must not become a 500 storm
+            failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
         else:
-            failed = False
+            self.latency.observe(perf_counter() - started)
             self.counted += 1
+            if self.failure_log.failing:
+                self.failure_log.success()
+            return value
         self.latency.observe(perf_counter() - started)
-        return self.denied if failed else answer
+        self._failed(failure, cause)
+        return failure
 
     def _decided(self, ip: str, decision: Decision, path: str) -> Response:
         limiter = self.limiter
         assert limiter is not None
         limiter.count(ip, decision)
         if not decision.allowed:
-            wait = str(max(1, math.ceil(decision.retry_after_s - 1e-9)))
-            return Response(
-                429, "Too Many Requests", (("Retry-After", wait), *limiter.fields(decision), _TEXT), _LIMITED
-            )
+            return self._limited(decision)
         answer = self.action(path)
         if self._limit_headers:
             answer = Response(answer.status, answer.reason, answer.headers + limiter.fields(decision), answer.body)
         return answer
+
+    def _limited(self, decision: Decision) -> Response:
+        """429, with when to come back and the RateLimit fields."""
+        limiter = self.limiter
+        assert limiter is not None
+        wait = str(max(1, math.ceil(decision.retry_after_s - 1e-9)))
+        return Response(429, "Too Many Requests", (("Retry-After", wait), *limiter.fields(decision), _TEXT), _LIMITED)
 
     def action(self, path: str) -> Response:
         """What answers a request that may go on: 200 for the target itself, else the redirect."""

@@ -177,7 +177,7 @@ class Exchange:
     __slots__ = (
         "_body_wake", "_released", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
         "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked", "cut",
-        "done_fut", "forwarded_for", "has_body", "head_fut", "headers", "held", "held_bytes", "http10",
+        "done_fut", "extra_fields", "forwarded_for", "has_body", "head_fut", "headers", "held", "held_bytes", "http10",
         "keep_alive", "method", "peer", "progress", "sent", "sent_whole", "started", "status", "target", "timer",
         "waiting_client",
     )  # fmt: skip
@@ -231,6 +231,8 @@ class Exchange:
         self.corked: list[bytes] | None = None  # output gathered during one upstream read
         #: The client's X-Forwarded-For values, for the client-IP rule (set by the front end).
         self.forwarded_for: list[str] | None = None
+        #: Fields the gateway adds to the upstream's response (the RateLimit fields, --limit-headers).
+        self.extra_fields: tuple[tuple[str, str], ...] = ()
 
     # -- the request body, from the front end -------------------------------------------
 
@@ -381,6 +383,7 @@ class Exchange:
             # The upstream answers before the request was sent whole: the rest of the client's
             # body will not be read, so the client connection cannot carry another request.
             self.close_after = True
+        lines += [f"{n}: {v}\r\n".encode("latin-1") for n, v in self.extra_fields]
         if self.close_after or (self.body_done and not self.keep_alive):
             lines.append(b"Connection: close\r\n")
         elif self.http10:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError
+from gateway.limit.algorithms import parse_rate
 
 from ..helpers import RedisServer
 from ..proxy_helpers import (
@@ -881,3 +882,31 @@ async def test_connection_lifecycle_limits(upstream: Upstream) -> None:
         conns = gw.stats()["upstream"]["servers"][name]["connections"]
         assert conns["created"] == 4 and conns["open"] == 1
         _pool_clean(gw)
+
+
+# -- rate limits (--limit) with the proxy as the action --------------------------------------------------
+
+
+@pytest.mark.parametrize("limit_mode", ["raw", "multiplexed", "batched"])
+async def test_limited_requests_get_429_and_never_reach_the_upstream(
+    upstream: Upstream, redis_server: RedisServer, limit_mode: str
+) -> None:
+    config = proxy_config([upstream.url], redis_server.url, limit_mode, limit=parse_rate("3/min"), limit_headers=True)
+    async with proxy(config) as (gw, base):
+        statuses, fields = [], []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(5):
+                async with s.get(base + "/echo", allow_redirects=False) as r:
+                    statuses.append(r.status)
+                    fields.append((r.headers.get("RateLimit-Policy"), r.headers.get("RateLimit")))
+                    if r.status == 200:
+                        assert r.headers["X-Server"] == "a"  # the upstream's own response, fields added
+                    else:
+                        assert "X-Server" not in r.headers and r.headers["Retry-After"]
+        assert statuses == [200, 200, 200, 429, 429]
+        assert all(policy == '"default";q=3;w=60' for policy, _ in fields), fields
+        assert [f[1].split(";")[1] for f in fields] == ["r=2", "r=1", "r=0", "r=0", "r=0"], fields
+        assert gw.stats()["upstream"]["servers"][upstream.url.removeprefix("http://")]["requests"] == 3
+        _pool_clean(gw)
+    # The total counter counts every request, refused ones included, as without the proxy.
+    assert redis_server.client().get("ip:127.0.0.1") == b"5"
