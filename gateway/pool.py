@@ -19,11 +19,27 @@ Owns how many connections exist and who holds them. Invariants:
   checkout that would need a new connection meanwhile fails at once with the
   same kind of error instead of connecting. Idle connections are still handed
   out.
+- Lifecycle (`gateway.lifecycle.Lifecycle`, optional): a minimum of connections kept
+  open, idle connections closed after a timeout, idle ones checked before reuse,
+  connections retired after a lifetime or a number of checkouts. A connection is
+  retired only while idle or when it comes back, never in the middle of a command.
+  Nothing of it runs per checkout unless a lifetime or a use limit is set (then one
+  lookup and one clock read per release): idle time is tracked by one sweeper timer
+  per pool, which ages the idle list in generations (see `gateway.lifecycle`). A
+  checkout takes the most recently used connection first, so under load every
+  connection is fresh and none is checked; only one that waited out a pause is.
+- A failed check discards that connection and every one idle at least as long (the
+  same path dropped them all, most likely), and the checkout goes on to a fresh
+  connection: the request never sees the failure, only the check's delay.
+- Background connects (the minimum) obey the connect backoff like any other: while it
+  refuses, the sweeper waits for the next sweep; it never starts a storm of connects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +48,9 @@ from typing import Generic, Protocol, TypeVar
 from . import errors
 from .backoff import ConnectBackoff
 from .errors import AccountingError
+from .lifecycle import Lifecycle
+
+log = logging.getLogger("gateway.pool")
 
 
 class PoolConnection(Protocol):
@@ -53,6 +72,16 @@ class PoolConnection(Protocol):
 C = TypeVar("C", bound=PoolConnection)
 
 
+class _Meta:
+    """Expiry and checkouts of one connection, kept only when the lifecycle retires connections."""
+
+    __slots__ = ("expires", "uses")
+
+    def __init__(self, expires: float) -> None:
+        self.expires = expires
+        self.uses = 0
+
+
 class Pool(Generic[C]):
     def __init__(
         self,
@@ -63,6 +92,8 @@ class Pool(Generic[C]):
         backoff_initial: float = 0.05,
         backoff_max: float = 0.5,
         what: str = "Redis connection",
+        lifecycle: Lifecycle | None = None,
+        check: Callable[[C], Awaitable[bool]] | None = None,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
@@ -85,6 +116,25 @@ class Pool(Generic[C]):
         self.discarded = 0
         self.wait_timeouts = 0
         self.backoff = ConnectBackoff(backoff_initial, backoff_max)
+        # -- lifecycle --
+        self.lifecycle = lifecycle or Lifecycle()
+        self._check = check
+        # Idle connections older than the last sweep, oldest generation first: (since, connections),
+        # `since` being the sweep before the one that aged them (the earliest they can have gone idle).
+        self._aged: deque[tuple[float, deque[C]]] = deque()
+        self._retires = self.lifecycle.retires
+        self._meta: dict[C, _Meta] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._last_sweep = 0.0
+        self._period = self.lifecycle.sweep_period()
+        self._background: set[asyncio.Task[None]] = set()
+        self._prewarm_failing = False
+        self.prewarmed = 0
+        self.closed_idle = 0
+        self.expired = 0
+        self.used_up = 0
+        self.checks = 0
+        self.check_failures = 0
 
     # -- checkout ---------------------------------------------------------
 
@@ -98,6 +148,10 @@ class Pool(Generic[C]):
                 self._in_use += 1
                 return conn
             self._forget(conn)
+        if self._aged:  # only once the fresh idle list is empty: nothing on the usual path
+            aged = await self._acquire_aged()
+            if aged is not None:
+                return aged
         if self._size < self.max_size and not self._waiters:
             self._size += 1
             return await self._open_reserved()
@@ -113,7 +167,10 @@ class Pool(Generic[C]):
             self.discarded += 1
             conn.abort()
             self._size -= 1
+            self._drop_meta(conn)
             self._grant_slot()
+            return
+        if self._retires and self._retire(conn):
             return
         while self._waiters:
             fut = self._pop_waiter()
@@ -167,6 +224,8 @@ class Pool(Generic[C]):
         self.backoff.succeeded()
         self.created += 1
         self._in_use += 1
+        if self._retires:
+            self._born(conn)
         return conn
 
     async def _wait(self) -> C | None:
@@ -235,7 +294,201 @@ class Pool(Generic[C]):
     def _forget(self, conn: C) -> None:
         self.discarded += 1
         self._size -= 1
+        self._drop_meta(conn)
         conn.abort()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def _drop_meta(self, conn: C) -> None:
+        if self._retires:
+            self._meta.pop(conn, None)
+
+    def _born(self, conn: C) -> None:
+        now = asyncio.get_running_loop().time()
+        self._meta[conn] = _Meta(self.lifecycle.expires_at(now, random.random))
+
+    def _retire(self, conn: C) -> bool:
+        """A clean connection came back: close it if it has served its lifetime or its uses."""
+        meta = self._meta.get(conn)
+        if meta is None:
+            return False
+        meta.uses += 1
+        max_uses = self.lifecycle.max_uses
+        if max_uses is not None and meta.uses >= max_uses:
+            self.used_up += 1
+        elif asyncio.get_running_loop().time() >= meta.expires:
+            self.expired += 1
+        else:
+            return False
+        self._close_slot(conn)
+        return True
+
+    def _close_slot(self, conn: C) -> None:
+        """Close a clean connection the pool decided to retire, free its slot, keep the minimum."""
+        self._drop_meta(conn)
+        self._size -= 1
+        conn.abort()  # clean (nothing in flight): an abort loses nothing and needs no task
+        self._grant_slot()
+        if self.lifecycle.min_size and not self._closed:
+            self._fill()
+
+    async def _acquire_aged(self) -> C | None:
+        """Take an idle connection that waited out at least one sweep, newest first, checking it
+        if it may have been idle longer than `check_after`; None if none is left."""
+        aged = self._aged
+        check = self._check
+        while aged:
+            since, gen = aged[-1]
+            conn = gen.pop()
+            if not gen:
+                aged.pop()
+            if not conn.usable:
+                self._forget(conn)
+                continue
+            self._in_use += 1
+            if check is None or not self.lifecycle.needs_check(since, asyncio.get_running_loop().time()):
+                return conn
+            self.checks += 1
+            try:
+                ok = await check(conn)
+            except BaseException:
+                # Cancelled mid-check: the check's reply is outstanding, so release discards it.
+                self.release(conn)
+                raise
+            if ok and conn.usable and not conn.pending:
+                return conn
+            # The path dropped it silently, most likely, and every connection idle at least as
+            # long with it: discard them all (the rest of `aged` is older), then go on to a fresh one.
+            self.check_failures += 1
+            self._in_use -= 1
+            self._forget(conn)
+            while aged:
+                for old in aged.popleft()[1]:
+                    self._forget(old)
+            self._grant_slot()
+        return None
+
+    def start(self) -> None:
+        """Begin the lifecycle: the sweeper and, with a minimum size, the first connects.
+        Needs a running loop; returns at once (connects go on in the background)."""
+        if not self.lifecycle.active or self._sweeper is not None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._last_sweep = loop.time()
+        self._sweeper = loop.call_later(self._period, self._sweep)
+        self._fill()
+
+    async def warm(self, timeout: float) -> None:
+        """Start, then give the first connects of the minimum up to `timeout` (never raises:
+        with Redis down the pool starts empty and keeps trying in the background)."""
+        self.start()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+
+    def _fill(self) -> None:
+        """Open connections up to the minimum, in the background, within the connect backoff."""
+        missing = min(self.lifecycle.min_size, self.max_size) - self._size
+        if missing <= 0 or self._waiters or self._closed:
+            return
+        if self.backoff.waiting():
+            return  # the next sweep asks again
+        if self.backoff.failing is not None:
+            missing = 1  # one probe decides whether Redis is back
+        for _ in range(missing):
+            self._size += 1
+            task = asyncio.create_task(self._open_idle())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _open_idle(self) -> None:
+        """One connect of the minimum (slot already reserved): the connection goes to the
+        oldest waiter, or to the idle list."""
+        try:
+            self.backoff.admit()
+        except AccountingError:
+            self._size -= 1
+            self._grant_slot()
+            return  # backing off: the next sweep asks again
+        try:
+            conn = await self._connect()
+        except BaseException as exc:
+            self._size -= 1
+            if isinstance(exc, AccountingError):
+                self.errors += 1
+                self.backoff.failed(exc)
+                if not self._prewarm_failing:  # once per outage, not per attempt
+                    self._prewarm_failing = True
+                    log.warning("pool: cannot open the minimum of connections (%s); retrying in the background", exc)
+            else:
+                self.backoff.abandoned()
+            self._grant_slot()
+            if not isinstance(exc, Exception):
+                raise  # cancelled (the pool is closing)
+            if not isinstance(exc, AccountingError):
+                log.error("pool: background connect failed", exc_info=exc)
+            return
+        self.backoff.succeeded()
+        if self._prewarm_failing:
+            self._prewarm_failing = False
+            log.warning("pool: minimum of connections open again")
+        self.created += 1
+        self.prewarmed += 1
+        if self._closed:
+            self._size -= 1
+            conn.abort()
+            return
+        if self._retires:
+            self._born(conn)
+        while self._waiters:
+            fut = self._pop_waiter()
+            if not fut.done():
+                self._in_use += 1
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def _sweep(self) -> None:
+        """Once per period: age the idle list one generation, close what the policy retires,
+        drop connections lost while idle, reopen up to the minimum."""
+        self._sweeper = None
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        policy = self.lifecycle
+        if self._idle:
+            self._aged.append((self._last_sweep, self._idle))
+            self._idle = deque()
+        self._last_sweep = now
+        aged = self._aged
+        while aged and policy.idle_expired(aged[0][0], now, self._period):
+            for conn in aged.popleft()[1]:
+                if conn.usable:
+                    self.closed_idle += 1
+                    self._size -= 1
+                    self._drop_meta(conn)
+                    conn.abort()
+                else:
+                    self._forget(conn)
+        # Connections lost while idle (Redis closed them, a CLIENT KILL) and, with a lifetime,
+        # idle ones past it: closed now rather than at their next checkout.
+        meta = self._meta
+        for _, gen in aged:
+            for conn in list(gen):
+                if not conn.usable:
+                    gen.remove(conn)
+                    self._forget(conn)
+                elif self._retires and (m := meta.get(conn)) is not None and now >= m.expires:
+                    gen.remove(conn)
+                    self.expired += 1
+                    self._size -= 1
+                    del meta[conn]
+                    conn.abort()
+        if any(not gen for _, gen in aged):
+            self._aged = deque((s, g) for s, g in aged if g)
+        self._grant_slot()
+        self._fill()
+        self._sweeper = loop.call_later(self._period, self._sweep)
 
     # -- lifecycle and introspection ----------------------------------------
 
@@ -252,7 +505,18 @@ class Pool(Generic[C]):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         idle = list(self._idle)
+        for _, gen in self._aged:
+            idle.extend(gen)
+        self._aged.clear()
+        self._meta.clear()
         self._idle.clear()
         self._size -= len(idle)
         await asyncio.gather(*(c.close() for c in idle), return_exceptions=True)
@@ -261,7 +525,7 @@ class Pool(Generic[C]):
         return {
             "max": self.max_size,
             "size": self._size,
-            "idle": len(self._idle),
+            "idle": len(self._idle) + sum(len(g) for _, g in self._aged),
             "in_use": self._in_use,
             "waiting": len(self._waiters),
             "created": self.created,
@@ -269,4 +533,10 @@ class Pool(Generic[C]):
             "discarded": self.discarded,
             "wait_timeouts": self.wait_timeouts,
             "fast_failures": self.backoff.refused,
+            "prewarmed": self.prewarmed,
+            "closed_idle": self.closed_idle,
+            "expired": self.expired,
+            "used_up": self.used_up,
+            "checks": self.checks,
+            "check_failures": self.check_failures,
         }
