@@ -82,6 +82,29 @@ class _Meta:
         self.uses = 0
 
 
+class _Life(Generic[C]):
+    """A pool's lifecycle state and counters (`Pool._life`)."""
+
+    __slots__ = ("background", "check", "check_failures", "checks", "closed_idle", "expired", "last_sweep",
+                 "meta", "period", "policy", "prewarm_failing", "prewarmed", "sweeper", "used_up")  # fmt: skip
+
+    def __init__(self, policy: Lifecycle, check: Callable[[C], Awaitable[bool]] | None) -> None:
+        self.policy = policy
+        self.check = check
+        self.meta: dict[C, _Meta] = {}
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.last_sweep = 0.0
+        self.period = policy.sweep_period()
+        self.background: set[asyncio.Task[None]] = set()
+        self.prewarm_failing = False
+        self.prewarmed = 0
+        self.closed_idle = 0
+        self.expired = 0
+        self.used_up = 0
+        self.checks = 0
+        self.check_failures = 0
+
+
 class Pool(Generic[C]):
     def __init__(
         self,
@@ -116,25 +139,17 @@ class Pool(Generic[C]):
         self.discarded = 0
         self.wait_timeouts = 0
         self.backoff = ConnectBackoff(backoff_initial, backoff_max)
-        # -- lifecycle --
-        self.lifecycle = lifecycle or Lifecycle()
-        self._check = check
+        # -- lifecycle: its state in one object, so the pool keeps few attributes (past about
+        # 30, CPython stops sharing an instance's key layout and every attribute read costs more).
+        self._life: _Life[C] = _Life(lifecycle or Lifecycle(), check)
         # Idle connections older than the last sweep, oldest generation first: (since, connections),
         # `since` being the sweep before the one that aged them (the earliest they can have gone idle).
         self._aged: deque[tuple[float, deque[C]]] = deque()
-        self._retires = self.lifecycle.retires
-        self._meta: dict[C, _Meta] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._last_sweep = 0.0
-        self._period = self.lifecycle.sweep_period()
-        self._background: set[asyncio.Task[None]] = set()
-        self._prewarm_failing = False
-        self.prewarmed = 0
-        self.closed_idle = 0
-        self.expired = 0
-        self.used_up = 0
-        self.checks = 0
-        self.check_failures = 0
+        self._retires = self._life.policy.retires
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self._life.policy
 
     # -- checkout ---------------------------------------------------------
 
@@ -301,23 +316,23 @@ class Pool(Generic[C]):
 
     def _drop_meta(self, conn: C) -> None:
         if self._retires:
-            self._meta.pop(conn, None)
+            self._life.meta.pop(conn, None)
 
     def _born(self, conn: C) -> None:
         now = asyncio.get_running_loop().time()
-        self._meta[conn] = _Meta(self.lifecycle.expires_at(now, random.random))
+        self._life.meta[conn] = _Meta(self._life.policy.expires_at(now, random.random))
 
     def _retire(self, conn: C) -> bool:
         """A clean connection came back: close it if it has served its lifetime or its uses."""
-        meta = self._meta.get(conn)
+        meta = self._life.meta.get(conn)
         if meta is None:
             return False
         meta.uses += 1
-        max_uses = self.lifecycle.max_uses
+        max_uses = self._life.policy.max_uses
         if max_uses is not None and meta.uses >= max_uses:
-            self.used_up += 1
+            self._life.used_up += 1
         elif asyncio.get_running_loop().time() >= meta.expires:
-            self.expired += 1
+            self._life.expired += 1
         else:
             return False
         self._close_slot(conn)
@@ -329,14 +344,14 @@ class Pool(Generic[C]):
         self._size -= 1
         conn.abort()  # clean (nothing in flight): an abort loses nothing and needs no task
         self._grant_slot()
-        if self.lifecycle.min_size and not self._closed:
+        if self._life.policy.min_size and not self._closed:
             self._fill()
 
     async def _acquire_aged(self) -> C | None:
         """Take an idle connection that waited out at least one sweep, newest first, checking it
         if it may have been idle longer than `check_after`; None if none is left."""
         aged = self._aged
-        check = self._check
+        check = self._life.check
         while aged:
             since, gen = aged[-1]
             conn = gen.pop()
@@ -346,9 +361,9 @@ class Pool(Generic[C]):
                 self._forget(conn)
                 continue
             self._in_use += 1
-            if check is None or not self.lifecycle.needs_check(since, asyncio.get_running_loop().time()):
+            if check is None or not self._life.policy.needs_check(since, asyncio.get_running_loop().time()):
                 return conn
-            self.checks += 1
+            self._life.checks += 1
             try:
                 ok = await check(conn)
             except BaseException:
@@ -359,7 +374,7 @@ class Pool(Generic[C]):
                 return conn
             # The path dropped it silently, most likely, and every connection idle at least as
             # long with it: discard them all (the rest of `aged` is older), then go on to a fresh one.
-            self.check_failures += 1
+            self._life.check_failures += 1
             self._in_use -= 1
             self._forget(conn)
             while aged:
@@ -371,23 +386,23 @@ class Pool(Generic[C]):
     def start(self) -> None:
         """Begin the lifecycle: the sweeper and, with a minimum size, the first connects.
         Needs a running loop; returns at once (connects go on in the background)."""
-        if not self.lifecycle.active or self._sweeper is not None or self._closed:
+        if not self._life.policy.active or self._life.sweeper is not None or self._closed:
             return
         loop = asyncio.get_running_loop()
-        self._last_sweep = loop.time()
-        self._sweeper = loop.call_later(self._period, self._sweep)
+        self._life.last_sweep = loop.time()
+        self._life.sweeper = loop.call_later(self._life.period, self._sweep)
         self._fill()
 
     async def warm(self, timeout: float) -> None:
         """Start, then give the first connects of the minimum up to `timeout` (never raises:
         with Redis down the pool starts empty and keeps trying in the background)."""
         self.start()
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=timeout)
+        if self._life.background:
+            await asyncio.wait(list(self._life.background), timeout=timeout)
 
     def _fill(self) -> None:
         """Open connections up to the minimum, in the background, within the connect backoff."""
-        missing = min(self.lifecycle.min_size, self.max_size) - self._size
+        missing = min(self._life.policy.min_size, self.max_size) - self._size
         if missing <= 0 or self._waiters or self._closed:
             return
         if self.backoff.waiting():
@@ -397,8 +412,8 @@ class Pool(Generic[C]):
         for _ in range(missing):
             self._size += 1
             task = asyncio.create_task(self._open_idle())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._life.background.add(task)
+            task.add_done_callback(self._life.background.discard)
 
     async def _open_idle(self) -> None:
         """One connect of the minimum (slot already reserved): the connection goes to the
@@ -416,8 +431,8 @@ class Pool(Generic[C]):
             if isinstance(exc, AccountingError):
                 self.errors += 1
                 self.backoff.failed(exc)
-                if not self._prewarm_failing:  # once per outage, not per attempt
-                    self._prewarm_failing = True
+                if not self._life.prewarm_failing:  # once per outage, not per attempt
+                    self._life.prewarm_failing = True
                     log.warning("pool: cannot open the minimum of connections (%s); retrying in the background", exc)
             else:
                 self.backoff.abandoned()
@@ -428,11 +443,11 @@ class Pool(Generic[C]):
                 log.error("pool: background connect failed", exc_info=exc)
             return
         self.backoff.succeeded()
-        if self._prewarm_failing:
-            self._prewarm_failing = False
+        if self._life.prewarm_failing:
+            self._life.prewarm_failing = False
             log.warning("pool: minimum of connections open again")
         self.created += 1
-        self.prewarmed += 1
+        self._life.prewarmed += 1
         if self._closed:
             self._size -= 1
             conn.abort()
@@ -450,21 +465,21 @@ class Pool(Generic[C]):
     def _sweep(self) -> None:
         """Once per period: age the idle list one generation, close what the policy retires,
         drop connections lost while idle, reopen up to the minimum."""
-        self._sweeper = None
+        self._life.sweeper = None
         if self._closed:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        policy = self.lifecycle
+        policy = self._life.policy
         if self._idle:
-            self._aged.append((self._last_sweep, self._idle))
+            self._aged.append((self._life.last_sweep, self._idle))
             self._idle = deque()
-        self._last_sweep = now
+        self._life.last_sweep = now
         aged = self._aged
-        while aged and policy.idle_expired(aged[0][0], now, self._period):
+        while aged and policy.idle_expired(aged[0][0], now, self._life.period):
             for conn in aged.popleft()[1]:
                 if conn.usable:
-                    self.closed_idle += 1
+                    self._life.closed_idle += 1
                     self._size -= 1
                     self._drop_meta(conn)
                     conn.abort()
@@ -472,7 +487,7 @@ class Pool(Generic[C]):
                     self._forget(conn)
         # Connections lost while idle (Redis closed them, a CLIENT KILL) and, with a lifetime,
         # idle ones past it: closed now rather than at their next checkout.
-        meta = self._meta
+        meta = self._life.meta
         for _, gen in aged:
             for conn in list(gen):
                 if not conn.usable:
@@ -480,7 +495,7 @@ class Pool(Generic[C]):
                     self._forget(conn)
                 elif self._retires and (m := meta.get(conn)) is not None and now >= m.expires:
                     gen.remove(conn)
-                    self.expired += 1
+                    self._life.expired += 1
                     self._size -= 1
                     del meta[conn]
                     conn.abort()
@@ -488,7 +503,7 @@ class Pool(Generic[C]):
             self._aged = deque((s, g) for s, g in aged if g)
         self._grant_slot()
         self._fill()
-        self._sweeper = loop.call_later(self._period, self._sweep)
+        self._life.sweeper = loop.call_later(self._life.period, self._sweep)
 
     # -- lifecycle and introspection ----------------------------------------
 
@@ -505,18 +520,18 @@ class Pool(Generic[C]):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for task in list(self._background):
+        if self._life.sweeper is not None:
+            self._life.sweeper.cancel()
+            self._life.sweeper = None
+        for task in list(self._life.background):
             task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._life.background:
+            await asyncio.gather(*self._life.background, return_exceptions=True)
         idle = list(self._idle)
         for _, gen in self._aged:
             idle.extend(gen)
         self._aged.clear()
-        self._meta.clear()
+        self._life.meta.clear()
         self._idle.clear()
         self._size -= len(idle)
         await asyncio.gather(*(c.close() for c in idle), return_exceptions=True)
@@ -533,10 +548,10 @@ class Pool(Generic[C]):
             "discarded": self.discarded,
             "wait_timeouts": self.wait_timeouts,
             "fast_failures": self.backoff.refused,
-            "prewarmed": self.prewarmed,
-            "closed_idle": self.closed_idle,
-            "expired": self.expired,
-            "used_up": self.used_up,
-            "checks": self.checks,
-            "check_failures": self.check_failures,
+            "prewarmed": self._life.prewarmed,
+            "closed_idle": self._life.closed_idle,
+            "expired": self._life.expired,
+            "used_up": self._life.used_up,
+            "checks": self._life.checks,
+            "check_failures": self._life.check_failures,
         }

@@ -17,6 +17,7 @@ import redis
 
 from gateway.config import Config, parse_redis_url
 from gateway.resp import Parser
+from loadtest.chaos import IdleDropRelay
 from loadtest.chaos import gateway as running_gateway
 from loadtest.procs import RedisProcess, free_port, stop_process, wait_port
 
@@ -124,68 +125,6 @@ class FakeRedis:
 
     async def close(self) -> None:
         if self._server:
-            self._server.close()
-            for w in list(self._writers):
-                w.transport.abort()
-            await self._server.wait_closed()
-
-
-class IdleDropRelay:
-    """A TCP relay in front of Redis that forgets a flow idle longer than `idle_s`, the way a
-    cloud load balancer or NAT does: from then on it silently discards that connection's bytes
-    both ways (no FIN, no RST). `dropped` counts flows forgotten."""
-
-    def __init__(self, target_port: int, idle_s: float = 1.0) -> None:
-        self.target_port = target_port
-        self.idle_s = idle_s
-        self.port = 0
-        self.dropped = 0
-        self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> IdleDropRelay:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        flow = {"last": loop.time(), "dead": False}
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    now = loop.time()
-                    if not flow["dead"] and now - flow["last"] > self.idle_s:
-                        flow["dead"] = True
-                        self.dropped += 1
-                    if flow["dead"]:
-                        continue  # forgotten: the bytes go nowhere, and nobody is told
-                    flow["last"] = now
-                    dst.write(data)
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        try:
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        except asyncio.CancelledError:
-            pass  # the relay is closing
-        finally:
-            self._writers.difference_update((writer, up_writer))
-
-    async def close(self) -> None:
-        if self._server is not None:
             self._server.close()
             for w in list(self._writers):
                 w.transport.abort()
