@@ -368,6 +368,7 @@ class Multiplexer:
             "expired": self.expired,
             "checks": self.checks,
             "check_failures": self.check_failures,
+            "rotation_errors": self.rotation_errors,
         }
 
     async def close(self) -> None:
