@@ -19,7 +19,8 @@ Idle time is not stamped per checkout (that would cost every request a clock rea
 pool's sweeper ages idle connections in generations, one per sweep, and a generation
 carries `since`, the earliest moment its connections can have become idle. Rules that
 bound idle time therefore compare against the *longest* idle a connection in the
-generation can have, so a limit is never overrun; at most one sweep period early.
+generation can have, so a limit is never overrun; an idle connection is closed at most two
+sweep periods early (a generation spans one period, and the next sweep comes one later).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# Sweeps per shortest limit: a limit is acted on at most 1/SWEEPS_PER_LIMIT of it early.
+# Sweeps per shortest limit: a limit is acted on at most 2/SWEEPS_PER_LIMIT of it early.
 SWEEPS_PER_LIMIT = 8
 # With a minimum size, a lost connection is noticed and reopened within this.
 REFILL_PERIOD_S = 0.25

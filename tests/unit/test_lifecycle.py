@@ -138,7 +138,7 @@ async def test_idle_connections_closed_after_the_timeout() -> None:
     for c in conns:
         pool.release(c)
     await asyncio.sleep(0.04)
-    assert pool.stats()["idle"] == 3  # not before 7/8 of the timeout
+    assert pool.stats()["idle"] == 3  # not before 3/4 of the timeout
     await asyncio.sleep(0.08)
     s = pool.stats()
     assert s["idle"] == 0 and s["size"] == 0 and s["closed_idle"] == 3, s
