@@ -146,6 +146,12 @@ class Pool(Generic[C]):
         # `since` being the sweep before the one that aged them (the earliest they can have gone idle).
         self._aged: deque[tuple[float, deque[C]]] = deque()
         self._retires = self._life.policy.retires
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # made outside a loop: `start()` begins the lifecycle later
+        else:
+            self.start()
 
     @property
     def lifecycle(self) -> Lifecycle:
@@ -385,7 +391,8 @@ class Pool(Generic[C]):
 
     def start(self) -> None:
         """Begin the lifecycle: the sweeper and, with a minimum size, the first connects.
-        Needs a running loop; returns at once (connects go on in the background)."""
+        Needs a running loop; returns at once (connects go on in the background). A pool made
+        inside a running loop starts itself; calling this again does nothing."""
         if not self._life.policy.active or self._life.sweeper is not None or self._closed:
             return
         loop = asyncio.get_running_loop()

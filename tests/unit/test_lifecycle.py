@@ -230,3 +230,12 @@ async def test_close_stops_the_sweeper_and_closes_aged_connections() -> None:
     await asyncio.sleep(0.03)  # aged now
     await pool.close()
     assert c.aborted and pool.stats()["idle"] == 0
+
+
+async def test_pool_made_in_a_running_loop_starts_its_lifecycle_itself() -> None:
+    pool = Pool(Opener(), 2, 1.0, lifecycle=Lifecycle(idle_timeout=0.04))  # no start()
+    c = await pool.acquire()
+    pool.release(c)
+    await asyncio.sleep(0.08)
+    assert c.aborted and pool.stats()["closed_idle"] == 1
+    await pool.close()
