@@ -312,6 +312,11 @@ class Pool(Generic[C]):
                 fut.set_result(None)
                 return
 
+    def _grant_slots(self) -> None:
+        """Several slots may have been freed at once: one to each waiter, oldest first."""
+        while self._waiters and self._size < self.max_size and not self._closed:
+            self._grant_slot()
+
     def _forget(self, conn: C) -> None:
         self.discarded += 1
         self._size -= 1
@@ -386,7 +391,7 @@ class Pool(Generic[C]):
             while aged:
                 for old in aged.popleft()[1]:
                     self._forget(old)
-            self._grant_slot()
+            self._grant_slots()
         return None
 
     def start(self) -> None:
@@ -508,7 +513,7 @@ class Pool(Generic[C]):
                     conn.abort()
         if any(not gen for _, gen in aged):
             self._aged = deque((s, g) for s, g in aged if g)
-        self._grant_slot()
+        self._grant_slots()
         self._fill()
         self._life.sweeper = loop.call_later(self._life.period, self._sweep)
 
