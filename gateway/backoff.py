@@ -67,3 +67,11 @@ class ConnectBackoff:
     def abandoned(self) -> None:
         """The admitted connect was cancelled: it decided nothing."""
         self._probing = False
+
+    def waiting(self) -> bool:
+        """True while `admit` would refuse: connects are failing and the retry time has not
+        come, or the one connect allowed after it is in progress. Asks without counting a
+        refusal, for background connects that simply try again later."""
+        if self.failing is None:
+            return False
+        return self._probing or self._clock() < self._retry_at

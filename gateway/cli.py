@@ -62,6 +62,17 @@ def _address(addr: tuple[str, int] | str | None) -> str:
 DEFAULT_REDIS_URL = DEFAULTS["redis"].url
 
 
+def _off(value: float | None) -> str | float:
+    return "off" if value is None else value
+
+
+def _optional_float(text: str) -> float | None:
+    """A number, or 'off' for None."""
+    if text.strip().lower() in ("off", "none", ""):
+        return None
+    return float(text)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -153,6 +164,47 @@ def build_parser() -> argparse.ArgumentParser:
         "GATEWAY_POOL_WAIT_MS",
         DEFAULTS["pool_wait_ms"],
         "longest wait for a free pooled connection",
+        type=float,
+    )
+    opt(
+        "--pool-min-size",
+        "GATEWAY_POOL_MIN_SIZE",
+        DEFAULTS["pool_min_size"],
+        "raw: connections opened at start and kept open (reopened in the background when lost)",
+        type=int,
+    )
+    opt(
+        "--pool-idle-timeout-s",
+        "GATEWAY_POOL_IDLE_TIMEOUT_S",
+        DEFAULTS["pool_idle_timeout_s"],
+        "raw, multiplexed, batched: Redis connections idle this long are closed (replaced when needed "
+        "for the minimum or for shared connections), so none outlives a load balancer's or NAT's idle "
+        "timeout; 0: never",
+        type=float,
+    )
+    opt(
+        "--pool-check-after-ms",
+        "GATEWAY_POOL_CHECK_AFTER_MS",
+        _off(DEFAULTS["pool_check_after_ms"]),
+        "raw: a connection idle longer than this is checked with a PING before a request gets it (a "
+        "failed check discards it and the request takes another); multiplexed, batched: an idle shared "
+        "connection is PINGed after this; 'off': never",
+        type=_optional_float,
+    )
+    opt(
+        "--pool-max-lifetime-s",
+        "GATEWAY_POOL_MAX_LIFETIME_S",
+        _off(DEFAULTS["pool_max_lifetime_s"]),
+        "raw: a connection is closed when it comes back after this long open (0: after one checkout); "
+        "multiplexed, batched: a shared connection is replaced after this long (the replacement opens "
+        "first); 'off': never",
+        type=_optional_float,
+    )
+    opt(
+        "--pool-lifetime-jitter-s",
+        "GATEWAY_POOL_LIFETIME_JITTER_S",
+        DEFAULTS["pool_lifetime_jitter_s"],
+        "each connection's lifetime is longer by a random share of this, so reconnects spread out",
         type=float,
     )
     opt(
@@ -434,6 +486,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             cluster_seeds=seeds[1:],
             pool_size=args.pool_size,
             pool_wait_ms=args.pool_wait_ms,
+            pool_min_size=args.pool_min_size,
+            pool_idle_timeout_s=args.pool_idle_timeout_s,
+            pool_check_after_ms=args.pool_check_after_ms,
+            pool_max_lifetime_s=args.pool_max_lifetime_s,
+            pool_lifetime_jitter_s=args.pool_lifetime_jitter_s,
             connect_timeout_ms=args.connect_timeout_ms,
             command_timeout_ms=args.command_timeout_ms,
             key_prefix=args.key_prefix,

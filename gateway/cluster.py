@@ -64,6 +64,7 @@ class PoolNode:
 
     def __init__(self, pool: Pool[RedisConnection]) -> None:
         self.pool = pool
+        pool.start()  # its lifecycle: sweeper and minimum (no-op without one)
 
     async def send(self, packed: bytes, count: int) -> list[Reply]:
         conn = await self.pool.acquire()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .lifecycle import Lifecycle
 from .limit.algorithms import Rate, parse_rate
 from .limit.scripts import check_prefix
 
@@ -243,6 +244,18 @@ class Config:
     cluster_seeds: tuple[RedisTarget, ...] = ()
     pool_size: int = 20
     pool_wait_ms: float = 1000.0
+    # Pool lifecycle (raw's pool; multiplexed's and batched's shared connections where it applies).
+    # Connections opened at start and kept open.
+    pool_min_size: int = 0
+    # Idle connections closed after this (0: never). Under Azure's 4 min and AWS NLB's 350 s, the
+    # shortest idle timeouts of common cloud load balancers and NAT gateways, with a minute to spare.
+    pool_idle_timeout_s: float = 180.0
+    # A connection idle longer than this is checked (PING) before reuse; None: never.
+    pool_check_after_ms: float | None = 30_000.0
+    # Connections retired this long after opening (0: after one checkout; None: never), plus a
+    # random share of the jitter.
+    pool_max_lifetime_s: float | None = None
+    pool_lifetime_jitter_s: float = 0.0
     connect_timeout_ms: float = 500.0
     command_timeout_ms: float = 500.0
     key_prefix: str = "ip:"
@@ -305,6 +318,19 @@ class Config:
         for name in ("pool_wait_ms", "connect_timeout_ms", "command_timeout_ms", "batch_window_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"invalid {name.replace('_', '-')}: must be >= 0")
+        if self.pool_min_size < 0 or self.pool_min_size > self.pool_size:
+            raise ConfigError(f"invalid pool-min-size {self.pool_min_size}: must be between 0 and pool-size")
+        if self.pool_idle_timeout_s < 0 or self.pool_lifetime_jitter_s < 0:
+            raise ConfigError("pool-idle-timeout-s and pool-lifetime-jitter-s must be >= 0")
+        if self.pool_check_after_ms is not None and self.pool_check_after_ms < 0:
+            raise ConfigError("pool-check-after-ms must be >= 0 (or off)")
+        if self.pool_max_lifetime_s is not None and self.pool_max_lifetime_s < 0:
+            raise ConfigError("pool-max-lifetime-s must be >= 0 (or off)")
+        if self.pool_max_lifetime_s == 0 and self.mode in ("multiplexed", "batched"):
+            raise ConfigError(
+                "pool-max-lifetime-s 0 means one checkout per connection; multiplexed and batched share "
+                "their connections (no checkouts): give a lifetime in seconds, or off"
+            )
         if self.connect_timeout_ms == 0 or self.command_timeout_ms == 0:
             raise ConfigError("connect and command timeouts must be > 0")
         if not self.target.startswith("/") or any(c in self.target for c in "\r\n"):
@@ -397,6 +423,18 @@ class Config:
         if not self.cluster:
             return self.redis.url
         return "cluster " + ",".join(t.url for t in self.seeds)
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """The pool lifecycle these options ask for (`gateway.lifecycle`)."""
+        check = self.pool_check_after_ms
+        return Lifecycle(
+            min_size=self.pool_min_size,
+            idle_timeout=self.pool_idle_timeout_s or None,
+            check_after=None if check is None else check / 1000,
+            max_lifetime=self.pool_max_lifetime_s,
+            lifetime_jitter=self.pool_lifetime_jitter_s,
+        )
 
     @property
     def pool_wait(self) -> float:

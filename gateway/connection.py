@@ -42,6 +42,9 @@ class RedisConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._wbuf: list[bytes] = []
         self.closed = loop.create_future()
+        #: Reads that brought replies: a shared connection's sweeper tells idle from busy by it
+        #: (one increment per read, not per command, and no clock).
+        self.reads = 0
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -49,6 +52,7 @@ class RedisConnection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         parser = self._parser
         parser.feed(data)
         inflight = self._inflight
@@ -187,6 +191,19 @@ class RedisConnection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()
         await self.closed
+
+
+PING = encode("PING")
+
+
+async def ping_check(conn: RedisConnection) -> bool:
+    """The check before reuse: one PING, the cheapest command that proves the path both ways.
+    Bounded by the connection's command timeout (a silently dropped path answers nothing)."""
+    try:
+        reply = await conn.send_packed(PING, now=True)[0]
+    except AccountingError:
+        return False
+    return reply == "PONG"
 
 
 async def open_connection(

@@ -18,6 +18,17 @@ Owns the shared connections and their reconnection. Invariants:
   once, sees a few connects a second, not thousands. Why connects fail is
   logged once per outage (and again only for a new kind of failure).
 
+- Lifecycle (`gateway.lifecycle.Lifecycle`, optional), applied by one sweeper timer per
+  multiplexer, never per command: a shared connection that carried nothing for
+  `idle_timeout`, or that reached its lifetime, is rotated; one idle for `check_after`
+  gets a PING (a failed one closes it and it is reconnected before traffic needs it;
+  a good one also keeps a middlebox's idle timer from running out). Rotation opens
+  the replacement first, moves new commands to it, then closes the old connection
+  gracefully once its in-flight replies are read: no command sees an error. A
+  replacement that cannot connect leaves the old connection in service and backs off.
+  The minimum size and the use limit have no meaning here (every slot is always
+  kept connected; a shared connection has no checkouts).
+
 While no connection is up, commands fail at once instead of queueing behind a
 reconnect: `AccountingError` of the last connect's kind (`connect_error`,
 `redis:WRONGPASS`, `redis:ERR` for maxclients, ...).
@@ -26,7 +37,9 @@ reconnect: `AccountingError` of the last connect's kind (`connect_error`,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -35,8 +48,9 @@ from typing import Any
 
 from . import errors
 from .config import RedisTarget
-from .connection import RedisConnection, open_connection
+from .connection import PING, RedisConnection, open_connection
 from .errors import AccountingError
+from .lifecycle import Lifecycle
 from .resp import Reply, encode, encode_many
 
 log = logging.getLogger("gateway.multiplexer")
@@ -76,6 +90,13 @@ class _Slot:
         self.conn: RedisConnection | None = None
         self.task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        # Lifecycle, seen by the sweeper: the connection's reads at the last sweep, the earliest
+        # its quiet spell can have begun, its expiry, and whether a check or rotation is running.
+        self.reads_seen = -1
+        self.quiet_since = 0.0
+        self.expires = math.inf
+        self.checking = False
+        self.rotating = False
 
 
 class Multiplexer:
@@ -88,6 +109,7 @@ class Multiplexer:
         command_timeout: float = 0.5,
         backoff_initial: float = 0.05,
         backoff_max: float = 0.5,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self._connect = partial(
             open_connection,
@@ -108,6 +130,22 @@ class Multiplexer:
         self._connect_error: AccountingError | None = None
         #: Called each time a shared connection comes up (a caller backing off may retry at once).
         self.on_connected: Callable[[], None] | None = None
+        if lifecycle is not None and lifecycle.max_lifetime == 0:
+            # "Once" means one checkout; a shared connection has none, so it would be replaced at
+            # every sweep. Config refuses it for these modes; a library caller gets no lifetime.
+            lifecycle = dataclasses.replace(lifecycle, max_lifetime=None)
+        self.lifecycle = lifecycle if lifecycle is not None and lifecycle.active else None
+        self._period = self.lifecycle.sweep_period() if self.lifecycle else 0.0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._last_sweep = 0.0
+        self._rotate_delay = 0.0  # grows while replacements fail to connect
+        self._rotate_after = 0.0
+        self._background: set[asyncio.Task[None]] = set()
+        self.closed_idle = 0
+        self.expired = 0
+        self.checks = 0
+        self.check_failures = 0
+        self.rotation_errors = 0
 
     async def start(self, wait: float | None = None) -> None:
         """Start connecting every slot; with `wait`, give the first connects that long."""
@@ -119,6 +157,10 @@ class Multiplexer:
         for slot in self._slots:
             if slot.task is None:
                 slot.task = asyncio.create_task(self._keep_connected(slot))
+        if self.lifecycle is not None and self._sweeper is None and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._last_sweep = loop.time()
+            self._sweeper = loop.call_later(self._period, self._sweep)
 
     async def wait_connected(self, timeout: float, every: bool = False) -> None:
         """Until one (or `every`) shared connection is up, or `timeout` has passed."""
@@ -174,15 +216,111 @@ class Multiplexer:
             self._connect_error = None
             self.connects += 1
             delay = initial
-            slot.conn = conn
+            self._install(slot, conn)
             slot.ready.set()
             if self.on_connected is not None:
                 self.on_connected()
-            await conn.closed
+            while True:
+                await conn.closed
+                current = slot.conn
+                if current is conn or current is None:
+                    break
+                conn = current  # rotated: watch the replacement
             slot.conn = None
             slot.ready.clear()
             if not self._closing:
                 self.disconnects += 1
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def _install(self, slot: _Slot, conn: RedisConnection) -> None:
+        slot.conn = conn
+        slot.reads_seen = conn.reads
+        slot.quiet_since = self._last_sweep
+        if self.lifecycle is not None:
+            now = asyncio.get_running_loop().time()
+            slot.expires = self.lifecycle.expires_at(now, random.random)
+
+    def _sweep(self) -> None:
+        """Once per period: rotate shared connections that expired or sat idle too long, and
+        check those idle past `check_after`."""
+        self._sweeper = None
+        policy = self.lifecycle
+        if self._closing or policy is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        previous, self._last_sweep = self._last_sweep, now
+        for slot in self._slots:
+            conn = slot.conn
+            if conn is None or not conn.usable or slot.rotating:
+                continue
+            if conn.reads != slot.reads_seen or conn.pending:
+                # Busy since the last sweep: its quiet spell can have begun no earlier than that sweep.
+                slot.reads_seen = conn.reads
+                slot.quiet_since = previous
+                if now < slot.expires:
+                    continue
+            if now >= slot.expires:
+                if now >= self._rotate_after:
+                    self._rotate(slot, conn, "expired")
+            elif policy.idle_expired(slot.quiet_since, now, self._period):
+                if now >= self._rotate_after:
+                    self._rotate(slot, conn, "idle")
+            elif not slot.checking and policy.needs_check(slot.quiet_since, now):
+                self._check(slot, conn)
+        self._sweeper = loop.call_later(self._period, self._sweep)
+
+    def _check(self, slot: _Slot, conn: RedisConnection) -> None:
+        self.checks += 1
+        slot.checking = True
+        fut = conn.send_packed(PING, now=True)[0]
+
+        def done(f: asyncio.Future[Reply]) -> None:
+            slot.checking = False
+            if f.cancelled() or f.exception() is not None or f.result() != "PONG":
+                self.check_failures += 1
+                # Closed at once (a timeout has already closed it): the slot reconnects now,
+                # before traffic comes back to it.
+                conn.abort(AccountingError(errors.CONNECTION_LOST, "check before reuse failed"))
+
+        fut.add_done_callback(done)
+
+    def _rotate(self, slot: _Slot, old: RedisConnection, why: str) -> None:
+        slot.rotating = True
+        task = asyncio.create_task(self._replace(slot, old, why))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _replace(self, slot: _Slot, old: RedisConnection, why: str) -> None:
+        """Open the replacement first; only once Redis answered on it, move traffic over and
+        close the old connection after its in-flight replies."""
+        try:
+            try:
+                new = await self._connect()
+            except AccountingError:
+                # The old connection still serves; try again later, backing off.
+                self.rotation_errors += 1
+                self._rotate_delay = min(max(self._rotate_delay * 2, 0.05), 1.0)
+                self._rotate_after = asyncio.get_running_loop().time() + self._rotate_delay
+                return
+            self._rotate_delay = 0.0
+            if self._closing or slot.conn is not old or not old.usable:
+                new.abort()  # lost or closed meanwhile: the slot's own reconnect takes over
+                return
+            if why == "idle":
+                self.closed_idle += 1
+            else:
+                self.expired += 1
+            self.connects += 1
+            self._install(slot, new)
+            try:
+                await old.close()
+            except BaseException:
+                old.abort()  # closing down meanwhile: never leave it open
+                raise
+        finally:
+            slot.rotating = False
 
     def connection(self) -> RedisConnection:
         """The next usable shared connection (round robin), or AccountingError."""
@@ -226,11 +364,22 @@ class Multiplexer:
             "created": self.connects,
             "errors": self.connect_errors,
             "disconnects": self.disconnects,
+            "closed_idle": self.closed_idle,
+            "expired": self.expired,
+            "checks": self.checks,
+            "check_failures": self.check_failures,
+            "rotation_errors": self.rotation_errors,
         }
 
     async def close(self) -> None:
         """Let in-flight commands finish, then close every connection."""
         self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         conns = [s.conn for s in self._slots if s.conn is not None]
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
         for slot in self._slots:

@@ -19,11 +19,27 @@ Owns how many connections exist and who holds them. Invariants:
   checkout that would need a new connection meanwhile fails at once with the
   same kind of error instead of connecting. Idle connections are still handed
   out.
+- Lifecycle (`gateway.lifecycle.Lifecycle`, optional): a minimum of connections kept
+  open, idle connections closed after a timeout, idle ones checked before reuse,
+  connections retired after a lifetime or a number of checkouts. A connection is
+  retired only while idle or when it comes back, never in the middle of a command.
+  Nothing of it runs per checkout unless a lifetime or a use limit is set (then one
+  lookup and one clock read per release): idle time is tracked by one sweeper timer
+  per pool, which ages the idle list in generations (see `gateway.lifecycle`). A
+  checkout takes the most recently used connection first, so under load every
+  connection is fresh and none is checked; only one that waited out a pause is.
+- A failed check discards that connection and every one idle at least as long (the
+  same path dropped them all, most likely), and the checkout goes on to a fresh
+  connection: the request never sees the failure, only the check's delay.
+- Background connects (the minimum) obey the connect backoff like any other: while it
+  refuses, the sweeper waits for the next sweep; it never starts a storm of connects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +48,9 @@ from typing import Generic, Protocol, TypeVar
 from . import errors
 from .backoff import ConnectBackoff
 from .errors import AccountingError
+from .lifecycle import Lifecycle
+
+log = logging.getLogger("gateway.pool")
 
 
 class PoolConnection(Protocol):
@@ -53,6 +72,39 @@ class PoolConnection(Protocol):
 C = TypeVar("C", bound=PoolConnection)
 
 
+class _Meta:
+    """Expiry and checkouts of one connection, kept only when the lifecycle retires connections."""
+
+    __slots__ = ("expires", "uses")
+
+    def __init__(self, expires: float) -> None:
+        self.expires = expires
+        self.uses = 0
+
+
+class _Life(Generic[C]):
+    """A pool's lifecycle state and counters (`Pool._life`)."""
+
+    __slots__ = ("background", "check", "check_failures", "checks", "closed_idle", "expired", "last_sweep",
+                 "meta", "period", "policy", "prewarm_failing", "prewarmed", "sweeper", "used_up")  # fmt: skip
+
+    def __init__(self, policy: Lifecycle, check: Callable[[C], Awaitable[bool]] | None) -> None:
+        self.policy = policy
+        self.check = check
+        self.meta: dict[C, _Meta] = {}
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.last_sweep = 0.0
+        self.period = policy.sweep_period()
+        self.background: set[asyncio.Task[None]] = set()
+        self.prewarm_failing = False
+        self.prewarmed = 0
+        self.closed_idle = 0
+        self.expired = 0
+        self.used_up = 0
+        self.checks = 0
+        self.check_failures = 0
+
+
 class Pool(Generic[C]):
     def __init__(
         self,
@@ -63,6 +115,8 @@ class Pool(Generic[C]):
         backoff_initial: float = 0.05,
         backoff_max: float = 0.5,
         what: str = "Redis connection",
+        lifecycle: Lifecycle | None = None,
+        check: Callable[[C], Awaitable[bool]] | None = None,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
@@ -85,6 +139,23 @@ class Pool(Generic[C]):
         self.discarded = 0
         self.wait_timeouts = 0
         self.backoff = ConnectBackoff(backoff_initial, backoff_max)
+        # -- lifecycle: its state in one object, so the pool keeps few attributes (past about
+        # 30, CPython stops sharing an instance's key layout and every attribute read costs more).
+        self._life: _Life[C] = _Life(lifecycle or Lifecycle(), check)
+        # Idle connections older than the last sweep, oldest generation first: (since, connections),
+        # `since` being the sweep before the one that aged them (the earliest they can have gone idle).
+        self._aged: deque[tuple[float, deque[C]]] = deque()
+        self._retires = self._life.policy.retires
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # made outside a loop: `start()` begins the lifecycle later
+        else:
+            self.start()
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self._life.policy
 
     # -- checkout ---------------------------------------------------------
 
@@ -98,6 +169,10 @@ class Pool(Generic[C]):
                 self._in_use += 1
                 return conn
             self._forget(conn)
+        if self._aged:  # only once the fresh idle list is empty: nothing on the usual path
+            aged = await self._acquire_aged()
+            if aged is not None:
+                return aged
         if self._size < self.max_size and not self._waiters:
             self._size += 1
             return await self._open_reserved()
@@ -113,7 +188,10 @@ class Pool(Generic[C]):
             self.discarded += 1
             conn.abort()
             self._size -= 1
+            self._drop_meta(conn)
             self._grant_slot()
+            return
+        if self._retires and self._retire(conn):
             return
         while self._waiters:
             fut = self._pop_waiter()
@@ -167,6 +245,8 @@ class Pool(Generic[C]):
         self.backoff.succeeded()
         self.created += 1
         self._in_use += 1
+        if self._retires:
+            self._born(conn)
         return conn
 
     async def _wait(self) -> C | None:
@@ -232,10 +312,210 @@ class Pool(Generic[C]):
                 fut.set_result(None)
                 return
 
+    def _grant_slots(self) -> None:
+        """Several slots may have been freed at once: one to each waiter, oldest first."""
+        while self._waiters and self._size < self.max_size and not self._closed:
+            self._grant_slot()
+
     def _forget(self, conn: C) -> None:
         self.discarded += 1
         self._size -= 1
+        self._drop_meta(conn)
         conn.abort()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def _drop_meta(self, conn: C) -> None:
+        if self._retires:
+            self._life.meta.pop(conn, None)
+
+    def _born(self, conn: C) -> None:
+        now = asyncio.get_running_loop().time()
+        self._life.meta[conn] = _Meta(self._life.policy.expires_at(now, random.random))
+
+    def _retire(self, conn: C) -> bool:
+        """A clean connection came back: close it if it has served its lifetime or its uses."""
+        meta = self._life.meta.get(conn)
+        if meta is None:
+            return False
+        meta.uses += 1
+        max_uses = self._life.policy.max_uses
+        if max_uses is not None and meta.uses >= max_uses:
+            self._life.used_up += 1
+        elif asyncio.get_running_loop().time() >= meta.expires:
+            self._life.expired += 1
+        else:
+            return False
+        self._close_slot(conn)
+        return True
+
+    def _close_slot(self, conn: C) -> None:
+        """Close a clean connection the pool decided to retire, free its slot, keep the minimum."""
+        self._drop_meta(conn)
+        self._size -= 1
+        conn.abort()  # clean (nothing in flight): an abort loses nothing and needs no task
+        self._grant_slot()
+        if self._life.policy.min_size and not self._closed:
+            self._fill()
+
+    async def _acquire_aged(self) -> C | None:
+        """Take an idle connection that waited out at least one sweep, newest first, checking it
+        if it may have been idle longer than `check_after`; None if none is left."""
+        aged = self._aged
+        check = self._life.check
+        while aged:
+            since, gen = aged[-1]
+            conn = gen.pop()
+            if not gen:
+                aged.pop()
+            if not conn.usable:
+                self._forget(conn)
+                continue
+            self._in_use += 1
+            if check is None or not self._life.policy.needs_check(since, asyncio.get_running_loop().time()):
+                return conn
+            self._life.checks += 1
+            try:
+                ok = await check(conn)
+            except BaseException:
+                # Cancelled mid-check: the check's reply is outstanding, so release discards it.
+                self.release(conn)
+                raise
+            if ok and conn.usable and not conn.pending:
+                return conn
+            # The path dropped it silently, most likely, and every connection idle at least as
+            # long with it: discard them all (the rest of `aged` is older), then go on to a fresh one.
+            self._life.check_failures += 1
+            self._in_use -= 1
+            self._forget(conn)
+            while aged:
+                for old in aged.popleft()[1]:
+                    self._forget(old)
+            self._grant_slots()
+        return None
+
+    def start(self) -> None:
+        """Begin the lifecycle: the sweeper and, with a minimum size, the first connects.
+        Needs a running loop; returns at once (connects go on in the background). A pool made
+        inside a running loop starts itself; calling this again does nothing."""
+        if not self._life.policy.active or self._life.sweeper is not None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._life.last_sweep = loop.time()
+        self._life.sweeper = loop.call_later(self._life.period, self._sweep)
+        self._fill()
+
+    async def warm(self, timeout: float) -> None:
+        """Start, then give the first connects of the minimum up to `timeout` (never raises:
+        with Redis down the pool starts empty and keeps trying in the background)."""
+        self.start()
+        if self._life.background:
+            await asyncio.wait(list(self._life.background), timeout=timeout)
+
+    def _fill(self) -> None:
+        """Open connections up to the minimum, in the background, within the connect backoff."""
+        missing = min(self._life.policy.min_size, self.max_size) - self._size
+        if missing <= 0 or self._waiters or self._closed:
+            return
+        if self.backoff.waiting():
+            return  # the next sweep asks again
+        if self.backoff.failing is not None:
+            missing = 1  # one probe decides whether Redis is back
+        for _ in range(missing):
+            self._size += 1
+            task = asyncio.create_task(self._open_idle())
+            self._life.background.add(task)
+            task.add_done_callback(self._life.background.discard)
+
+    async def _open_idle(self) -> None:
+        """One connect of the minimum (slot already reserved): the connection goes to the
+        oldest waiter, or to the idle list."""
+        try:
+            self.backoff.admit()
+        except AccountingError:
+            self._size -= 1
+            self._grant_slot()
+            return  # backing off: the next sweep asks again
+        try:
+            conn = await self._connect()
+        except BaseException as exc:
+            self._size -= 1
+            if isinstance(exc, AccountingError):
+                self.errors += 1
+                self.backoff.failed(exc)
+                if not self._life.prewarm_failing:  # once per outage, not per attempt
+                    self._life.prewarm_failing = True
+                    log.warning("pool: cannot open the minimum of connections (%s); retrying in the background", exc)
+            else:
+                self.backoff.abandoned()
+            self._grant_slot()
+            if not isinstance(exc, Exception):
+                raise  # cancelled (the pool is closing)
+            if not isinstance(exc, AccountingError):
+                log.error("pool: background connect failed", exc_info=exc)
+            return
+        self.backoff.succeeded()
+        if self._life.prewarm_failing:
+            self._life.prewarm_failing = False
+            log.warning("pool: minimum of connections open again")
+        self.created += 1
+        self._life.prewarmed += 1
+        if self._closed:
+            self._size -= 1
+            conn.abort()
+            return
+        if self._retires:
+            self._born(conn)
+        while self._waiters:
+            fut = self._pop_waiter()
+            if not fut.done():
+                self._in_use += 1
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def _sweep(self) -> None:
+        """Once per period: age the idle list one generation, close what the policy retires,
+        drop connections lost while idle, reopen up to the minimum."""
+        self._life.sweeper = None
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        policy = self._life.policy
+        if self._idle:
+            self._aged.append((self._life.last_sweep, self._idle))
+            self._idle = deque()
+        self._life.last_sweep = now
+        aged = self._aged
+        while aged and policy.idle_expired(aged[0][0], now, self._life.period):
+            for conn in aged.popleft()[1]:
+                if conn.usable:
+                    self._life.closed_idle += 1
+                    self._size -= 1
+                    self._drop_meta(conn)
+                    conn.abort()
+                else:
+                    self._forget(conn)
+        # Connections lost while idle (Redis closed them, a CLIENT KILL) and, with a lifetime,
+        # idle ones past it: closed now rather than at their next checkout.
+        meta = self._life.meta
+        for _, gen in aged:
+            for conn in list(gen):
+                if not conn.usable:
+                    gen.remove(conn)
+                    self._forget(conn)
+                elif self._retires and (m := meta.get(conn)) is not None and now >= m.expires:
+                    gen.remove(conn)
+                    self._life.expired += 1
+                    self._size -= 1
+                    del meta[conn]
+                    conn.abort()
+        if any(not gen for _, gen in aged):
+            self._aged = deque((s, g) for s, g in aged if g)
+        self._grant_slots()
+        self._fill()
+        self._life.sweeper = loop.call_later(self._life.period, self._sweep)
 
     # -- lifecycle and introspection ----------------------------------------
 
@@ -252,7 +532,18 @@ class Pool(Generic[C]):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._life.sweeper is not None:
+            self._life.sweeper.cancel()
+            self._life.sweeper = None
+        for task in list(self._life.background):
+            task.cancel()
+        if self._life.background:
+            await asyncio.gather(*self._life.background, return_exceptions=True)
         idle = list(self._idle)
+        for _, gen in self._aged:
+            idle.extend(gen)
+        self._aged.clear()
+        self._life.meta.clear()
         self._idle.clear()
         self._size -= len(idle)
         await asyncio.gather(*(c.close() for c in idle), return_exceptions=True)
@@ -261,7 +552,7 @@ class Pool(Generic[C]):
         return {
             "max": self.max_size,
             "size": self._size,
-            "idle": len(self._idle),
+            "idle": len(self._idle) + sum(len(g) for _, g in self._aged),
             "in_use": self._in_use,
             "waiting": len(self._waiters),
             "created": self.created,
@@ -269,4 +560,10 @@ class Pool(Generic[C]):
             "discarded": self.discarded,
             "wait_timeouts": self.wait_timeouts,
             "fast_failures": self.backoff.refused,
+            "prewarmed": self._life.prewarmed,
+            "closed_idle": self._life.closed_idle,
+            "expired": self._life.expired,
+            "used_up": self._life.used_up,
+            "checks": self._life.checks,
+            "check_failures": self._life.check_failures,
         }

@@ -178,6 +178,68 @@ class Load:
         return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
+class IdleDropRelay:
+    """A TCP relay in front of Redis that forgets a flow idle longer than `idle_s`, the way a
+    cloud load balancer or NAT does: from then on it silently discards that connection's bytes
+    both ways (no FIN, no RST). `dropped` counts flows forgotten."""
+
+    def __init__(self, target_port: int, idle_s: float = 1.0) -> None:
+        self.target_port = target_port
+        self.idle_s = idle_s
+        self.port = 0
+        self.dropped = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> IdleDropRelay:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        flow = {"last": loop.time(), "dead": False}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    now = loop.time()
+                    if not flow["dead"] and now - flow["last"] > self.idle_s:
+                        flow["dead"] = True
+                        self.dropped += 1
+                    if flow["dead"]:
+                        continue  # forgotten: the bytes go nowhere, and nobody is told
+                    flow["last"] = now
+                    dst.write(data)
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # the relay is closing
+        finally:
+            self._writers.difference_update((writer, up_writer))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            await self._server.wait_closed()
+
+
 def seed_counters(server: RedisProcess, clients: int) -> None:
     with server.client() as r:
         r.mset({f"ip:{client_ip(i)}": i * BASE for i in range(clients)})
@@ -511,6 +573,105 @@ async def slowloris(mode: str = "raw", slow: int = 300, clients: int = 10) -> Ou
     return out
 
 
+async def idle_flows_forgotten(mode: str, variant: str, relay_idle_s: float = 1.0, pause_s: float = 1.5) -> Outcome:
+    """A middlebox between the gateway and Redis forgets flows idle for `relay_idle_s` (silently);
+    traffic comes in bursts of sequential requests with pauses longer than that. `variant`:
+    `off` (no lifecycle), `idle timeout` (half the relay's), or `check` (300 ms, check alone)."""
+    server = RedisProcess().start()
+    relay = await IdleDropRelay(server.port, relay_idle_s).start()
+    out = Outcome(f"flows idle {relay_idle_s:g} s forgotten: {variant}", mode)
+    lifecycle: dict[str, Any] = {"pool_idle_timeout_s": 0.0, "pool_check_after_ms": None}
+    if variant == "idle timeout":
+        lifecycle["pool_idle_timeout_s"] = relay_idle_s / 2
+    elif variant == "check":
+        lifecycle["pool_check_after_ms"] = 300.0
+    bursts, burst = 4, 50
+    try:
+        seed_counters(server, 1)
+        cfg = gateway_config(relay.url(), mode, **lifecycle)
+        with LogCounter() as logs:
+            async with gateway(cfg) as (gw, base):
+                load = Load(base, 1)
+                firsts: list[float] = []
+                async with aiohttp.ClientSession() as session:
+                    headers = {"X-Forwarded-For": client_ip(0)}
+                    for b in range(bursts):
+                        if b:
+                            await asyncio.sleep(pause_s)
+                        for i in range(burst):
+                            load.sent += 1
+                            t0 = time.monotonic()
+                            async with session.get(base + "/", headers=headers, allow_redirects=False) as r:
+                                await r.read()
+                                status, value = r.status, r.headers.get(COUNT_HEADER)
+                            load.latencies.append(time.monotonic() - t0)
+                            if i == 0 and b:
+                                firsts.append(load.latencies[-1])
+                            load.statuses[status] = load.statuses.get(status, 0) + 1
+                            if value is not None:
+                                v = int(value)
+                                if v // BASE != 0 or v <= load.last_value.get(0, 0):
+                                    load.mismatches += 1
+                                load.last_value[0] = v
+                await gw.backend.close()
+                fill(out, load, gw, logs)
+                out.drift = drift(server, 1, gw)
+                pool = gw.backend.stats()
+                req = gw.pipeline.request_stats()
+                out.extra.update(
+                    failed=req["failed"], deferred=req["deferred"], counted=req["counted"], dropped=relay.dropped,
+                    first_after_pause_ms=round(1000 * max(firsts, default=0.0), 1),
+                    **{k: pool.get(k, 0) for k in ("closed_idle", "checks", "check_failures")},
+                )  # fmt: skip
+                out.notes = (
+                    f"{req['failed']} failed, {req['deferred']} deferred of {load.sent}; flows forgotten "
+                    f"{relay.dropped}; closed idle {pool.get('closed_idle', 0)}, checks {pool.get('checks', 0)} "
+                    f"({pool.get('check_failures', 0)} failed); first request after a pause "
+                    f"{out.extra['first_after_pause_ms']:.0f} ms"
+                )
+        out.conns_left = await _connections_after(server)
+    finally:
+        await relay.close()
+        server.cleanup()
+    return out
+
+
+async def rotation(mode: str, clients: int = 20, duration_s: float = 3.0) -> Outcome:
+    """Connections rotated under load: a 1 s lifetime with 0.5 s of jitter, pool of 10."""
+    server = RedisProcess().start()
+    out = Outcome("lifetime 1 s + 0.5 s jitter under load", mode)
+    try:
+        seed_counters(server, clients)
+        cfg = gateway_config(server.url, mode, pool_size=10, pool_max_lifetime_s=1.0, pool_lifetime_jitter_s=0.5)
+        peak = 0
+        async with gateway(cfg) as (gw, base):
+            load = Load(base, clients)
+
+            async def fault() -> None:
+                nonlocal peak
+                deadline = time.monotonic() + duration_s
+                while time.monotonic() < deadline:
+                    peak = max(peak, await asyncio.to_thread(server.client_count))
+                    await asyncio.sleep(0.05)
+
+            await load.run(fault)
+            stats = gw.backend.stats()
+            await gw.backend.close()
+            fill(out, load, gw)
+            out.drift = drift(server, clients, gw)
+            allowed = cfg.pool_size if mode not in SHARED_MODES else cfg.mux_connections + 1
+            out.peak_conns = peak
+            out.extra.update(limit=allowed, expired=stats.get("expired", 0))
+            out.notes = (
+                f"{stats.get('expired', 0)} connections retired; peak Redis connections {peak} (limit {allowed}"
+                + (", the replacement opened first)" if mode in SHARED_MODES else ")")
+            )
+        out.conns_left = await _connections_after(server)
+    finally:
+        server.cleanup()
+    return out
+
+
 async def graceful_shutdown(mode: str = "batched", clients: int = 20) -> Outcome:
     """SIGTERM to a gateway process under load: drain, flush, close Redis, exit 0."""
     server = RedisProcess().start()
@@ -717,8 +878,16 @@ def table(rows: list[Outcome]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
+LIFECYCLE_MODES = ("raw", "multiplexed", "batched")
+
+
+async def run_all(modes: tuple[str, ...], scenarios: str = "all") -> list[Outcome]:
     plan: list[Callable[[], Awaitable[Outcome]]] = []
+    if scenarios == "lifecycle":
+        lc = [m for m in modes if m in LIFECYCLE_MODES]
+        plan += [partial(idle_flows_forgotten, m, v) for v in ("off", "idle timeout", "check") for m in lc]
+        plan += [partial(rotation, m) for m in lc]
+        return await _run(plan)
     plan += [partial(paused, m) for m in modes]
     plan += [partial(connections_killed, m) for m in modes]
     plan += [partial(restarted, m) for m in modes]
@@ -728,6 +897,13 @@ async def run_all(modes: tuple[str, ...]) -> list[Outcome]:
     plan += [partial(client_disconnects, m) for m in modes]
     plan += [slowloris, partial(graceful_shutdown, "batched"), partial(graceful_shutdown, "raw")]
     plan += [partial(upstream_fault, f) for f in ("restarted", "down", "stalled")]
+    lc = [m for m in modes if m in LIFECYCLE_MODES]
+    plan += [partial(idle_flows_forgotten, m, v) for v in ("off", "idle timeout", "check") for m in lc]
+    plan += [partial(rotation, m) for m in lc]
+    return await _run(plan)
+
+
+async def _run(plan: list[Callable[[], Awaitable[Outcome]]]) -> list[Outcome]:
     rows = []
     for i, step in enumerate(plan, 1):
         try:
@@ -744,6 +920,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated modes (default: all)")
     p.add_argument("--out", help="also write the table to this file")
+    p.add_argument(
+        "--scenarios",
+        choices=("all", "lifecycle"),
+        default="all",
+        help="all scenarios, or only the pool lifecycle ones (idle flows forgotten, rotation)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     # The gateway's warnings are counted per scenario (LogCounter), not printed.
@@ -758,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        rows = runner.run(run_all(tuple(a.modes.split(","))))
+        rows = runner.run(run_all(tuple(a.modes.split(",")), a.scenarios))
     text = table(rows)
     print(text)
     if a.out:

@@ -17,6 +17,7 @@ import redis
 
 from gateway.config import Config, parse_redis_url
 from gateway.resp import Parser
+from loadtest.chaos import IdleDropRelay
 from loadtest.chaos import gateway as running_gateway
 from loadtest.procs import RedisProcess, free_port, stop_process, wait_port
 
@@ -232,6 +233,7 @@ def http_get(url: str) -> tuple[int, bytes]:
 __all__ = [
     "FakeRedis",
     "HAProxyReference",
+    "IdleDropRelay",
     "RedisServer",
     "eventually",
     "free_port",

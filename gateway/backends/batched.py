@@ -170,7 +170,13 @@ class BatchedBackend(OwnCodecBackend):
 
     def _mux(self, target: RedisTarget) -> Multiplexer:
         c = self.config
-        mux = Multiplexer(target, connections=1, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout)
+        mux = Multiplexer(
+            target,
+            connections=1,
+            connect_timeout=c.connect_timeout,
+            command_timeout=c.command_timeout,
+            lifecycle=c.lifecycle,
+        )
         mux.on_connected = self._connected
         return mux
 

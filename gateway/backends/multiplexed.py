@@ -42,6 +42,7 @@ class MultiplexedBackend(OwnCodecBackend):
             connections=c.mux_connections,
             connect_timeout=c.connect_timeout,
             command_timeout=c.command_timeout,
+            lifecycle=c.lifecycle,
         )
 
     async def incr(self, key: str) -> int:

@@ -13,7 +13,7 @@ from functools import partial
 from ..accounting import incr_command, read_incr_reply
 from ..cluster import Direct, PoolNode
 from ..config import Config, RedisTarget
-from ..connection import RedisConnection, open_connection
+from ..connection import RedisConnection, open_connection, ping_check
 from ..limit.scripts import Script
 from ..pool import Pool
 from ..resp import Reply
@@ -37,11 +37,13 @@ class RawBackend(OwnCodecBackend):
         else:
             self.pool = self._pool(c.redis)
             self.redis = Direct(PoolNode(self.pool))
+            # The minimum opens now (given the connect timeout); with Redis down it keeps trying.
+            await self.pool.warm(c.connect_timeout)
 
     def _pool(self, target: RedisTarget) -> Pool[RedisConnection]:
         c = self.config
         connect = partial(open_connection, target, connect_timeout=c.connect_timeout, command_timeout=c.command_timeout)
-        return Pool(connect, c.pool_size, c.pool_wait)
+        return Pool(connect, c.pool_size, c.pool_wait, lifecycle=c.lifecycle, check=ping_check)
 
     async def incr(self, key: str) -> int:
         if self.router is not None:

@@ -92,3 +92,31 @@ def test_command_line_defaults_are_configs(monkeypatch: pytest.MonkeyPatch) -> N
             monkeypatch.delenv(name)
     assert config_from_args([]) == Config()
     assert Config().connect_timeout_ms == Config().command_timeout_ms == 500.0
+
+
+def test_pool_lifecycle_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in [v for v in os.environ if v.startswith("GATEWAY_POOL_")]:
+        monkeypatch.delenv(var)
+    c = config_from_args([])
+    lc = c.lifecycle
+    assert (lc.min_size, lc.idle_timeout, lc.check_after, lc.max_lifetime) == (0, 180.0, 30.0, None)
+    c = config_from_args(
+        ["--pool-min-size", "5", "--pool-idle-timeout-s", "0", "--pool-check-after-ms", "off",
+         "--pool-max-lifetime-s", "0", "--pool-lifetime-jitter-s", "0.5"]
+    )  # fmt: skip
+    lc = c.lifecycle
+    assert (lc.min_size, lc.idle_timeout, lc.check_after, lc.max_lifetime, lc.lifetime_jitter) == (
+        5,
+        None,
+        None,
+        0,
+        0.5,
+    )
+    monkeypatch.setenv("GATEWAY_POOL_MAX_LIFETIME_S", "600")
+    assert config_from_args([]).lifecycle.max_lifetime == 600.0
+    with pytest.raises(ConfigError, match="pool-min-size"):
+        Config(pool_size=3, pool_min_size=4)
+    with pytest.raises(ConfigError, match="one checkout"):
+        Config(mode="multiplexed", pool_max_lifetime_s=0)
+    with pytest.raises(ConfigError):
+        Config(pool_check_after_ms=-1)
