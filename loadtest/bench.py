@@ -129,7 +129,7 @@ RATIOS = (
     ("HAProxy reference ÷ seed's code, raw", "haproxy/raw", "haproxy/seed-raw"),
     ("proxy: gateway batched ÷ HAProxy pooled Lua", "gateway/proxy-batched", "haproxy/proxy-pooled"),
     ("proxy: gateway calibration ÷ HAProxy calibration", "gateway/proxy-off", "haproxy/proxy-calibration"),
-    ("proxy: HAProxy calibration ÷ the upstream alone", "haproxy/proxy-calibration", "haproxy/calibration"),
+    ("proxy: HAProxy proxying ÷ HAProxy answering itself", "haproxy/proxy-calibration", "haproxy/calibration"),
 )
 
 
