@@ -84,6 +84,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
         self.head_done = False
+        # Bytes received since the last body byte: a head, a chunk's framing or a trailer section.
+        # httptools buffers a header field whole before calling on_header, so this is what
+        # bounds an upstream that sends one endless field (or status line, or trailer).
+        self.unframed = 0
+        self.body_seen = False
         # Flow control.
         self.write_paused = False
         self.read_paused = False
@@ -122,6 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.headers = []
         self.head_size = 0
+        self.unframed = 0
         self.last_activity = self.loop.time()
 
     def write(self, data: bytes) -> None:
@@ -195,8 +201,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         sink = self.sink
         sink.cork()  # a head and a body in one read leave in one write to the client
+        self.body_seen = False
         try:
             self.parser.feed_data(data)
+            if self.sink is sink and not self.body_seen:
+                # Still reading this response and not one body byte came: whatever is being
+                # parsed (head, chunk framing, trailers) is buffered by the parser. One read is
+                # at most 256 KiB, so this bounds the memory an upstream can make us hold.
+                self.unframed += len(data)
+                if self.unframed > MAX_HEAD:
+                    self._fail("protocol", "upstream response head or trailer section too large")
+            else:
+                self.unframed = 0
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _NoBody):
                 self.doubt = True  # whatever follows the head cannot be framed: no reuse
@@ -271,6 +287,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _NoBody
 
     def on_body(self, body: bytes) -> None:
+        self.body_seen = True
         sink = self.sink
         if sink is not None:
             sink.on_body(body)

@@ -881,3 +881,65 @@ async def test_connection_lifecycle_limits(upstream: Upstream) -> None:
         conns = gw.stats()["upstream"]["servers"][name]["connections"]
         assert conns["created"] == 4 and conns["open"] == 1
         _pool_clean(gw)
+
+
+# -- adversarial upstreams and clients -----------------------------------------------------------------
+
+
+async def _endless(writer: asyncio.StreamWriter, opening: bytes) -> None:
+    """Send `opening`, then one field value (or trailer) that never ends."""
+    writer.write(opening)
+    block = b"a" * 65536
+    for _ in range(1000):
+        writer.write(block)
+        await writer.drain()
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [b"HTTP/1.1 200 OK\r\nX-Big: ", b"HTTP/1.1 200 "],
+    ids=["header-value", "reason-phrase"],
+)
+async def test_endless_response_head_is_502_at_once(opening: bytes) -> None:
+    # The parser buffers a field whole before handing it over: without a bound on the head's
+    # bytes, an upstream streaming one endless field grows the gateway's memory until the head
+    # timeout (and then answers 504, blaming time rather than the malformed head).
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await _endless(writer, opening)
+
+    up = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([up.url], upstream_response_timeout_s=10.0)
+        async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            async with s.get(base + "/x") as r:
+                assert r.status == 502
+            assert time.monotonic() - started < 2.0
+            assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_endless_response_trailer_cuts_the_client() -> None:
+    # A trailer field that never ends keeps the body "active" (bytes keep coming), so the body
+    # timeout never fires: only a bound on the bytes buffered outside the body ends it.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await _endless(writer, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+
+    up = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([up.url], upstream_body_timeout_s=10.0)
+        async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with s.get(base + "/x") as r:
+                    assert r.status == 200
+                    await r.read()
+            assert time.monotonic() - started < 2.0
+            assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
