@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .. import errors
 from ..errors import AccountingError
 from ..upstream.balancer import Balancer
-from ..upstream.connection import LENGTH, NO_BODY, UpstreamConnection
+from ..upstream.connection import LENGTH, NO_BODY, UpstreamConnection, transfer_codings
 from ..upstream.health import HealthChecker
 from ..upstream.server import Server
 
@@ -376,7 +376,10 @@ class Exchange:
                 self.close_after = True
             else:
                 self.chunked_out = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
+                # Codings other than chunked (gzip) describe the bytes passed on: they stay, with
+                # our chunked last; dropping them would hand the client coded bytes as plain ones.
+                codings = [c for c in transfer_codings(headers) if c != b"chunked"]
+                lines.append(b"Transfer-Encoding: " + b", ".join([*codings, b"chunked"]) + b"\r\n")
         if not self.body_done:
             # The upstream answers before the request was sent whole: the rest of the client's
             # body will not be read, so the client connection cannot carry another request.

@@ -35,6 +35,17 @@ MAX_HEADERS = 100
 MAX_HEAD = 64 * 1024
 
 
+def transfer_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The Transfer-Encoding codings, in order, lowercased (every field line joined)."""
+    return [
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"transfer-encoding"
+        for token in value.split(b",")
+        if token.strip()
+    ]
+
+
 class ResponseSink(Protocol):
     """Who receives the events of the response being read (the exchange)."""
 
@@ -272,13 +283,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_method or status in (204, 304):
             framing = NO_BODY
         else:
-            for name, _ in self.headers:
-                lower = name.lower()
-                if lower == b"transfer-encoding":
-                    framing = CHUNKED  # llhttp refuses a response whose last coding is not chunked
-                    break
-                if lower == b"content-length":
-                    framing = LENGTH
+            codings = transfer_codings(self.headers)
+            if codings:
+                # RFC 9112 6.3: chunked last delimits the body; any other last coding (gzip alone)
+                # means the body runs until the close, as llhttp reads it.
+                framing = CHUNKED if codings[-1] == b"chunked" else UNTIL_CLOSE
+            elif any(name.lower() == b"content-length" for name, _ in self.headers):
+                framing = LENGTH
         self.framing = framing
         sink = self.sink
         if sink is not None:

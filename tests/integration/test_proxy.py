@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import logging
 import socket
@@ -940,6 +941,38 @@ async def test_endless_response_trailer_cuts_the_client() -> None:
                     await r.read()
             assert time.monotonic() - started < 2.0
             assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_response_with_a_non_chunked_transfer_coding_runs_until_the_close() -> None:
+    # RFC 9112 6.3: `Transfer-Encoding: gzip` (chunked not last) delimits the body by the close.
+    # Taken for chunked, the close looked like a cut: the client lost the end of a whole body;
+    # and the coding itself must reach the client, or it takes gzip bytes for plain ones.
+    payload = gzip.compress(b"hello " * 1000)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + payload)
+        await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert b"Transfer-Encoding: gzip, chunked" in head.split(b"\r\n")
+            assert body.endswith(b"0\r\n\r\n")  # a whole chunked body: the end was not cut off
+            data = b""
+            while True:
+                size_line, _, body = body.partition(b"\r\n")
+                size = int(size_line, 16)
+                if size == 0:
+                    break
+                data, body = data + body[:size], body[size + 2 :]
+            assert gzip.decompress(data) == b"hello " * 1000
+            assert gw.stats()["upstream"]["errors"] == {}
             _pool_clean(gw)
     finally:
         await up.stop()
