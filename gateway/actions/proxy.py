@@ -364,9 +364,12 @@ class Exchange:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or HTTPStatus(status).phrase.encode())]
         for name, value in headers:
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in named:
-                continue
-            if lower == b"content-length" and framing not in (LENGTH, NO_BODY):
+            if lower == b"content-length":
+                # Framing, not a hop-by-hop field, whatever Connection names: without it a length-
+                # delimited body on a kept-alive client connection runs into the next response.
+                if framing not in (LENGTH, NO_BODY):
+                    continue
+            elif lower in HOP_BY_HOP or lower in named:
                 continue
             lines.append(name + b": " + value + b"\r\n")
         if framing not in (LENGTH, NO_BODY):

@@ -976,3 +976,28 @@ async def test_response_with_a_non_chunked_transfer_coding_runs_until_the_close(
             _pool_clean(gw)
     finally:
         await up.stop()
+
+
+async def test_connection_naming_content_length_keeps_the_response_framed() -> None:
+    # `Connection: Content-Length` from the upstream made the proxy drop the response's only
+    # framing field: on a kept-alive client connection the body then ran into the next response.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Hop\r\nX-Hop: 1\r\nContent-Length: 2\r\n\r\nok"
+            )
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base), aiohttp.ClientSession() as s:
+            for _ in range(3):  # one client connection, kept alive
+                async with s.get(base + "/x") as r:
+                    assert r.status == 200
+                    assert r.headers["Content-Length"] == "2"
+                    assert "X-Hop" not in r.headers
+                    assert await r.read() == b"ok"
+            _pool_clean(gw)
+    finally:
+        await up.stop()
