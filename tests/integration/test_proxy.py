@@ -1001,3 +1001,28 @@ async def test_connection_naming_content_length_keeps_the_response_framed() -> N
             _pool_clean(gw)
     finally:
         await up.stop()
+
+
+async def test_client_half_closing_mid_upload_releases_everything_at_once(upstream: Upstream) -> None:
+    # A client that sends FIN in the middle of its body: the request can never be whole. The
+    # exchange held its upstream connection until the request timeout, and then the client
+    # connection was never closed (timed out again at every tick, counting a 408 each time).
+    config = proxy_config([upstream.url], request_timeout_s=0.5)
+    async with proxy(config) as (gw, base):
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /echo HTTP/1.1\r\nHost: h\r\n\r\n")  # completed: still answered
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+            await asyncio.sleep(0.1)
+            writer.write_eof()
+            async with asyncio.timeout(0.4):  # well before the request timeout
+                out = await reader.read()  # until the gateway closes
+            assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert out.count(b"HTTP/1.1") == 1
+        finally:
+            writer.transport.abort()
+        await asyncio.sleep(0.8)  # past the request timeout: nothing is left to time out
+        assert gw.stats()["connections"]["open"] == 0
+        assert gw.stats()["connections"]["head_timeouts"] == 0
+        _pool_clean(gw)
