@@ -115,14 +115,25 @@ def origin_form(target: bytes) -> bytes:
     return rest[cut:] if rest[cut : cut + 1] == b"/" else b"/" + rest[cut:]
 
 
+def target_authority(target: bytes) -> bytes | None:
+    """The host[:port] of an absolute-form target, userinfo excluded (RFC 9112 3.2.2); None
+    for any other form."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    return rest[:end].rpartition(b"@")[2] or None
+
+
 def request_fields(
-    headers: list[tuple[bytes, bytes]], peer: str | None, trusted: bool
+    headers: list[tuple[bytes, bytes]], peer: str | None, trusted: bool, authority: bytes | None = None
 ) -> tuple[list[bytes], bytes | None]:
     """The request's header lines for the upstream (framing excluded), and its Host.
 
     Hop-by-hop fields and those named in Connection go; X-Forwarded-For gets the peer
     appended to what a trusted peer sent (an untrusted peer's chain is dropped: it could
     say anything); X-Forwarded-Proto and X-Forwarded-Host are a trusted peer's, else ours.
+    An absolute-form target's `authority` replaces the Host field (RFC 9112 3.2.2).
     """
     named = connection_tokens(headers)
     lines: list[bytes] = []
@@ -144,6 +155,8 @@ def request_fields(
                     forwarded_host = value.strip()
             continue
         lines.append(name + b": " + value + b"\r\n")
+    if authority is not None:
+        host = authority
     chain.append((peer or "unknown").encode("latin-1"))
     lines.append(b"X-Forwarded-For: " + b", ".join(v for v in chain if v) + b"\r\n")
     lines.append(b"X-Forwarded-Proto: " + (proto or b"http") + b"\r\n")
@@ -653,7 +666,10 @@ class Proxy:
         ex.timer = loop.call_at(last + self._body_timeout, self._watch, ex, head, done)
 
     def _head(self, ex: Exchange, server: Server) -> bytes:
-        lines, host = request_fields(ex.headers, ex.peer, self._resolver.trusts(ex.peer))
+        # An absolute-form target names the host (RFC 9112 3.2.2): for an HTTP/1.0 request without
+        # Host, it, not the upstream's address, is what the upstream must see.
+        authority = target_authority(ex.target)
+        lines, host = request_fields(ex.headers, ex.peer, self._resolver.trusts(ex.peer), authority)
         out = [b"%s %s HTTP/1.1\r\n" % (ex.method, origin_form(ex.target))]
         out.append(b"Host: " + (host if host is not None else server.name.encode()) + b"\r\n")
         out += lines

@@ -1026,3 +1026,16 @@ async def test_client_half_closing_mid_upload_releases_everything_at_once(upstre
         assert gw.stats()["connections"]["open"] == 0
         assert gw.stats()["connections"]["head_timeouts"] == 0
         _pool_clean(gw)
+
+
+async def test_absolute_form_target_names_the_host_sent_upstream(upstream: Upstream) -> None:
+    # RFC 9112 3.2.2: an absolute-form target's authority is the Host. An HTTP/1.0 request
+    # without Host had the upstream's own address sent as Host (and no X-Forwarded-Host).
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        out = await raw_exchange(base, b"GET http://good.example/echo/p?q=1 HTTP/1.0\r\n\r\n", timeout=2.0)
+        info = body_json(out)
+        headers = {k.lower(): v for k, v in info["headers"]}
+        assert info["path"] == "/echo/p?q=1"
+        assert headers["host"] == "good.example"
+        assert headers["x-forwarded-host"] == "good.example"
+        _pool_clean(gw)
