@@ -81,6 +81,15 @@ _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _FAILURE_STATUS = {RESPONSE_TIMEOUT: 504, BODY_TIMEOUT: 504, CLOSED: 502, PROTOCOL: 502}
 
 
+def _phrase(status: int) -> bytes:
+    """The registered reason phrase; none for a code with no registration (299, say): the reason
+    phrase may be empty (RFC 9112 4), and an unknown code is still a valid response."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 class ClientSide(Protocol):
     """The client connection, as the exchange sees it (the front end's connection protocol)."""
 
@@ -374,7 +383,7 @@ class Exchange:
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         self.status = status
         named = connection_tokens(headers)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or HTTPStatus(status).phrase.encode())]
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))]
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":

@@ -269,7 +269,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if not 100 <= status <= 599:
+            raise ValueError(f"status {status} outside 100..599")  # RFC 9110 15: invalid
+        if status < 200:
             if status == 101:
                 raise ValueError("101 Switching Protocols to a request that asked no upgrade")
             # An interim response (100 Continue, 103 Early Hints): not forwarded; the final one follows.

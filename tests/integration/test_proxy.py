@@ -1039,3 +1039,48 @@ async def test_absolute_form_target_names_the_host_sent_upstream(upstream: Upstr
         assert headers["host"] == "good.example"
         assert headers["x-forwarded-host"] == "good.example"
         _pool_clean(gw)
+
+
+@pytest.mark.parametrize(
+    ("status_line", "expected"),
+    [(b"HTTP/1.1 299 \r\n", b"HTTP/1.1 299 \r\n"), (b"HTTP/1.1 470 Custom\r\n", b"HTTP/1.1 470 Custom\r\n")],
+    ids=["unregistered-empty-reason", "unregistered-with-reason"],
+)
+async def test_unregistered_status_is_passed_on(status_line: bytes, expected: bytes) -> None:
+    # A status code with no registered phrase and an empty reason (valid: RFC 9112 4) was a 502
+    # (the phrase lookup raised), costing the connection and counting towards ejection.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(status_line + b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            for _ in range(2):
+                out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
+                assert out.startswith(expected)
+                assert out.endswith(b"\r\n\r\nok")
+            assert gw.stats()["upstream"]["errors"] == {}
+            _pool_clean(gw)
+        assert up.connections == 1  # the connection was fine: reused
+    finally:
+        await up.stop()
+
+
+async def test_status_outside_the_valid_range_is_502() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 799 Odd\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
+            assert out.startswith(b"HTTP/1.1 502 ")
+            assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
