@@ -1084,3 +1084,28 @@ async def test_status_outside_the_valid_range_is_502() -> None:
             _pool_clean(gw)
     finally:
         await up.stop()
+
+
+async def test_transfer_coding_split_over_two_lines_is_refused_like_one() -> None:
+    # `Transfer-Encoding: gzip` and `Transfer-Encoding: chunked` on two lines are the list
+    # `gzip, chunked` (refused 501 as one line). Only the last line was checked: the request was
+    # forwarded as plain chunked, its gzip coding dropped, the upstream given coded bytes as the body.
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_head(reader))
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            out = await raw_exchange(
+                base,
+                b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nab\r\n0\r\n\r\n",
+                timeout=2.0,
+            )
+            assert out.startswith(b"HTTP/1.1 501 ")
+            assert gw.stats()["upstream"]["requests"] == 0
+        assert seen == [] and up.connections == 0
+    finally:
+        await up.stop()
