@@ -1109,3 +1109,31 @@ async def test_transfer_coding_split_over_two_lines_is_refused_like_one() -> Non
         assert seen == [] and up.connections == 0
     finally:
         await up.stop()
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"],
+    ids=["103-with-fields", "100-without-fields"],
+)
+async def test_health_check_skips_interim_responses(interim: bytes) -> None:
+    # A healthy server that sends 103 Early Hints before its 200 was checked by its first status
+    # line only, and so marked down (and given no traffic) although it answers 200.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([up.url], health_check_path="/health", health_check_interval_s=0.05, health_check_fall=2)
+        async with proxy(config) as (gw, base):
+            await asyncio.sleep(0.4)  # several checks
+            server = gw.stats()["upstream"]["servers"][f"127.0.0.1:{up.port}"]
+            assert server["state"] == "up"
+            assert server["check"]["last"] == "200" and server["check"]["failed"] == 0
+            out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
+            assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        await up.stop()
