@@ -178,6 +178,8 @@ class Pipeline:
         elif not await self._admit(self._prefix + ip):
             exchange.answer(self.denied)  # deny policy: nothing is forwarded
             return
+        if exchange.abandoned:
+            return  # the client left while its request was accounted: the count stands, no forwarding
         await self.proxy.forward(exchange)
 
     async def _admit(self, key: str) -> bool:

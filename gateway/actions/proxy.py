@@ -197,9 +197,9 @@ class Exchange:
     """
 
     __slots__ = (
-        "_body_wake", "_released", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
+        "_body_wake", "_released", "abandoned", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
         "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked", "cut",
-        "done_fut", "forwarded_for", "has_body", "head_fut", "headers", "held", "held_bytes", "http10",
+        "done_fut", "forwarded_for", "forwarding", "has_body", "head_fut", "headers", "held", "held_bytes", "http10",
         "keep_alive", "method", "peer", "progress", "sent", "sent_whole", "started", "status", "target", "timer",
         "waiting_client",
     )  # fmt: skip
@@ -228,6 +228,11 @@ class Exchange:
         self.close_after = False  # the client connection must close after this response
         self.cut = False  # the response broke off: the client connection must be aborted
         self.started = False  # response bytes were emitted (sent or held)
+        # The client left (or its request was refused mid-body): nothing is forwarded any more.
+        # Set by the front end, which cancels the exchange only once it is `forwarding`: an
+        # accounting step under way finishes, so the count stands as on the redirect path.
+        self.abandoned = False
+        self.forwarding = False
         self.status = 0  # the response's status, the upstream's or the gateway's own
         self.sent = 0  # response bytes emitted, for the access log
         # Request body, fed by the front end.
@@ -484,6 +489,7 @@ class Proxy:
 
     async def forward(self, ex: Exchange) -> None:
         """Forward `ex` and stream its response; never raises but for cancellation."""
+        ex.forwarding = True
         self.requests += 1
         try:
             await self._forward(ex)

@@ -244,10 +244,17 @@ class ProxyConnection(_Connection):
         self.waiting -= 1
         self.log_info.pop(ex, None)
         self.preambles.pop(ex, None)
-        task = self.tasks.pop(ex, None)
-        if task is not None:
-            task.cancel()
+        self._abandon(ex, self.tasks.pop(ex, None))
         return ex
+
+    @staticmethod
+    def _abandon(ex: Exchange, task: asyncio.Task[None] | _Run | None) -> None:
+        """Nothing more is forwarded for `ex`. Cancelled only once forwarding: an accounting step
+        under way is let finish (cancelled mid-command, its increment could land in Redis neither
+        counted nor failed); the exchange then stops before the proxy."""
+        ex.abandoned = True
+        if task is not None and ex.forwarding:
+            task.cancel()
 
     def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
         ex = self._drop_partial()
@@ -305,6 +312,6 @@ class ProxyConnection(_Connection):
         self.after.clear()
         self.preambles.clear()
         self.log_info.clear()
-        for task in self.tasks.values():
-            task.cancel()  # the exchange's connection is discarded (gateway.actions.proxy)
+        for ex, task in self.tasks.items():
+            self._abandon(ex, task)  # the exchange's upstream connection is discarded (gateway.actions.proxy)
         self.tasks.clear()

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import logging
 import socket
+import struct
 import time
 import tracemalloc
 from collections import Counter
@@ -18,7 +19,7 @@ import pytest
 
 from gateway.config import ConfigError
 
-from ..helpers import RedisServer
+from ..helpers import FakeRedis, RedisServer, eventually
 from ..proxy_helpers import (
     RawUpstream,
     Upstream,
@@ -1137,3 +1138,42 @@ async def test_health_check_skips_interim_responses(interim: bytes) -> None:
             assert out.startswith(b"HTTP/1.1 200 OK\r\n")
     finally:
         await up.stop()
+
+
+@pytest.mark.parametrize("accounting", ["raw", "pooled", "naive", "multiplexed"])
+async def test_client_leaving_during_accounting_is_counted_not_forwarded(accounting: str) -> None:
+    # The client left while its increment was on its way to Redis. The exchange was cancelled
+    # mid-command: the increment landed in Redis but was neither counted nor failed (stats "in
+    # flight" for ever), and the naive backend lost track of its connection. The redirect path
+    # lets the accounting finish; so does the proxy now, and then forwards nothing.
+    stall = asyncio.Event()
+    fake = await FakeRedis(stall=stall).start()
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_head(reader))
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url], fake.url, accounting)) as (gw, base):
+            host, port = base.removeprefix("http://").rsplit(":", 1)
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+            await eventually(lambda: any(c[0].upper() == b"INCRBY" for c in fake.commands))
+            # A reset, not a half-close (which still wants its answer).
+            sock = writer.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            await asyncio.sleep(0.05)  # the gateway notices the client is gone
+            stall.set()
+            await eventually(lambda: gw.stats()["requests"]["in_flight"] == 0)
+            assert gw.stats()["requests"]["counted"] == 1
+            assert fake.counts == {b"ip:127.0.0.1": 1}
+            pool = gw.stats()["pool"]
+            assert pool.get("in_use", 0) == 0 and pool.get("discarded", 0) == 0
+            assert gw.stats()["upstream"]["requests"] == 0
+        assert seen == [] and up.connections == 0
+    finally:
+        stall.set()
+        await up.stop()
+        await fake.close()
