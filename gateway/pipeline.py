@@ -270,6 +270,8 @@ class Pipeline:
             self.uncounted += 1
         else:
             refusal = await self._admit(exchange, self._prefix + ip, ip)
+            if exchange.abandoned:
+                return  # the client left while its request was accounted: the count stands, no forwarding
             if refusal is not None:
                 exchange.answer(refusal)  # 503 (deny policy) or 429: nothing is forwarded
                 return

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .. import errors
 from ..errors import AccountingError
 from ..upstream.balancer import Balancer
-from ..upstream.connection import LENGTH, NO_BODY, UpstreamConnection
+from ..upstream.connection import LENGTH, NO_BODY, UpstreamConnection, transfer_codings
 from ..upstream.health import HealthChecker
 from ..upstream.server import Server
 
@@ -81,6 +81,15 @@ _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _FAILURE_STATUS = {RESPONSE_TIMEOUT: 504, BODY_TIMEOUT: 504, CLOSED: 502, PROTOCOL: 502}
 
 
+def _phrase(status: int) -> bytes:
+    """The registered reason phrase; none for a code with no registration (299, say): the reason
+    phrase may be empty (RFC 9112 4), and an unknown code is still a valid response."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 class ClientSide(Protocol):
     """The client connection, as the exchange sees it (the front end's connection protocol)."""
 
@@ -115,14 +124,25 @@ def origin_form(target: bytes) -> bytes:
     return rest[cut:] if rest[cut : cut + 1] == b"/" else b"/" + rest[cut:]
 
 
+def target_authority(target: bytes) -> bytes | None:
+    """The host[:port] of an absolute-form target, userinfo excluded (RFC 9112 3.2.2); None
+    for any other form."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    return rest[:end].rpartition(b"@")[2] or None
+
+
 def request_fields(
-    headers: list[tuple[bytes, bytes]], peer: str | None, trusted: bool
+    headers: list[tuple[bytes, bytes]], peer: str | None, trusted: bool, authority: bytes | None = None
 ) -> tuple[list[bytes], bytes | None]:
     """The request's header lines for the upstream (framing excluded), and its Host.
 
     Hop-by-hop fields and those named in Connection go; X-Forwarded-For gets the peer
     appended to what a trusted peer sent (an untrusted peer's chain is dropped: it could
     say anything); X-Forwarded-Proto and X-Forwarded-Host are a trusted peer's, else ours.
+    An absolute-form target's `authority` replaces the Host field (RFC 9112 3.2.2).
     """
     named = connection_tokens(headers)
     lines: list[bytes] = []
@@ -144,6 +164,8 @@ def request_fields(
                     forwarded_host = value.strip()
             continue
         lines.append(name + b": " + value + b"\r\n")
+    if authority is not None:
+        host = authority
     chain.append((peer or "unknown").encode("latin-1"))
     lines.append(b"X-Forwarded-For: " + b", ".join(v for v in chain if v) + b"\r\n")
     lines.append(b"X-Forwarded-Proto: " + (proto or b"http") + b"\r\n")
@@ -175,10 +197,10 @@ class Exchange:
     """
 
     __slots__ = (
-        "_body_wake", "_released", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
+        "_body_wake", "_released", "abandoned", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
         "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked", "cut",
-        "done_fut", "extra_fields", "forwarded_for", "has_body", "head_fut", "headers", "held", "held_bytes", "http10",
-        "keep_alive", "method", "peer", "progress", "sent", "sent_whole", "started", "status", "target", "timer",
+        "done_fut", "extra_fields", "forwarded_for", "forwarding", "has_body", "head_fut", "headers", "held",
+        "held_bytes", "http10", "keep_alive", "method", "peer", "progress", "sent", "sent_whole", "started", "status", "target", "timer",
         "waiting_client",
     )  # fmt: skip
 
@@ -206,6 +228,11 @@ class Exchange:
         self.close_after = False  # the client connection must close after this response
         self.cut = False  # the response broke off: the client connection must be aborted
         self.started = False  # response bytes were emitted (sent or held)
+        # The client left (or its request was refused mid-body): nothing is forwarded any more.
+        # Set by the front end, which cancels the exchange only once it is `forwarding`: an
+        # accounting step under way finishes, so the count stands as on the redirect path.
+        self.abandoned = False
+        self.forwarding = False
         self.status = 0  # the response's status, the upstream's or the gateway's own
         self.sent = 0  # response bytes emitted, for the access log
         # Request body, fed by the front end.
@@ -363,12 +390,15 @@ class Exchange:
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         self.status = status
         named = connection_tokens(headers)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or HTTPStatus(status).phrase.encode())]
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))]
         for name, value in headers:
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in named:
-                continue
-            if lower == b"content-length" and framing not in (LENGTH, NO_BODY):
+            if lower == b"content-length":
+                # Framing, not a hop-by-hop field, whatever Connection names: without it a length-
+                # delimited body on a kept-alive client connection runs into the next response.
+                if framing not in (LENGTH, NO_BODY):
+                    continue
+            elif lower in HOP_BY_HOP or lower in named:
                 continue
             lines.append(name + b": " + value + b"\r\n")
         if framing not in (LENGTH, NO_BODY):
@@ -378,7 +408,10 @@ class Exchange:
                 self.close_after = True
             else:
                 self.chunked_out = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
+                # Codings other than chunked (gzip) describe the bytes passed on: they stay, with
+                # our chunked last; dropping them would hand the client coded bytes as plain ones.
+                codings = [c for c in transfer_codings(headers) if c != b"chunked"]
+                lines.append(b"Transfer-Encoding: " + b", ".join([*codings, b"chunked"]) + b"\r\n")
         if not self.body_done:
             # The upstream answers before the request was sent whole: the rest of the client's
             # body will not be read, so the client connection cannot carry another request.
@@ -459,6 +492,7 @@ class Proxy:
 
     async def forward(self, ex: Exchange) -> None:
         """Forward `ex` and stream its response; never raises but for cancellation."""
+        ex.forwarding = True
         self.requests += 1
         try:
             await self._forward(ex)
@@ -650,7 +684,10 @@ class Proxy:
         ex.timer = loop.call_at(last + self._body_timeout, self._watch, ex, head, done)
 
     def _head(self, ex: Exchange, server: Server) -> bytes:
-        lines, host = request_fields(ex.headers, ex.peer, self._resolver.trusts(ex.peer))
+        # An absolute-form target names the host (RFC 9112 3.2.2): for an HTTP/1.0 request without
+        # Host, it, not the upstream's address, is what the upstream must see.
+        authority = target_authority(ex.target)
+        lines, host = request_fields(ex.headers, ex.peer, self._resolver.trusts(ex.peer), authority)
         out = [b"%s %s HTTP/1.1\r\n" % (ex.method, origin_form(ex.target))]
         out.append(b"Host: " + (host if host is not None else server.name.encode()) + b"\r\n")
         out += lines

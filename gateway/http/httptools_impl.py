@@ -571,7 +571,10 @@ class _Connection(asyncio.Protocol):
             self.content_length = int(value)  # llhttp has checked it is digits
         elif kind == _TRANSFER_ENCODING:
             self.chunked = True  # llhttp accepts it only with chunked last
-            self.transfer_encoding = value
+            # Field lines make one list (RFC 9110 5.3): `gzip` then `chunked` on two lines is
+            # `gzip, chunked`, refused as one line is, not forwarded as if only chunked.
+            te = self.transfer_encoding
+            self.transfer_encoding = value if te is None else te + b", " + value
         elif kind == _EXPECT:
             self.expect = value.lower()
         elif kind == _UPGRADE:

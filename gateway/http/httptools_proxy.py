@@ -234,22 +234,66 @@ class ProxyConnection(_Connection):
             return
         super()._send_ready(data, close)
 
-    def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
+    def _drop_partial(self) -> Exchange | None:
+        """The request being read will never be whole: end its exchange (its upstream
+        connection is discarded), and return it; None if no request is being read."""
         exchanges = self.exchanges
-        if exchanges and not exchanges[-1].body_done:
+        if not exchanges or exchanges[-1].body_done:
+            return None
+        ex = exchanges.pop()
+        self.waiting -= 1
+        self.log_info.pop(ex, None)
+        self.preambles.pop(ex, None)
+        self._abandon(ex, self.tasks.pop(ex, None))
+        return ex
+
+    @staticmethod
+    def _abandon(ex: Exchange, task: asyncio.Task[None] | _Run | None) -> None:
+        """Nothing more is forwarded for `ex`. Cancelled only once forwarding: an accounting step
+        under way is let finish (cancelled mid-command, its increment could land in Redis neither
+        counted nor failed); the exchange then stops before the proxy."""
+        ex.abandoned = True
+        if task is not None and ex.forwarding:
+            task.cancel()
+
+    def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
+        ex = self._drop_partial()
+        if ex is not None:
             # The request being read is refused mid-body (413, 408, bad chunk framing): its
             # exchange cannot go on; the client gets the status if no response began, else a cut.
-            ex = exchanges.pop()
-            self.waiting -= 1
-            task = self.tasks.pop(ex, None)
-            if task is not None:
-                task.cancel()
             if ex.started and self.transport is not None:
                 if bad:
                     self.server.bad_requests += 1
                 self.transport.abort()
                 return
+            if self.closing:
+                # Nothing more will be answered (the plain front end's reject sends nothing once
+                # closing): close after what the exchanges before it owe, or the connection,
+                # half-read, would be "timed out" again at every tick and never closed.
+                self.phase = IDLE
+                self._close_if_done()
+                return
         super()._reject(status, reason, bad)
+
+    def eof_received(self) -> bool | None:
+        ex = self._drop_partial()
+        if ex is None:
+            return super().eof_received()
+        # The client half-closed mid-body: that request can never be whole, so its exchange ends
+        # now (not at the request timeout, holding an upstream connection meanwhile). The
+        # requests it completed before are still answered.
+        self.phase = IDLE
+        self.closing = True
+        if ex.started and self.transport is not None:
+            self.transport.abort()  # its response began: there is no way to finish it
+            return True
+        self._close_if_done()
+        return True
+
+    def _close_if_done(self) -> None:
+        transport = self.transport
+        if not self.exchanges and not self.waiting and transport is not None and not transport.is_closing():
+            transport.close()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -268,6 +312,6 @@ class ProxyConnection(_Connection):
         self.after.clear()
         self.preambles.clear()
         self.log_info.clear()
-        for task in self.tasks.values():
-            task.cancel()  # the exchange's connection is discarded (gateway.actions.proxy)
+        for ex, task in self.tasks.items():
+            self._abandon(ex, task)  # the exchange's upstream connection is discarded (gateway.actions.proxy)
         self.tasks.clear()

@@ -35,6 +35,17 @@ MAX_HEADERS = 100
 MAX_HEAD = 64 * 1024
 
 
+def transfer_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The Transfer-Encoding codings, in order, lowercased (every field line joined)."""
+    return [
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"transfer-encoding"
+        for token in value.split(b",")
+        if token.strip()
+    ]
+
+
 class ResponseSink(Protocol):
     """Who receives the events of the response being read (the exchange)."""
 
@@ -84,6 +95,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
         self.head_done = False
+        # Bytes received since the last body byte: a head, a chunk's framing or a trailer section.
+        # httptools buffers a header field whole before calling on_header, so this is what
+        # bounds an upstream that sends one endless field (or status line, or trailer).
+        self.unframed = 0
+        self.body_seen = False
         # Flow control.
         self.write_paused = False
         self.read_paused = False
@@ -122,6 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.headers = []
         self.head_size = 0
+        self.unframed = 0
         self.last_activity = self.loop.time()
 
     def write(self, data: bytes) -> None:
@@ -195,8 +212,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         sink = self.sink
         sink.cork()  # a head and a body in one read leave in one write to the client
+        self.body_seen = False
         try:
             self.parser.feed_data(data)
+            if self.sink is sink and not self.body_seen:
+                # Still reading this response and not one body byte came: whatever is being
+                # parsed (head, chunk framing, trailers) is buffered by the parser. One read is
+                # at most 256 KiB, so this bounds the memory an upstream can make us hold.
+                self.unframed += len(data)
+                if self.unframed > MAX_HEAD:
+                    self._fail("protocol", "upstream response head or trailer section too large")
+            else:
+                self.unframed = 0
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _NoBody):
                 self.doubt = True  # whatever follows the head cannot be framed: no reuse
@@ -242,7 +269,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if not 100 <= status <= 599:
+            raise ValueError(f"status {status} outside 100..599")  # RFC 9110 15: invalid
+        if status < 200:
             if status == 101:
                 raise ValueError("101 Switching Protocols to a request that asked no upgrade")
             # An interim response (100 Continue, 103 Early Hints): not forwarded; the final one follows.
@@ -256,13 +285,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_method or status in (204, 304):
             framing = NO_BODY
         else:
-            for name, _ in self.headers:
-                lower = name.lower()
-                if lower == b"transfer-encoding":
-                    framing = CHUNKED  # llhttp refuses a response whose last coding is not chunked
-                    break
-                if lower == b"content-length":
-                    framing = LENGTH
+            codings = transfer_codings(self.headers)
+            if codings:
+                # RFC 9112 6.3: chunked last delimits the body; any other last coding (gzip alone)
+                # means the body runs until the close, as llhttp reads it.
+                framing = CHUNKED if codings[-1] == b"chunked" else UNTIL_CLOSE
+            elif any(name.lower() == b"content-length" for name, _ in self.headers):
+                framing = LENGTH
         self.framing = framing
         sink = self.sink
         if sink is not None:
@@ -271,6 +300,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _NoBody
 
     def on_body(self, body: bytes) -> None:
+        self.body_seen = True
         sink = self.sink
         if sink is not None:
             sink.on_body(body)

@@ -29,12 +29,21 @@ async def check_once(server: Server, path: str, timeout: float) -> tuple[bool, s
                 f"GET {path} HTTP/1.1\r\nHost: {server.name}\r\nUser-Agent: gateway-health-check\r\n"
                 "Connection: close\r\n\r\n".encode("latin-1")
             )
-            line = await reader.readline()
+            while True:
+                line = await reader.readline()
+                parts = line.split(b" ", 2)
+                if len(parts) < 2 or not parts[1].isdigit() or not 100 <= int(parts[1]) < 200 or parts[1] == b"101":
+                    break
+                # An interim response (100 Continue, 103 Early Hints) before the final one: not the
+                # check's result. Its field lines are skipped up to the empty line (there may be
+                # none); the final status follows.
+                while (await reader.readline()).strip():
+                    pass
     except TimeoutError:
         return False, "timeout"
     except OSError as exc:
         return False, exc.strerror or type(exc).__name__
-    except (ValueError, EOFError) as exc:  # readline: a status line longer than its limit
+    except (ValueError, EOFError) as exc:  # readline: a line longer than its limit
         return False, type(exc).__name__
     finally:
         if writer is not None:

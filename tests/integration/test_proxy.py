@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import logging
 import socket
+import struct
 import time
 import tracemalloc
 from collections import Counter
@@ -18,7 +20,7 @@ import pytest
 from gateway.config import ConfigError
 from gateway.limit.algorithms import parse_rate
 
-from ..helpers import RedisServer
+from ..helpers import FakeRedis, RedisServer, eventually
 from ..proxy_helpers import (
     RawUpstream,
     Upstream,
@@ -910,3 +912,297 @@ async def test_limited_requests_get_429_and_never_reach_the_upstream(
         _pool_clean(gw)
     # The total counter counts every request, refused ones included, as without the proxy.
     assert redis_server.client().get("ip:127.0.0.1") == b"5"
+
+
+# -- adversarial upstreams and clients -----------------------------------------------------------------
+
+
+async def _endless(writer: asyncio.StreamWriter, opening: bytes) -> None:
+    """Send `opening`, then one field value (or trailer) that never ends."""
+    writer.write(opening)
+    block = b"a" * 65536
+    for _ in range(1000):
+        writer.write(block)
+        await writer.drain()
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [b"HTTP/1.1 200 OK\r\nX-Big: ", b"HTTP/1.1 200 "],
+    ids=["header-value", "reason-phrase"],
+)
+async def test_endless_response_head_is_502_at_once(opening: bytes) -> None:
+    # The parser buffers a field whole before handing it over: without a bound on the head's
+    # bytes, an upstream streaming one endless field grows the gateway's memory until the head
+    # timeout (and then answers 504, blaming time rather than the malformed head).
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await _endless(writer, opening)
+
+    up = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([up.url], upstream_response_timeout_s=10.0)
+        async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            async with s.get(base + "/x") as r:
+                assert r.status == 502
+            assert time.monotonic() - started < 2.0
+            assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_endless_response_trailer_cuts_the_client() -> None:
+    # A trailer field that never ends keeps the body "active" (bytes keep coming), so the body
+    # timeout never fires: only a bound on the bytes buffered outside the body ends it.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await _endless(writer, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+
+    up = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([up.url], upstream_body_timeout_s=10.0)
+        async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with s.get(base + "/x") as r:
+                    assert r.status == 200
+                    await r.read()
+            assert time.monotonic() - started < 2.0
+            assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_response_with_a_non_chunked_transfer_coding_runs_until_the_close() -> None:
+    # RFC 9112 6.3: `Transfer-Encoding: gzip` (chunked not last) delimits the body by the close.
+    # Taken for chunked, the close looked like a cut: the client lost the end of a whole body;
+    # and the coding itself must reach the client, or it takes gzip bytes for plain ones.
+    payload = gzip.compress(b"hello " * 1000)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + payload)
+        await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert b"Transfer-Encoding: gzip, chunked" in head.split(b"\r\n")
+            assert body.endswith(b"0\r\n\r\n")  # a whole chunked body: the end was not cut off
+            data = b""
+            while True:
+                size_line, _, body = body.partition(b"\r\n")
+                size = int(size_line, 16)
+                if size == 0:
+                    break
+                data, body = data + body[:size], body[size + 2 :]
+            assert gzip.decompress(data) == b"hello " * 1000
+            assert gw.stats()["upstream"]["errors"] == {}
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_connection_naming_content_length_keeps_the_response_framed() -> None:
+    # `Connection: Content-Length` from the upstream made the proxy drop the response's only
+    # framing field: on a kept-alive client connection the body then ran into the next response.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Hop\r\nX-Hop: 1\r\nContent-Length: 2\r\n\r\nok"
+            )
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base), aiohttp.ClientSession() as s:
+            for _ in range(3):  # one client connection, kept alive
+                async with s.get(base + "/x") as r:
+                    assert r.status == 200
+                    assert r.headers["Content-Length"] == "2"
+                    assert "X-Hop" not in r.headers
+                    assert await r.read() == b"ok"
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_client_half_closing_mid_upload_releases_everything_at_once(upstream: Upstream) -> None:
+    # A client that sends FIN in the middle of its body: the request can never be whole. The
+    # exchange held its upstream connection until the request timeout, and then the client
+    # connection was never closed (timed out again at every tick, counting a 408 each time).
+    config = proxy_config([upstream.url], request_timeout_s=0.5)
+    async with proxy(config) as (gw, base):
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /echo HTTP/1.1\r\nHost: h\r\n\r\n")  # completed: still answered
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+            await asyncio.sleep(0.1)
+            writer.write_eof()
+            async with asyncio.timeout(0.4):  # well before the request timeout
+                out = await reader.read()  # until the gateway closes
+            assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert out.count(b"HTTP/1.1") == 1
+        finally:
+            writer.transport.abort()
+        await asyncio.sleep(0.8)  # past the request timeout: nothing is left to time out
+        assert gw.stats()["connections"]["open"] == 0
+        assert gw.stats()["connections"]["head_timeouts"] == 0
+        _pool_clean(gw)
+
+
+async def test_absolute_form_target_names_the_host_sent_upstream(upstream: Upstream) -> None:
+    # RFC 9112 3.2.2: an absolute-form target's authority is the Host. An HTTP/1.0 request
+    # without Host had the upstream's own address sent as Host (and no X-Forwarded-Host).
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        out = await raw_exchange(base, b"GET http://good.example/echo/p?q=1 HTTP/1.0\r\n\r\n", timeout=2.0)
+        info = body_json(out)
+        headers = {k.lower(): v for k, v in info["headers"]}
+        assert info["path"] == "/echo/p?q=1"
+        assert headers["host"] == "good.example"
+        assert headers["x-forwarded-host"] == "good.example"
+        _pool_clean(gw)
+
+
+@pytest.mark.parametrize(
+    ("status_line", "expected"),
+    [(b"HTTP/1.1 299 \r\n", b"HTTP/1.1 299 \r\n"), (b"HTTP/1.1 470 Custom\r\n", b"HTTP/1.1 470 Custom\r\n")],
+    ids=["unregistered-empty-reason", "unregistered-with-reason"],
+)
+async def test_unregistered_status_is_passed_on(status_line: bytes, expected: bytes) -> None:
+    # A status code with no registered phrase and an empty reason (valid: RFC 9112 4) was a 502
+    # (the phrase lookup raised), costing the connection and counting towards ejection.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(status_line + b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            for _ in range(2):
+                out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
+                assert out.startswith(expected)
+                assert out.endswith(b"\r\n\r\nok")
+            assert gw.stats()["upstream"]["errors"] == {}
+            _pool_clean(gw)
+        assert up.connections == 1  # the connection was fine: reused
+    finally:
+        await up.stop()
+
+
+async def test_status_outside_the_valid_range_is_502() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 799 Odd\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
+            assert out.startswith(b"HTTP/1.1 502 ")
+            assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_transfer_coding_split_over_two_lines_is_refused_like_one() -> None:
+    # `Transfer-Encoding: gzip` and `Transfer-Encoding: chunked` on two lines are the list
+    # `gzip, chunked` (refused 501 as one line). Only the last line was checked: the request was
+    # forwarded as plain chunked, its gzip coding dropped, the upstream given coded bytes as the body.
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_head(reader))
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            out = await raw_exchange(
+                base,
+                b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nab\r\n0\r\n\r\n",
+                timeout=2.0,
+            )
+            assert out.startswith(b"HTTP/1.1 501 ")
+            assert gw.stats()["upstream"]["requests"] == 0
+        assert seen == [] and up.connections == 0
+    finally:
+        await up.stop()
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"],
+    ids=["103-with-fields", "100-without-fields"],
+)
+async def test_health_check_skips_interim_responses(interim: bytes) -> None:
+    # A healthy server that sends 103 Early Hints before its 200 was checked by its first status
+    # line only, and so marked down (and given no traffic) although it answers 200.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        config = proxy_config([up.url], health_check_path="/health", health_check_interval_s=0.05, health_check_fall=2)
+        async with proxy(config) as (gw, base):
+            await asyncio.sleep(0.4)  # several checks
+            server = gw.stats()["upstream"]["servers"][f"127.0.0.1:{up.port}"]
+            assert server["state"] == "up"
+            assert server["check"]["last"] == "200" and server["check"]["failed"] == 0
+            out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
+            assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        await up.stop()
+
+
+@pytest.mark.parametrize("accounting", ["raw", "pooled", "naive", "multiplexed"])
+async def test_client_leaving_during_accounting_is_counted_not_forwarded(accounting: str) -> None:
+    # The client left while its increment was on its way to Redis. The exchange was cancelled
+    # mid-command: the increment landed in Redis but was neither counted nor failed (stats "in
+    # flight" for ever), and the naive backend lost track of its connection. The redirect path
+    # lets the accounting finish; so does the proxy now, and then forwards nothing.
+    stall = asyncio.Event()
+    fake = await FakeRedis(stall=stall).start()
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_head(reader))
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url], fake.url, accounting)) as (gw, base):
+            host, port = base.removeprefix("http://").rsplit(":", 1)
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+            await eventually(lambda: any(c[0].upper() == b"INCRBY" for c in fake.commands))
+            # A reset, not a half-close (which still wants its answer).
+            sock = writer.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            await asyncio.sleep(0.05)  # the gateway notices the client is gone
+            stall.set()
+            await eventually(lambda: gw.stats()["requests"]["in_flight"] == 0)
+            assert gw.stats()["requests"]["counted"] == 1
+            assert fake.counts == {b"ip:127.0.0.1": 1}
+            pool = gw.stats()["pool"]
+            assert pool.get("in_use", 0) == 0 and pool.get("discarded", 0) == 0
+            assert gw.stats()["upstream"]["requests"] == 0
+        assert seen == [] and up.connections == 0
+    finally:
+        stall.set()
+        await up.stop()
+        await fake.close()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.actions.proxy import connection_tokens, origin_form, request_fields
+from gateway.actions.proxy import connection_tokens, origin_form, request_fields, target_authority
 from gateway.config import ConfigError, UpstreamServer, parse_upstream, parse_upstreams
 from gateway.upstream.balancer import Balancer
 from gateway.upstream.connection import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
@@ -268,3 +268,18 @@ async def test_lifecycle_limits_make_a_connection_unusable() -> None:
     await asyncio.sleep(0.02)
     old.last_used = loop.time()
     assert not old.usable  # too old
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (b"http://good.example/p?q", b"good.example"),
+        (b"HTTP://H:8080?x", b"H:8080"),
+        (b"http://h", b"h"),
+        (b"http://user:secret@h:81/p", b"h:81"),  # never the userinfo
+        (b"/p", None),
+        (b"*", None),
+    ],
+)
+def test_target_authority(target: bytes, expected: bytes | None) -> None:
+    assert target_authority(target) == expected
