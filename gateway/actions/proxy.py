@@ -200,8 +200,8 @@ class Exchange:
         "_body_wake", "_released", "abandoned", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
         "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked", "cut",
         "done_fut", "extra_fields", "forwarded_for", "forwarding", "has_body", "head_fut", "headers", "held",
-        "held_bytes", "http10", "keep_alive", "method", "peer", "progress", "sent", "sent_whole", "started", "status", "target", "timer",
-        "waiting_client",
+        "held_bytes", "http10", "keep_alive", "method", "peer", "progress", "sent", "sent_whole", "started", "status",
+        "target", "timer", "waiting_client",
     )  # fmt: skip
 
     def __init__(
