@@ -479,6 +479,8 @@ class Proxy:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        for server in self.servers:
+            server.pool.start()  # its lifecycle's sweeper (idle connections closed in time)
         if self.health is not None:
             self.health.start()
 

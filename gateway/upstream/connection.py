@@ -73,14 +73,11 @@ class _Unexpected(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, idle_timeout: float, max_lifetime: float, max_requests: int) -> None:
+    def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self._idle_timeout = idle_timeout
-        self._max_lifetime = max_lifetime
-        self._max_requests = max_requests
-        self.created = self.last_used = self.last_activity = self.loop.time()
+        self.last_activity = self.loop.time()
         self.requests = 0
         self.pending = 0
         self.doubt = False  # never reuse
@@ -109,10 +106,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        if self.doubt or self.closed or self.pending or self.requests >= self._max_requests:
-            return False
-        now = self.loop.time()
-        return now - self.last_used < self._idle_timeout and now - self.created < self._max_lifetime
+        # Idle time, lifetime and the number of requests are the pool's (its Lifecycle): an
+        # upstream connection is retired by the same rules as a Redis one.
+        return not (self.doubt or self.closed or self.pending)
 
     def abort(self) -> None:
         self.doubt = True
@@ -170,7 +166,6 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         self.sink = None
         self.pending = 0
-        self.last_used = self.loop.time()
         if sink is not None:
             sink.on_end()
 

@@ -23,6 +23,7 @@ from .. import errors
 from ..config import Config, UpstreamServer
 from ..errors import AccountingError
 from ..histogram import LATENCY_BOUNDS, Histogram
+from ..lifecycle import Lifecycle
 from ..pool import Pool
 from .connection import UpstreamConnection
 
@@ -49,6 +50,14 @@ class Server:
             config.upstream_maxconn,
             config.upstream_queue_timeout_ms / 1000,
             what=f"connection to {spec.name}",
+            # The pool's own lifecycle, as for Redis connections: idle ones closed before the
+            # upstream's keep-alive timeout can close them under a request, old or much-used
+            # ones retired when they come back.
+            lifecycle=Lifecycle(
+                idle_timeout=config.upstream_idle_timeout_s,
+                max_lifetime=config.upstream_max_lifetime_s,
+                max_uses=config.upstream_max_requests,
+            ),
         )
         self.up = True  # as active checks see it
         self.ejected_until = 0.0
@@ -70,9 +79,7 @@ class Server:
         loop = asyncio.get_running_loop()
         connect = loop.create_task(
             loop.create_connection(
-                lambda: UpstreamConnection(
-                    c.upstream_idle_timeout_s, c.upstream_max_lifetime_s, c.upstream_max_requests
-                ),
+                UpstreamConnection,
                 self.spec.host,
                 self.spec.port,
             )
@@ -143,6 +150,11 @@ class Server:
                 "in_use": pool["in_use"],
                 "created": pool["created"],
                 "discarded": pool["discarded"],
+                # Retired by the lifecycle: idle past --upstream-idle-timeout-s, older than
+                # --upstream-max-lifetime-s, or after --upstream-max-requests.
+                "closed_idle": pool["closed_idle"],
+                "expired": pool["expired"],
+                "used_up": pool["used_up"],
                 "max": pool["max"],
             },
             "queue": pool["waiting"],

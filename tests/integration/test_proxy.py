@@ -883,6 +883,12 @@ async def test_connection_lifecycle_limits(upstream: Upstream) -> None:
             assert r.status == 200
         conns = gw.stats()["upstream"]["servers"][name]["connections"]
         assert conns["created"] == 4 and conns["open"] == 1
+        assert conns["used_up"] == 3  # each retired as it came back from its second request
+        # Without traffic, the idle one is closed in the background (the pool's lifecycle), not
+        # left open until the upstream closes it or a request finds it stale.
+        await asyncio.sleep(0.3)
+        conns = gw.stats()["upstream"]["servers"][name]["connections"]
+        assert conns["closed_idle"] == 1 and conns["open"] == 0
         _pool_clean(gw)
 
 

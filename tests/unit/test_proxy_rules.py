@@ -3,7 +3,6 @@ connection's response parsing in memory, at every split point."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from typing import Any
 
@@ -188,7 +187,7 @@ RESPONSES = [
 @pytest.mark.parametrize(("response", "framing", "body", "reusable"), RESPONSES)
 async def test_response_parsed_at_every_split_point(response: bytes, framing: int, body: bytes, reusable: bool) -> None:
     for split in range(1, len(response)):
-        conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+        conn = UpstreamConnection()
         conn.connection_made(_Transport())  # type: ignore[arg-type]
         sink = _Sink()
         conn.begin(sink, head_method=False)
@@ -205,7 +204,7 @@ async def test_response_parsed_at_every_split_point(response: bytes, framing: in
 
 
 async def test_read_until_close_ends_with_the_close() -> None:
-    conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+    conn = UpstreamConnection()
     conn.connection_made(_Transport())  # type: ignore[arg-type]
     sink = _Sink()
     conn.begin(sink, head_method=False)
@@ -222,7 +221,7 @@ async def test_read_until_close_ends_with_the_close() -> None:
     ids=["mid-body", "mid-head", "nothing"],
 )
 async def test_a_cut_response_fails_and_is_never_reused(data: bytes) -> None:
-    conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+    conn = UpstreamConnection()
     conn.connection_made(_Transport())  # type: ignore[arg-type]
     sink = _Sink()
     conn.begin(sink, head_method=False)
@@ -235,12 +234,12 @@ async def test_a_cut_response_fails_and_is_never_reused(data: bytes) -> None:
 
 
 async def test_unasked_bytes_and_head_responses_are_never_reused() -> None:
-    conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+    conn = UpstreamConnection()
     transport = _Transport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     conn.data_received(b"HTTP/1.1 200 OK\r\n\r\n")  # nobody asked
     assert transport.aborted and not conn.usable
-    conn = UpstreamConnection(idle_timeout=10, max_lifetime=100, max_requests=10)
+    conn = UpstreamConnection()
     conn.connection_made(_Transport())  # type: ignore[arg-type]
     sink = _Sink()
     conn.begin(sink, head_method=True)
@@ -249,25 +248,19 @@ async def test_unasked_bytes_and_head_responses_are_never_reused() -> None:
     assert not conn.usable
 
 
-async def test_lifecycle_limits_make_a_connection_unusable() -> None:
-    loop = asyncio.get_running_loop()
-    conn = UpstreamConnection(idle_timeout=0.05, max_lifetime=100, max_requests=2)
+async def test_a_connection_is_usable_until_in_doubt() -> None:
+    # Idle time, lifetime and use limits are the pool's (gateway.lifecycle, tested there and in
+    # tests/integration/test_proxy.py); the connection itself says whether it is clean.
+    conn = UpstreamConnection()
     conn.connection_made(_Transport())  # type: ignore[arg-type]
     assert conn.usable
-    await asyncio.sleep(0.06)
-    assert not conn.usable  # idle too long
-    conn.last_used = loop.time()
-    assert conn.usable
-    for _ in range(2):
-        sink = _Sink()
-        conn.begin(sink, head_method=False)
-        conn.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
-    assert not conn.usable  # used for its maximum number of requests
-    old = UpstreamConnection(idle_timeout=10, max_lifetime=0.01, max_requests=10)
-    old.connection_made(_Transport())  # type: ignore[arg-type]
-    await asyncio.sleep(0.02)
-    old.last_used = loop.time()
-    assert not old.usable  # too old
+    sink = _Sink()
+    conn.begin(sink, head_method=False)
+    assert not conn.usable  # a response outstanding
+    conn.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert conn.usable and conn.requests == 1
+    conn.abort()
+    assert not conn.usable
 
 
 @pytest.mark.parametrize(
