@@ -24,6 +24,13 @@ TRUST_LOCAL = (ipaddress.ip_network("127.0.0.0/8"),)
 
 
 @pytest.fixture
+def redis_server(own_redis: RedisServer) -> RedisServer:
+    """A redis-server of each test's own: these tests count Redis' clients (CLIENT LIST), and the
+    connections of an earlier test, still being closed, would be counted with them."""
+    return own_redis
+
+
+@pytest.fixture
 def haproxy(redis_server: RedisServer) -> Iterator[HAProxyReference]:
     ref = HAProxyReference(redis_server.port, pool_size=5).start()
     yield ref

@@ -42,6 +42,13 @@ async def _bursts(base: str, ip: str) -> tuple[list[int], list[float]]:
     return statuses, firsts
 
 
+@pytest.fixture
+def redis_server(own_redis: RedisServer) -> RedisServer:
+    """A redis-server of each test's own: these tests count Redis' clients (CLIENT LIST), and the
+    connections of an earlier test, still being closed, would be counted with them."""
+    return own_redis
+
+
 def _lifecycle(**kw: Any) -> dict[str, Any]:
     """Lifecycle options: everything off unless given."""
     base: dict[str, Any] = {
