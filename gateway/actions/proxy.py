@@ -66,6 +66,9 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
+# Fields in which a client names its own address, as X-Forwarded-For does: an upstream that trusts
+# them could be told anything by an untrusted peer, so they pass only from trusted proxies.
+_CLIENT_CLAIMS = frozenset((b"forwarded", b"x-real-ip"))
 _REQUEST_OWN = frozenset((b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
 
 # Error kinds, as counted in /stats (per server and for the proxy).
@@ -141,7 +144,8 @@ def request_fields(
 
     Hop-by-hop fields and those named in Connection go; X-Forwarded-For gets the peer
     appended to what a trusted peer sent (an untrusted peer's chain is dropped: it could
-    say anything); X-Forwarded-Proto and X-Forwarded-Host are a trusted peer's, else ours.
+    say anything), and so are its `Forwarded` and `X-Real-IP`; X-Forwarded-Proto and
+    X-Forwarded-Host are a trusted peer's, else ours.
     An absolute-form target's `authority` replaces the Host field (RFC 9112 3.2.2).
     """
     named = connection_tokens(headers)
@@ -162,6 +166,8 @@ def request_fields(
                     proto = value.strip()
                 elif lower == b"x-forwarded-host":
                     forwarded_host = value.strip()
+            continue
+        if lower in _CLIENT_CLAIMS and not trusted:
             continue
         lines.append(name + b": " + value + b"\r\n")
     if authority is not None:

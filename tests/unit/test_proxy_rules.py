@@ -66,6 +66,19 @@ def test_request_fields_strip_hop_by_hop_and_named() -> None:
 
 
 @pytest.mark.parametrize("trusted", [False, True])
+def test_client_address_claims_pass_only_from_trusted_proxies(trusted: bool) -> None:
+    # Forwarded and X-Real-IP name the client's address like X-Forwarded-For: from an untrusted
+    # peer they would let any client tell an upstream that trusts them who it is.
+    headers = [(b"Host", b"h.test"), (b"Forwarded", b"for=203.0.113.9"), (b"X-Real-IP", b"203.0.113.9")]
+    out = _fields(headers, "192.0.2.1", trusted)
+    if trusted:
+        assert out[b"forwarded"] == b"for=203.0.113.9" and out[b"x-real-ip"] == b"203.0.113.9"
+    else:
+        assert b"forwarded" not in out and b"x-real-ip" not in out
+    assert out[b"x-forwarded-for"].endswith(b"192.0.2.1")
+
+
+@pytest.mark.parametrize("trusted", [False, True])
 def test_forwarded_fields_follow_the_trusted_proxy_rule(trusted: bool) -> None:
     headers = [
         (b"Host", b"h.test"),
