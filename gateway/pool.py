@@ -193,6 +193,10 @@ class Pool(Generic[C]):
             return
         if self._retires and self._retire(conn):
             return
+        self._hand_off(conn)
+
+    def _hand_off(self, conn: C) -> None:
+        """A clean connection is free: to the oldest waiter, else to the idle list."""
         while self._waiters:
             fut = self._pop_waiter()
             if not fut.done():
@@ -466,13 +470,7 @@ class Pool(Generic[C]):
             return
         if self._retires:
             self._born(conn)
-        while self._waiters:
-            fut = self._pop_waiter()
-            if not fut.done():
-                self._in_use += 1
-                fut.set_result(conn)
-                return
-        self._idle.append(conn)
+        self._hand_off(conn)
 
     def _sweep(self) -> None:
         """Once per period: age the idle list one generation, close what the policy retires,

@@ -17,7 +17,8 @@ retry time (single-server mode; the cluster client makes its own connections).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -30,6 +31,8 @@ from ..limit.scripts import Script
 from ..resp import Reply
 from ._redispy import connection_kwargs, gated_connection_class, settle, translate
 from .base import Backend
+
+T = TypeVar("T")
 
 
 class PooledBackend(Backend):
@@ -72,9 +75,25 @@ class PooledBackend(Backend):
         self._client = aioredis.Redis(connection_pool=self._pool, retry=kwargs["retry"])
 
     async def incr(self, key: str) -> int:
+        return int(await self._call(self._client.incrby(key, 1)))
+
+    async def run_script(self, script: Script, keys: tuple[str, ...], args: tuple[int, ...]) -> Reply:
+        """One EVALSHA through redis-py (EVAL once on NOSCRIPT); an error reply is raised as
+        AccountingError, as for INCRBY."""
+        return await self._call(self._evalsha(script, keys, args))
+
+    async def _evalsha(self, script: Script, keys: tuple[str, ...], args: tuple[int, ...]) -> Reply:
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+        except rexc.NoScriptError:
+            return await self._client.eval(script.body, len(keys), *keys, *args)  # type: ignore[no-any-return]
+
+    async def _call(self, command: Awaitable[T]) -> T:
+        """Await one redis-py command: its failure translated and counted, its outcome told to
+        the connect backoff (`settle`)."""
         self._inflight += 1
         try:
-            value = int(await self._client.incrby(key, 1))
+            value = await command
         except AccountingError:
             self._errors += 1  # refused by the connect backoff
             raise
@@ -93,34 +112,6 @@ class PooledBackend(Backend):
             self._inflight -= 1
         settle(self._backoff, None)
         return value
-
-    async def run_script(self, script: Script, keys: tuple[str, ...], args: tuple[int, ...]) -> Reply:
-        """One EVALSHA through redis-py (EVAL once on NOSCRIPT); an error reply is raised as
-        AccountingError, as for INCRBY."""
-        self._inflight += 1
-        try:
-            try:
-                reply = await self._client.evalsha(script.sha, len(keys), *keys, *args)
-            except rexc.NoScriptError:
-                reply = await self._client.eval(script.body, len(keys), *keys, *args)
-        except AccountingError:
-            self._errors += 1  # refused by the connect backoff
-            raise
-        except (rexc.RedisError, OSError) as exc:
-            err = translate(exc)
-            if err.kind == errors.POOL_TIMEOUT:
-                self._wait_timeouts += 1
-            else:
-                self._errors += 1
-                settle(self._backoff, exc, err)
-            raise err from None
-        except BaseException as exc:
-            settle(self._backoff, exc)
-            raise
-        finally:
-            self._inflight -= 1
-        settle(self._backoff, None)
-        return reply  # type: ignore[no-any-return]
 
     async def ping(self) -> None:
         try:
