@@ -259,23 +259,58 @@ class Pipeline:
 
     # -- the request path with the proxy as its action (--upstream) -------------
 
-    async def forward(self, exchange: Exchange, peer: str | None, forwarded_for: Sequence[str] | None) -> None:
-        """The request path with the proxy as its action: the same steps as `handle`, then forward."""
-        assert self.proxy is not None
+    def forward(
+        self, exchange: Exchange, peer: str | None, forwarded_for: Sequence[str] | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """The request path with the proxy as its action: the same steps as `handle`, then forward.
+
+        Runs through at once when no step waits (no accounting, or batched accounting that
+        holds the response); else returns the rest, for the front end to run. Either way the
+        exchange ends with `exchange.on_done` (not when the client left before it was forwarded)."""
+        proxy = self.proxy
+        assert proxy is not None
         self.requests += 1
         ip = self.resolver.resolve(peer, forwarded_for)
         if ip is None:
             self.no_client_ip += 1
         elif not self._uses_redis:
             self.uncounted += 1
-        else:
-            refusal = await self._admit(exchange, self._prefix + ip, ip)
-            if exchange.abandoned:
-                return  # the client left while its request was accounted: the count stands, no forwarding
+        elif self.holds and (self.limiter is None or self._decides_locally):
+            refusal = self._admit_held(exchange, self._prefix + ip, ip)
             if refusal is not None:
-                exchange.answer(refusal)  # 503 (deny policy) or 429: nothing is forwarded
-                return
-        await self.proxy.forward(exchange)
+                exchange.answer(refusal)  # 429: nothing is forwarded
+                exchange.on_done(exchange, None)
+                return None
+        else:
+            return self._account_then_forward(exchange, self._prefix + ip, ip)
+        proxy.forward(exchange)
+        return None
+
+    async def _account_then_forward(self, exchange: Exchange, key: str, ip: str) -> None:
+        refusal = await self._admit(exchange, key, ip)
+        if exchange.abandoned:
+            return  # the client left while its request was accounted: the count stands, no forwarding
+        if refusal is not None:
+            exchange.answer(refusal)  # 503 (deny policy) or 429: nothing is forwarded
+            exchange.on_done(exchange, None)
+            return
+        assert self.proxy is not None
+        self.proxy.forward(exchange)
+
+    def _admit_held(self, exchange: Exchange, key: str, ip: str) -> Response | None:
+        """`_admit` when nothing waits: batched, the response held until the flush settles, and
+        any limit decided locally."""
+        limiter = self.limiter
+        decision = self.backend.decide_local(key) if limiter is not None else None
+        try:
+            exchange.hold(self.backend.incr_held(key))
+        except AccountingError as err:
+            self._failed(err)
+        except Exception as exc:
+            self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
+        if limiter is not None and decision is not None:
+            return self._decide_forward(exchange, limiter, ip, decision)
+        return None
 
     async def _admit(self, exchange: Exchange, key: str, ip: str) -> Response | None:
         """Account (and limit) one request for the proxy: None to forward it, else the answer instead."""
@@ -289,22 +324,18 @@ class Pipeline:
         else:
             if limiter is not None:
                 decision = self.backend.decide_local(key)
-            if self.holds:
-                # Forwarded at once; the response waits in the exchange until the flush settles.
-                try:
-                    exchange.hold(self.backend.incr_held(key))
-                except AccountingError as err:
-                    self._failed(err)
-                except Exception as exc:
-                    self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
-            elif isinstance(await self._settle(self.backend.incr(key)), AccountingError) and self._deny:
+            if isinstance(await self._settle(self.backend.incr(key)), AccountingError) and self._deny:
                 return self.denied
         if limiter is not None and decision is not None:
-            limiter.count(ip, decision)
-            if not decision.allowed:
-                return self._limited(decision)
-            if self._limit_headers:
-                exchange.extra_fields = limiter.fields(decision)
+            return self._decide_forward(exchange, limiter, ip, decision)
+        return None
+
+    def _decide_forward(self, exchange: Exchange, limiter: Limiter, ip: str, decision: Decision) -> Response | None:
+        limiter.count(ip, decision)
+        if not decision.allowed:
+            return self._limited(decision)
+        if self._limit_headers:
+            exchange.extra_fields = limiter.fields(decision)
         return None
 
     async def _settle(self, call: Awaitable[T]) -> T | AccountingError:

@@ -35,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import errors
 from ..errors import AccountingError
+from ..stepper import Stepper
 from ..upstream.balancer import Balancer
 from ..upstream.connection import LENGTH, NO_BODY, UpstreamConnection, transfer_codings
 from ..upstream.health import HealthChecker
@@ -84,6 +86,11 @@ _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _FAILURE_STATUS = {RESPONSE_TIMEOUT: 504, BODY_TIMEOUT: 504, CLOSED: 502, PROTOCOL: 502}
 
 
+# Fields the plain request head (Proxy._head) leaves to the general rules: any one of them, or a
+# second Host, sends the request down the general path.
+_NOT_PLAIN = HOP_BY_HOP | _CLIENT_CLAIMS | _REQUEST_OWN | {b"host"}
+
+
 def _phrase(status: int) -> bytes:
     """The registered reason phrase; none for a code with no registration (299, say): the reason
     phrase may be empty (RFC 9112 4), and an unknown code is still a valid response."""
@@ -91,6 +98,10 @@ def _phrase(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
+
+
+def _nobody(ex: Exchange, exc: BaseException | None) -> None:
+    """The default `Exchange.on_done`: nobody is told (an exchange made outside a front end)."""
 
 
 class ClientSide(Protocol):
@@ -180,6 +191,62 @@ def request_fields(
     return lines, host
 
 
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    peer: str | None,
+    server_name: str,
+    trusted: bool,
+    chunked: bool,
+    content_length: int,
+) -> bytes:
+    """The request head sent upstream, by the rules of `request_fields`."""
+    # An absolute-form target names the host (RFC 9112 3.2.2): for an HTTP/1.0 request without
+    # Host, it, not the upstream's address, is what the upstream must see.
+    lines, host = request_fields(headers, peer, trusted, target_authority(target))
+    out = [b"%s %s HTTP/1.1\r\n" % (method, origin_form(target))]
+    out.append(b"Host: " + (host if host is not None else server_name.encode()) + b"\r\n")
+    out += lines
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif content_length >= 0:
+        out.append(b"Content-Length: %d\r\n" % content_length)
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def plain_head(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], peer: str | None, server_name: str
+) -> bytes | None:
+    """`request_head` for the usual request, at half the cost: an origin-form target and no
+    field the rules drop or rewrite (no body, no hop-by-hop field, no forwarding claims, one
+    Host at most). None for any other request. Whether the peer is trusted changes nothing
+    then: there is no chain of its to keep."""
+    if target[:1] != b"/":
+        return None
+    lines = [b"", b""]
+    host = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _NOT_PLAIN:
+            if lower != b"host" or host is not None:
+                return None
+            host = value
+        else:
+            lines.append(name + b": " + value + b"\r\n")
+    lines[0] = b"%s %s HTTP/1.1\r\n" % (method, target)
+    lines[1] = b"Host: " + (host if host is not None else server_name.encode()) + b"\r\n"
+    forwarded = (peer or "unknown").encode("latin-1")
+    if host:
+        lines.append(
+            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n\r\n" % (forwarded, host)
+        )
+    else:
+        lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n\r\n" % forwarded)
+    return b"".join(lines)
+
+
 def plain_response(status: int, text: str, keep_alive: bool, http10: bool, head: bool) -> bytes:
     phrase = HTTPStatus(status).phrase
     body = f"{text}\n".encode()
@@ -205,8 +272,9 @@ class Exchange:
     __slots__ = (
         "_body_wake", "_released", "abandoned", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
         "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked", "cut",
-        "done_fut", "extra_fields", "forwarded_for", "forwarding", "has_body", "head_fut", "headers", "held",
-        "held_bytes", "http10", "keep_alive", "method", "peer", "progress", "sent", "sent_whole", "started", "status",
+        "done_fut", "extra_fields", "failure", "fast", "forwarded_for", "forwarding", "has_body", "head_fut",
+        "headers", "held", "held_bytes", "http10", "keep_alive", "method", "on_done", "over", "peer", "progress",
+        "proxy", "reused", "runner", "sent", "sent_at", "sent_whole", "server", "settling", "started", "status",
         "target", "timer", "waiting_client",
     )  # fmt: skip
 
@@ -222,6 +290,9 @@ class Exchange:
         chunked: bool,
     ) -> None:
         self.client = client
+        #: Called once when the exchange is over (the response sent, held or failed), with the
+        #: exception of a bug if one ended it; never after the client left (`Proxy.abandon`).
+        self.on_done: Callable[[Exchange, BaseException | None], None] = _nobody
         self.method = method
         self.target = target
         self.headers = headers
@@ -248,7 +319,17 @@ class Exchange:
         self.body_taken = False  # some body bytes went upstream: the request cannot be replayed
         self._body_wake: asyncio.Future[None] | None = None
         # Response side.
+        self.proxy: Proxy | None = None
+        self.server: Server | None = None
         self.conn: UpstreamConnection | None = None
+        self.sent_at = 0.0  # perf_counter() when the request head went out: the latency histogram's clock
+        self.reused = False
+        # Forwarded on callbacks (`Proxy._send`), not by a coroutine (`runner`, the general path).
+        self.fast = False
+        self.runner: Stepper | None = None
+        self.over = False  # the response was read whole (fast path)
+        self.failure: tuple[str, str] | None = None  # how the attempt failed (fast path)
+        self.settling = False  # over, but a batched flush still holds the response
         self.head_fut: asyncio.Future[None] | None = None
         self.done_fut: asyncio.Future[None] | None = None
         self.chunked_out = False
@@ -308,6 +389,9 @@ class Exchange:
         fut = self._released
         if fut is not None and not fut.done():
             fut.set_result(None)
+        if self.settling:
+            self.settling = False
+            self.on_done(self, None)
 
     async def settled(self) -> None:
         """Wait until nothing is held (the flush holding the increment settled)."""
@@ -325,6 +409,13 @@ class Exchange:
         self.corked = None
         if corked:
             self.client.write(corked[0] if len(corked) == 1 else b"".join(corked))
+        if self.fast:
+            proxy = self.proxy
+            assert proxy is not None
+            if self.over or self.failure is not None:
+                proxy._end(self)  # after the read's output went out, never before it
+            elif self.status and self.timer is None:
+                proxy._watch_body(self)  # the body did not come whole with the head
 
     def emit(self, data: bytes) -> None:
         self.started = True
@@ -393,20 +484,26 @@ class Exchange:
 
     # -- ResponseSink (gateway.upstream.connection) ------------------------------------------
 
-    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+    def on_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, plain: bool
+    ) -> None:
+        """The response head; `plain`: it has no hop-by-hop field (Connection among them)."""
         self.status = status
-        named = connection_tokens(headers)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))]
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                # Framing, not a hop-by-hop field, whatever Connection names: without it a length-
-                # delimited body on a kept-alive client connection runs into the next response.
-                if framing not in (LENGTH, NO_BODY):
+        if plain and (framing == LENGTH or framing == NO_BODY):
+            lines += [name + b": " + value + b"\r\n" for name, value in headers]  # every field stays
+        else:
+            named = connection_tokens(headers)
+            for name, value in headers:
+                lower = name.lower()
+                if lower == b"content-length":
+                    # Framing, not a hop-by-hop field, whatever Connection names: without it a length-
+                    # delimited body on a kept-alive client connection runs into the next response.
+                    if framing not in (LENGTH, NO_BODY):
+                        continue
+                elif lower in HOP_BY_HOP or lower in named:
                     continue
-            elif lower in HOP_BY_HOP or lower in named:
-                continue
-            lines.append(name + b": " + value + b"\r\n")
+                lines.append(name + b": " + value + b"\r\n")
         if framing not in (LENGTH, NO_BODY):
             # Chunked or read-until-close upstream: re-chunk for an HTTP/1.1 client; an HTTP/1.0
             # client gets a body delimited by the close.
@@ -422,13 +519,18 @@ class Exchange:
             # The upstream answers before the request was sent whole: the rest of the client's
             # body will not be read, so the client connection cannot carry another request.
             self.close_after = True
-        lines += [f"{n}: {v}\r\n".encode("latin-1") for n, v in self.extra_fields]
+        if self.extra_fields:
+            lines += [f"{n}: {v}\r\n".encode("latin-1") for n, v in self.extra_fields]
         if self.close_after or (self.body_done and not self.keep_alive):
-            lines.append(b"Connection: close\r\n")
+            lines.append(b"Connection: close\r\n\r\n")
         elif self.http10:
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(b"\r\n")
+            lines.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            lines.append(b"\r\n")
         self.emit(b"".join(lines))
+        proxy = self.proxy
+        if proxy is not None:
+            proxy._headed(self)
         fut = self.head_fut
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -442,11 +544,24 @@ class Exchange:
     def on_end(self) -> None:
         if self.chunked_out:
             self.emit(b"0\r\n\r\n")
+        if self.fast:
+            self.over = True
+            if self.corked is None:  # else at uncork, once the read's output went out
+                assert self.proxy is not None
+                self.proxy._end(self)
+            return
         fut = self.done_fut
         if fut is not None and not fut.done():
             fut.set_result(None)
 
     def on_fail(self, kind: str, detail: str) -> None:
+        if self.fast:
+            if self.failure is None and not self.over:
+                self.failure = (kind, detail)
+                if self.corked is None:
+                    assert self.proxy is not None
+                    self.proxy._end(self)
+            return
         for fut in (self.head_fut, self.done_fut):
             if fut is not None and not fut.done():
                 fut.set_exception(_Failed(kind, detail))
@@ -478,10 +593,16 @@ class Proxy:
         self.retries = 0
         self.errors: Counter[str] = Counter()
         self.responses: Counter[str] = Counter()
+        # Fast exchanges waiting for their response head, oldest first, with their deadlines.
+        self._awaiting: dict[Exchange, float] = {}
+        self._heads_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop or asyncio.get_running_loop()
 
     def _now(self) -> float:
-        loop = self.loop or asyncio.get_running_loop()
-        return loop.time()
+        return (self.loop or asyncio.get_running_loop()).time()
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -491,6 +612,9 @@ class Proxy:
             self.health.start()
 
     async def close(self) -> None:
+        if self._heads_timer is not None:
+            self._heads_timer.cancel()
+            self._heads_timer = None
         if self.health is not None:
             await self.health.close()
         for server in self.servers:
@@ -498,12 +622,179 @@ class Proxy:
 
     # -- one exchange ---------------------------------------------------------------------
 
-    async def forward(self, ex: Exchange) -> None:
-        """Forward `ex` and stream its response; never raises but for cancellation."""
+    def forward(self, ex: Exchange) -> None:
+        """Take `ex` on (its request was accounted). It ends with `ex.on_done`, unless the client
+        leaves first (`abandon`).
+
+        Under steady traffic a request without a body finds an idle connection: it is then
+        forwarded on callbacks alone (`_send`; the response's events end it). Anything else
+        (a connect, a wait for a connection, a body to stream, a retry) takes the general
+        path, a coroutine (`_slow`)."""
         ex.forwarding = True
+        ex.proxy = self
         self.requests += 1
+        server = self.balancer.pick(())
+        if server is not None and not ex.has_body:
+            conn = server.pool.try_acquire()
+            if conn is not None:
+                self._send(server, conn, ex)
+                return
+        self._run_slow(ex, server, False)
+
+    def abandon(self, ex: Exchange) -> None:
+        """The client is gone (or its request was refused mid-body): stop forwarding `ex`; its
+        upstream connection, if it has one, is closed, and `ex.on_done` is not called."""
+        runner = ex.runner
+        if runner is not None:
+            runner.cancel()  # the general path's cleanup closes its connection
+            return
+        conn = ex.conn
+        if conn is None:
+            return  # over already (a flush may hold its response: nobody to send it to now)
+        server = ex.server
+        assert server is not None
+        ex.conn = None
+        ex.fast = False
+        self._awaiting.pop(ex, None)
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        server.inflight -= 1
+        conn.abort()
+        server.pool.release(conn)
+
+    # -- the fast path: callbacks only ------------------------------------------------------
+
+    def _send(self, server: Server, conn: UpstreamConnection, ex: Exchange) -> None:
+        server.inflight += 1
+        server.requests += 1
+        ex.server = server
+        ex.conn = conn
+        ex.fast = True
+        ex.reused = conn.requests > 0
+        ex.sent_whole = True
+        conn.begin(ex, ex.method == b"HEAD")
+        if ex.client_paused:
+            conn.pause_reading()
+        conn.write(self._head(ex, server))
+        ex.sent_at = perf_counter()
+        # Every exchange waits as long for its head, so the oldest is always due first: one
+        # timer, armed for it, serves them all.
+        awaiting = self._awaiting
+        awaiting[ex] = (self.loop or asyncio.get_running_loop()).time() + self._response_timeout
+        if self._heads_timer is None:
+            self._arm_heads()
+
+    def _arm_heads(self) -> None:
+        for deadline in self._awaiting.values():
+            self._heads_timer = self._loop.call_at(deadline, self._heads_due)
+            return
+        self._heads_timer = None
+
+    def _heads_due(self) -> None:
+        now = self._loop.time()
+        awaiting = self._awaiting
+        while awaiting:
+            ex, deadline = next(iter(awaiting.items()))
+            if deadline > now:
+                break
+            del awaiting[ex]
+            conn = ex.conn
+            ex.on_fail(RESPONSE_TIMEOUT, "the upstream did not answer in time")
+            if conn is not None:
+                conn.abort()
+        self._arm_heads()
+
+    def _watch_body(self, ex: Exchange) -> None:
+        """The fast path's body deadline: armed when a head came without its whole body, it
+        fails the exchange once the upstream sent nothing for the body timeout."""
+        ex.timer = None
+        conn = ex.conn
+        if conn is None or not ex.fast:
+            return
+        loop = self._loop
+        now = loop.time()
+        if conn.read_paused:
+            # Paused by us (the client does not read, or a flush holds the response): not the upstream's fault.
+            ex.timer = loop.call_at(now + self._body_timeout, self._watch_body, ex)
+            return
+        last = conn.last_activity
+        if now - last >= self._body_timeout:
+            ex.on_fail(BODY_TIMEOUT, "the upstream stalled in the response body")
+            return
+        ex.timer = loop.call_at(last + self._body_timeout, self._watch_body, ex)
+
+    def _end(self, ex: Exchange) -> None:
+        """A fast exchange is over: the response was read whole, or the attempt failed."""
+        conn = ex.conn
+        if conn is None:
+            return
+        server = ex.server
+        assert server is not None
+        ex.conn = None
+        ex.fast = False
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        failure = ex.failure
+        if failure is not None:
+            self._awaiting.pop(ex, None)
+        server.inflight -= 1
+        if conn.pending or failure is not None:
+            conn.abort()  # discard on doubt: never reuse a connection mid-exchange
+        server.pool.release(conn)
+        if failure is None:
+            if server.fails:
+                server.succeeded()
+        else:
+            ex.failure = None
+            kind, detail = failure
+            if kind == CLOSED and ex.reused and not conn.got_bytes and not ex.started:
+                self.errors["stale_connection"] += 1
+                server.errors["stale_connection"] += 1
+                if ex.replayable:
+                    # Closed by the upstream as we reused it: once more, on a fresh connection.
+                    self.retries += 1
+                    server.retries += 1
+                    self._run_slow(ex, None, True)
+                    return
+                ex.fail(502, "the upstream closed the connection before answering")
+            else:
+                self._failed(server, kind)
+                ex.fail(_FAILURE_STATUS.get(kind, 502), detail)
+        if ex.commit is not None:
+            ex.settling = True  # done once the flush holding its increment settles (Exchange.release)
+            return
+        ex.on_done(ex, None)
+
+    def _headed(self, ex: Exchange) -> None:
+        """The response head came (either path): count it."""
+        server = ex.server
+        assert server is not None
+        if ex.fast:
+            self._awaiting.pop(ex, None)
+        server.latency.observe(perf_counter() - ex.sent_at)
+        status = ex.status
+        klass = _CLASSES[status // 100] if status < 600 else "other"
+        server.responses[klass] += 1
+        self.responses[klass] += 1
+
+    # -- the general path: a coroutine --------------------------------------------------------
+
+    def _run_slow(self, ex: Exchange, server: Server | None, fresh: bool) -> None:
+        def ended(exc: BaseException | None) -> None:
+            ex.runner = None
+            if isinstance(exc, asyncio.CancelledError):
+                return  # abandoned: nobody to tell
+            ex.on_done(ex, exc)
+
+        runner = ex.runner = Stepper(self._loop, self._slow(ex, server, fresh), ended)
+        runner.start()
+
+    async def _slow(self, ex: Exchange, server: Server | None, fresh: bool) -> None:
+        """Forward `ex` and stream its response; never raises but for cancellation."""
         try:
-            await self._forward(ex)
+            await self._forward(ex, server, fresh)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must not become a hung client: cut it, log it
@@ -512,11 +803,12 @@ class Proxy:
             ex.fail(502, "bad gateway")
         await ex.settled()
 
-    async def _forward(self, ex: Exchange) -> None:
+    async def _forward(self, ex: Exchange, first: Server | None, fresh: bool) -> None:
         tried: list[Server] = []
-        fresh = False
+        server = first
         while True:
-            server = self.balancer.pick(tried)
+            if server is None:
+                server = self.balancer.pick(tried)
             if server is None:
                 if tried:
                     ex.fail(502, "no upstream server could be reached")
@@ -537,6 +829,7 @@ class Proxy:
                 fresh = True
             self.retries += 1
             server.retries += 1
+            server = None
 
     async def _checkout(self, server: Server, fresh: bool) -> UpstreamConnection:
         pool = server.pool
@@ -603,6 +896,7 @@ class Proxy:
         done = ex.done_fut = loop.create_future()
         ex.sent_whole = False
         ex.conn = conn
+        ex.server = server
         conn.begin(ex, ex.method == b"HEAD")
         if conn.closed:
             # Closed by the upstream after the pool handed it over (a queued request resumes a
@@ -612,7 +906,7 @@ class Proxy:
         if ex.client_paused:
             conn.pause_reading()
         conn.write(self._head(ex, server))
-        sent = perf_counter()  # the latency histogram's clock (the loop's is cached per iteration)
+        ex.sent_at = perf_counter()  # the latency histogram's clock (the loop's is cached per iteration)
         started = loop.time()
         ex.progress = started
         sender = None
@@ -630,11 +924,7 @@ class Proxy:
                 if sender.done() and not head.done():
                     sender.result()  # an upload error ends the exchange here
                     ex.progress = loop.time()
-            await head
-            server.latency.observe(perf_counter() - sent)
-            klass = _CLASSES[ex.status // 100] if ex.status < 600 else "other"
-            server.responses[klass] += 1
-            self.responses[klass] += 1
+            await head  # counted as it came (_headed)
             if not done.done():  # the body did not come with the head: its idleness is the deadline now
                 if ex.timer is not None:
                     ex.timer.cancel()
@@ -692,19 +982,13 @@ class Proxy:
         ex.timer = loop.call_at(last + self._body_timeout, self._watch, ex, head, done)
 
     def _head(self, ex: Exchange, server: Server) -> bytes:
-        # An absolute-form target names the host (RFC 9112 3.2.2): for an HTTP/1.0 request without
-        # Host, it, not the upstream's address, is what the upstream must see.
-        authority = target_authority(ex.target)
-        lines, host = request_fields(ex.headers, ex.peer, self._resolver.trusts(ex.peer), authority)
-        out = [b"%s %s HTTP/1.1\r\n" % (ex.method, origin_form(ex.target))]
-        out.append(b"Host: " + (host if host is not None else server.name.encode()) + b"\r\n")
-        out += lines
-        if ex.chunked:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        elif ex.content_length >= 0:
-            out.append(b"Content-Length: %d\r\n" % ex.content_length)
-        out.append(b"\r\n")
-        return b"".join(out)
+        head = plain_head(ex.method, ex.target, ex.headers, ex.peer, server.name)
+        if head is not None:
+            return head
+        trusted = self._resolver.trusts(ex.peer)
+        return request_head(
+            ex.method, ex.target, ex.headers, ex.peer, server.name, trusted, ex.chunked, ex.content_length
+        )
 
     async def _send_body(self, conn: UpstreamConnection, ex: Exchange) -> None:
         loop = self.loop or asyncio.get_running_loop()
@@ -753,4 +1037,4 @@ class Proxy:
         }
 
 
-__all__ = ["BODY_BUFFER", "ClientSide", "Exchange", "Proxy", "plain_response"]
+__all__ = ["BODY_BUFFER", "ClientSide", "Exchange", "Proxy", "plain_head", "plain_response", "request_head"]

@@ -19,72 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
 
 from ..actions.proxy import BODY_BUFFER, Exchange
 from ..pipeline import Response
+from ..stepper import Stepper
 from .httptools_impl import BODY, IDLE, HttpToolsFrontEnd, _Connection, _Reject
 
 log = logging.getLogger("gateway")
-
-
-class _Run:
-    """Runs one exchange's coroutine without an asyncio Task (as the plain front end's `_Slot`
-    does): each step is resumed from the done callback of the future it waits on. Used when
-    nothing on the path needs a Task (the accounting backend is task-free, or not awaited)."""
-
-    __slots__ = ("cancelled", "conn", "coro", "ex", "waited")
-
-    def __init__(self, conn: ProxyConnection, ex: Exchange, coro: Coroutine[Any, Any, None]) -> None:
-        self.conn = conn
-        self.ex = ex
-        self.coro = coro
-        self.waited: Any = None
-        self.cancelled = False
-
-    def step(self, _: object = None) -> None:
-        if self.cancelled:
-            return
-        self.waited = None
-        try:
-            waited = self.coro.send(None)
-        except StopIteration:
-            self.conn._exchange_done(self.ex, None)
-            return
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:
-            self.conn._exchange_done(self.ex, exc)
-            return
-        self._wait(waited)
-
-    def _wait(self, waited: Any) -> None:
-        if waited is None:  # a bare yield: go on in the next loop turn
-            loop = self.conn.server.loop
-            assert loop is not None
-            loop.call_soon(self.step)
-        else:
-            waited._asyncio_future_blocking = False  # what a Task does with the future it is given
-            self.waited = waited
-            waited.add_done_callback(self.step)
-
-    def cancel(self) -> None:
-        """The client is gone: raise CancelledError where the exchange waits (its cleanup runs)."""
-        waited = self.waited
-        self.cancelled = True
-        if waited is None:
-            self.coro.close()  # not started yet (or finished): it never runs
-            return
-        waited.remove_done_callback(self.step)
-        self.waited = None
-        try:
-            waited = self.coro.throw(asyncio.CancelledError())
-        except BaseException:
-            return  # ended, by the cancellation or otherwise: the client is gone, nothing to answer
-        # Still cleaning up (it should not wait, but if it does, let it finish).
-        self.cancelled = False
-        self._wait(waited)
 
 
 class ProxyConnection(_Connection):
@@ -92,7 +33,8 @@ class ProxyConnection(_Connection):
         super().__init__(server)
         self.fields: list[tuple[bytes, bytes]] = []
         self.exchanges: deque[Exchange] = deque()
-        self.tasks: dict[Exchange, asyncio.Task[None] | _Run] = {}
+        # The accounting steps under way that wait (a Redis round trip), by exchange.
+        self.tasks: dict[Exchange, asyncio.Task[None] | Stepper] = {}
         # The accounting step needs a Task only with a backend that awaits in a Task's context.
         pipeline = self.pipeline
         self.task_free = pipeline.task_free or pipeline.holds or not pipeline.backend.uses_redis
@@ -132,10 +74,14 @@ class ProxyConnection(_Connection):
             self.after = []
         self.exchanges.append(ex)
         self.waiting += 1
-        if len(self.exchanges) == 1:
-            self._start(ex)
-        else:
+        if len(self.exchanges) > 1:
             self._update_reading()  # pipelined: read nothing more until the ones before are answered
+        elif ex.has_body:
+            # Forwarded while its body arrives; not from inside this parser callback.
+            loop = self.server.loop
+            assert loop is not None
+            loop.call_soon(self._start_first, ex)
+        # Else it starts once its request is whole (on_message_complete), a moment from now.
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
@@ -153,28 +99,49 @@ class ProxyConnection(_Connection):
             keep_alive = False  # as the plain front end decides (RFC 9112 6.1)
         if not keep_alive:
             self.closing = True  # read no further request
-        if self.exchanges:
-            self.exchanges[-1].feed_end(keep_alive)
+        exchanges = self.exchanges
+        if exchanges:
+            ex = exchanges[-1]
+            ex.feed_end(keep_alive)
+            if len(exchanges) == 1 and not ex.has_body:
+                self._start(ex)
 
     # -- exchanges, in order --------------------------------------------------------------
 
+    def _start_first(self, ex: Exchange) -> None:
+        if self.exchanges and self.exchanges[0] is ex and not ex.abandoned and self.transport is not None:
+            self._start(ex)
+
     def _start(self, ex: Exchange) -> None:
-        loop = self.server.loop
-        assert loop is not None
+        """The exchange's turn: account it and forward it (gateway.pipeline.Pipeline.forward)."""
         ex.client_paused = self.write_paused
+        ex.on_done = self._exchange_done
         for data, close in self.preambles.pop(ex, ()):
             self.waiting += 1
             self._write(data, close)
-        coro = self.pipeline.forward(ex, self.peer, ex.forwarded_for)
+        try:
+            rest = self.pipeline.forward(ex, self.peer, ex.forwarded_for)
+        except Exception as exc:  # a bug must not leave the client waiting
+            self._exchange_done(ex, exc)
+            return
+        if rest is None:
+            return  # under way on callbacks, or answered
+        loop = self.server.loop
+        assert loop is not None
+
+        def accounted(exc: BaseException | None) -> None:
+            self.tasks.pop(ex, None)
+            if exc is not None:
+                self._exchange_done(ex, exc)
+
         if self.task_free:
-            run = self.tasks[ex] = _Run(self, ex, coro)
-            loop.call_soon(run.step)  # not from inside the parser's callback that started it
+            runner = self.tasks[ex] = Stepper(loop, rest, accounted)
+            runner.start()
         else:
-            task = self.tasks[ex] = loop.create_task(coro)
-            task.add_done_callback(lambda t: self._exchange_done(ex, None if t.cancelled() else t.exception()))
+            task = self.tasks[ex] = loop.create_task(rest)
+            task.add_done_callback(lambda t: accounted(None if t.cancelled() else t.exception()))
 
     def _exchange_done(self, ex: Exchange, exc: BaseException | None) -> None:
-        self.tasks.pop(ex, None)
         transport = self.transport
         if transport is None or not self.exchanges or self.exchanges[0] is not ex:
             return  # the client is gone (its exchanges were cancelled)
@@ -244,17 +211,17 @@ class ProxyConnection(_Connection):
         self.waiting -= 1
         self.log_info.pop(ex, None)
         self.preambles.pop(ex, None)
-        self._abandon(ex, self.tasks.pop(ex, None))
+        self._abandon(ex)
         return ex
 
-    @staticmethod
-    def _abandon(ex: Exchange, task: asyncio.Task[None] | _Run | None) -> None:
-        """Nothing more is forwarded for `ex`. Cancelled only once forwarding: an accounting step
+    def _abandon(self, ex: Exchange) -> None:
+        """Nothing more is forwarded for `ex`. Stopped only once forwarding: an accounting step
         under way is let finish (cancelled mid-command, its increment could land in Redis neither
         counted nor failed); the exchange then stops before the proxy."""
         ex.abandoned = True
-        if task is not None and ex.forwarding:
-            task.cancel()
+        proxy = self.pipeline.proxy
+        if ex.forwarding and proxy is not None:
+            proxy.abandon(ex)
 
     def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
         ex = self._drop_partial()
@@ -308,10 +275,10 @@ class ProxyConnection(_Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.transport = None
+        exchanges = list(self.exchanges)
         self.exchanges.clear()
         self.after.clear()
         self.preambles.clear()
         self.log_info.clear()
-        for ex, task in self.tasks.items():
-            self._abandon(ex, task)  # the exchange's upstream connection is discarded (gateway.actions.proxy)
-        self.tasks.clear()
+        for ex in exchanges:
+            self._abandon(ex)  # the exchange's upstream connection is discarded (gateway.actions.proxy)

@@ -30,6 +30,12 @@ import httptools
 # How the response body is delimited.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 
+# Content-Length, and the hop-by-hop fields (RFC 9110 7.6.1; Transfer-Encoding among them).
+_FRAMING_OR_HOP = frozenset(
+    (b"content-length", b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+     b"upgrade")
+)  # fmt: skip
+
 # Bounds on an upstream's response head, as on a client's request head.
 MAX_HEADERS = 100
 MAX_HEAD = 64 * 1024
@@ -49,7 +55,10 @@ def transfer_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
 class ResponseSink(Protocol):
     """Who receives the events of the response being read (the exchange)."""
 
-    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None: ...
+    def on_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, plain: bool
+    ) -> None:
+        """`plain`: the head has no hop-by-hop field (nor Connection)."""
 
     def on_body(self, data: bytes) -> None: ...
 
@@ -276,21 +285,29 @@ class UpstreamConnection(asyncio.Protocol):
             self.head_size = 0
             return
         self.head_done = True
+        headers = self.headers
+        length = coded = hop = False
+        for name, _ in headers:  # one pass: what frames the body, and whether a field must go
+            lower = name.lower()
+            if lower in _FRAMING_OR_HOP:
+                if lower == b"content-length":
+                    length = True
+                else:
+                    hop = True
+                    coded = coded or lower == b"transfer-encoding"
         framing = UNTIL_CLOSE
         if self.head_method or status in (204, 304):
             framing = NO_BODY
-        else:
-            codings = transfer_codings(self.headers)
-            if codings:
-                # RFC 9112 6.3: chunked last delimits the body; any other last coding (gzip alone)
-                # means the body runs until the close, as llhttp reads it.
-                framing = CHUNKED if codings[-1] == b"chunked" else UNTIL_CLOSE
-            elif any(name.lower() == b"content-length" for name, _ in self.headers):
-                framing = LENGTH
+        elif coded and (codings := transfer_codings(headers)):
+            # RFC 9112 6.3: chunked last delimits the body; any other last coding (gzip alone)
+            # means the body runs until the close, as llhttp reads it.
+            framing = CHUNKED if codings[-1] == b"chunked" else UNTIL_CLOSE
+        elif length:
+            framing = LENGTH
         self.framing = framing
         sink = self.sink
         if sink is not None:
-            sink.on_head(status, self.reason, self.headers, framing)
+            sink.on_head(status, self.reason, headers, framing, not hop)
         if self.head_method:
             raise _NoBody
 

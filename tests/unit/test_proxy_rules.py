@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from gateway.actions.proxy import connection_tokens, origin_form, request_fields, target_authority
+from gateway.actions.proxy import (
+    HOP_BY_HOP,
+    connection_tokens,
+    origin_form,
+    plain_head,
+    request_fields,
+    request_head,
+    target_authority,
+)
 from gateway.config import ConfigError, UpstreamServer, parse_upstream, parse_upstreams
 from gateway.upstream.balancer import Balancer
 from gateway.upstream.connection import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
@@ -155,8 +163,12 @@ class _Sink:
     def __init__(self) -> None:
         self.events: list[Any] = []
 
-    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+    def on_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, plain: bool
+    ) -> None:
         self.events.append(("head", status, reason, list(headers), framing))
+        # `plain` promises no hop-by-hop field: the sink then copies every field as it is.
+        assert plain == all(name.lower() not in HOP_BY_HOP for name, _ in headers)
 
     def on_body(self, data: bytes) -> None:
         if self.events and self.events[-1][0] == "body":
@@ -289,3 +301,41 @@ async def test_a_connection_is_usable_until_in_doubt() -> None:
 )
 def test_target_authority(target: bytes, expected: bytes | None) -> None:
     assert target_authority(target) == expected
+
+
+# The plain request head is a shortcut: for every request it takes, it must give the bytes the
+# general rules give, trusted peer or not; every other request it must leave to them.
+_HEADS = [
+    (b"GET", b"/", [(b"Host", b"h")]),
+    (b"GET", b"/a?b=c", [(b"host", b"h:8080"), (b"Accept", b"*/*"), (b"User-Agent", b"wrk")]),
+    (b"DELETE", b"/x", []),
+    (b"GET", b"/", [(b"Host", b"")]),
+    (b"GET", b"/", [(b"X-Custom", b"1"), (b"HOST", b"h"), (b"x-other", b"2")]),
+    (b"GET", b"/", [(b"Host", b"a"), (b"Host", b"b")]),
+    (b"GET", b"/", [(b"Host", b"h"), (b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"s")]),
+    (b"GET", b"/", [(b"Host", b"h"), (b"X-Forwarded-For", b"1.2.3.4")]),
+    (b"GET", b"/", [(b"Host", b"h"), (b"x-forwarded-host", b"evil")]),
+    (b"GET", b"/", [(b"Host", b"h"), (b"Forwarded", b"for=1.2.3.4")]),
+    (b"GET", b"/", [(b"Host", b"h"), (b"X-Real-IP", b"1.2.3.4")]),
+    (b"GET", b"/", [(b"Host", b"h"), (b"TE", b"trailers"), (b"Keep-Alive", b"5")]),
+    (b"POST", b"/", [(b"Host", b"h"), (b"Content-Length", b"3")]),
+    (b"GET", b"http://abs.example/p", [(b"Host", b"h")]),
+    (b"OPTIONS", b"*", [(b"Host", b"h")]),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "headers"), _HEADS)
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("peer", ["10.0.0.1", None])
+def test_plain_head_is_the_general_head(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], trusted: bool, peer: str | None
+) -> None:
+    content_length = next((int(v) for n, v in headers if n.lower() == b"content-length"), -1)
+    general = request_head(method, target, headers, peer, "up:80", trusted, False, content_length)
+    plain = plain_head(method, target, headers, peer, "up:80")
+    special = {name.lower() for name, _ in headers} - {b"host", b"accept", b"user-agent", b"x-custom", b"x-other"}
+    hosts = sum(name.lower() == b"host" for name, _ in headers)
+    if target.startswith(b"/") and not special and hosts <= 1:
+        assert plain == general
+    else:
+        assert plain is None
