@@ -269,14 +269,53 @@ class Exchange:
     the response bytes wait here until the flush holding the increment settles.
     """
 
-    __slots__ = (
-        "_body_wake", "_released", "abandoned", "body", "body_done", "body_taken", "buffered", "chunked", "chunked_out",
-        "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked", "cut",
-        "done_fut", "extra_fields", "failure", "fast", "forwarded_for", "forwarding", "has_body", "head_fut",
-        "headers", "held", "held_bytes", "http10", "keep_alive", "method", "on_done", "over", "peer", "progress",
-        "proxy", "reused", "runner", "sent", "sent_at", "sent_whole", "server", "settling", "started", "status",
-        "target", "timer", "waiting_client",
-    )  # fmt: skip
+    # Defaults at class level: an exchange sets only what differs (an instance attribute store
+    # per field would cost more than the rest of building it).
+    keep_alive = True  # known once the request ends (feed_end)
+    close_after = False  # the client connection must close after this response
+    cut = False  # the response broke off: the client connection must be aborted
+    started = False  # response bytes were emitted (sent or held)
+    # The client left (or its request was refused mid-body): nothing is forwarded any more.
+    # Set by the front end, which stops the exchange only once it is `forwarding`: an
+    # accounting step under way finishes, so the count stands as on the redirect path.
+    abandoned = False
+    forwarding = False
+    status = 0  # the response's status, the upstream's or the gateway's own
+    sent = 0  # response bytes emitted, for the access log
+    # Request body, fed by the front end (`body` exists only for a request that has one).
+    body: deque[bytes]
+    buffered = 0
+    body_taken = False  # some body bytes went upstream: the request cannot be replayed
+    _body_wake: asyncio.Future[None] | None = None
+    # Response side.
+    proxy: Proxy | None = None
+    server: Server | None = None
+    conn: UpstreamConnection | None = None
+    sent_at = 0.0  # perf_counter() when the request head went out: the latency histogram's clock
+    reused = False
+    # Forwarded on callbacks (`Proxy._send`), not by a coroutine (`runner`, the general path).
+    fast = False
+    runner: Stepper | None = None
+    over = False  # the response was read whole (fast path)
+    failure: tuple[str, str] | None = None  # how the attempt failed (fast path)
+    settling = False  # over, but a batched flush still holds the response
+    head_fut: asyncio.Future[None] | None = None
+    done_fut: asyncio.Future[None] | None = None
+    chunked_out = False
+    client_paused = False
+    commit: Commit | None = None
+    held: list[bytes] = []
+    held_bytes = 0
+    _released: asyncio.Future[None] | None = None
+    progress = 0.0
+    sent_whole = False
+    waiting_client = False
+    timer: asyncio.TimerHandle | None = None
+    corked: list[bytes] | None = None  # output gathered during one upstream read
+    #: The client's X-Forwarded-For values, for the client-IP rule (set by the front end).
+    forwarded_for: list[str] | None = None
+    #: Fields the gateway adds to the upstream's response (the RateLimit fields, --limit-headers).
+    extra_fields: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
@@ -300,53 +339,10 @@ class Exchange:
         self.http10 = http10
         self.content_length = content_length
         self.chunked = chunked
-        self.has_body = content_length > 0 or chunked
-        self.keep_alive = True  # known once the request ends (feed_end)
-        self.close_after = False  # the client connection must close after this response
-        self.cut = False  # the response broke off: the client connection must be aborted
-        self.started = False  # response bytes were emitted (sent or held)
-        # The client left (or its request was refused mid-body): nothing is forwarded any more.
-        # Set by the front end, which cancels the exchange only once it is `forwarding`: an
-        # accounting step under way finishes, so the count stands as on the redirect path.
-        self.abandoned = False
-        self.forwarding = False
-        self.status = 0  # the response's status, the upstream's or the gateway's own
-        self.sent = 0  # response bytes emitted, for the access log
-        # Request body, fed by the front end.
-        self.body: deque[bytes] = deque()
-        self.buffered = 0
-        self.body_done = not self.has_body
-        self.body_taken = False  # some body bytes went upstream: the request cannot be replayed
-        self._body_wake: asyncio.Future[None] | None = None
-        # Response side.
-        self.proxy: Proxy | None = None
-        self.server: Server | None = None
-        self.conn: UpstreamConnection | None = None
-        self.sent_at = 0.0  # perf_counter() when the request head went out: the latency histogram's clock
-        self.reused = False
-        # Forwarded on callbacks (`Proxy._send`), not by a coroutine (`runner`, the general path).
-        self.fast = False
-        self.runner: Stepper | None = None
-        self.over = False  # the response was read whole (fast path)
-        self.failure: tuple[str, str] | None = None  # how the attempt failed (fast path)
-        self.settling = False  # over, but a batched flush still holds the response
-        self.head_fut: asyncio.Future[None] | None = None
-        self.done_fut: asyncio.Future[None] | None = None
-        self.chunked_out = False
-        self.client_paused = False
-        self.commit: Commit | None = None
-        self.held: list[bytes] = []
-        self.held_bytes = 0
-        self._released: asyncio.Future[None] | None = None
-        self.progress = 0.0
-        self.sent_whole = False
-        self.waiting_client = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.corked: list[bytes] | None = None  # output gathered during one upstream read
-        #: The client's X-Forwarded-For values, for the client-IP rule (set by the front end).
-        self.forwarded_for: list[str] | None = None
-        #: Fields the gateway adds to the upstream's response (the RateLimit fields, --limit-headers).
-        self.extra_fields: tuple[tuple[str, str], ...] = ()
+        has_body = self.has_body = content_length > 0 or chunked
+        self.body_done = not has_body
+        if has_body:
+            self.body = deque()
 
     # -- the request body, from the front end -------------------------------------------
 
@@ -358,7 +354,8 @@ class Exchange:
     def feed_end(self, keep_alive: bool) -> None:
         self.keep_alive = keep_alive
         self.body_done = True
-        self._wake()
+        if self._body_wake is not None:
+            self._wake()
 
     def _wake(self) -> None:
         fut = self._body_wake
@@ -375,6 +372,8 @@ class Exchange:
         if self.commit is not commit:
             self.commit = commit
             commit.holders.append(self)
+            if self.held is Exchange.held:
+                self.held = []  # its own, before anything is held
 
     def release(self, commit: Commit) -> None:
         if self.commit is not commit:

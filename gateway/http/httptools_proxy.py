@@ -153,9 +153,10 @@ class ProxyConnection(_Connection):
             ex.close_after = True
         self.served = True
         self.since = self.server.now
-        info = self.log_info.pop(ex, None)
-        if info is not None:
-            self._log(info, Response(ex.status or 502, ""), ex.sent)
+        if self.log_info:
+            info = self.log_info.pop(ex, None)
+            if info is not None:
+                self._log(info, Response(ex.status or 502, ""), ex.sent)
         if ex.cut:
             transport.abort()
             return
@@ -167,12 +168,16 @@ class ProxyConnection(_Connection):
         if self.exchanges:
             self._start(self.exchanges[0])
         else:
-            after, self.after = self.after, []
-            for data, close in after:
-                self.waiting += 1
-                self._write(data, close)
+            after = self.after
+            if after:
+                self.after = []
+                for data, close in after:
+                    self.waiting += 1
+                    self._write(data, close)
             if (self.closing or self.server.draining) and not self.waiting and not transport.is_closing():
                 transport.close()
+            if not after and not self.read_paused:
+                return  # nothing paused reading, and nothing left that could pause it
         self._update_reading()
 
     # -- what the exchange calls (gateway.actions.proxy.ClientSide) ------------------------

@@ -20,6 +20,14 @@ class Balancer:
         self.pick: Callable[[Collection[Server]], Server | None] = (
             self._leastconn if algorithm == "leastconn" else self._roundrobin
         )
+        if len(self.servers) == 1:
+            self.pick = self._only  # either algorithm picks it whenever it may be picked
+
+    def _only(self, exclude: Collection[Server] = ()) -> Server | None:
+        server = self.servers[0]
+        if server in exclude or not server.available(self._clock()):
+            return None
+        return server
 
     def _roundrobin(self, exclude: Collection[Server] = ()) -> Server | None:
         # nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, not a a a a a b c.
