@@ -30,7 +30,18 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench import CLUSTER_MODES, GATEWAY_MODES, GATEWAY_VARIANTS, SCALING_MODES, Redis, Settings, pinned, run_wrk
+from .bench import (
+    CLUSTER_MODES,
+    GATEWAY_MODES,
+    GATEWAY_VARIANTS,
+    PROXY_GATEWAY_MODES,
+    SCALING_MODES,
+    Redis,
+    Settings,
+    pinned,
+    run_wrk,
+    start_upstream,
+)
 from .procs import free_port, stop_process, wait_port
 
 DEFAULT_TARGETS = "off,off-aiohttp,raw,multiplexed,batched,batched-noack,batched-aiohttp"
@@ -74,12 +85,17 @@ def _totals(paths: list[Path]) -> int:
 def measure(mode: str, s: Settings, cpus: tuple[str | None, str | None], keep: Path | None = None) -> Count:
     target_cpus, other_cpus = cpus
     db = Redis(other_cpus)
-    proc = None
+    proc = upstream = None
     with tempfile.TemporaryDirectory(prefix="callgrind-") as tmp:
         try:
+            mode_args = GATEWAY_VARIANTS.get(mode, ["--mode", mode])
+            if mode in PROXY_GATEWAY_MODES:
+                # The benchmark's upstream (an HAProxy answering 200), beside the injector.
+                upstream, upstream_port = start_upstream(other_cpus)
+                mode_args = [*mode_args, "--upstream", f"http://127.0.0.1:{upstream_port}"]
             port, admin = free_port(), f"127.0.0.1:{free_port()}"
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={tmp}/out.%p",
-                   sys.executable, "-m", "gateway", *GATEWAY_VARIANTS.get(mode, ["--mode", mode]),
+                   sys.executable, "-m", "gateway", *mode_args,
                    "--listen", f"127.0.0.1:{port}", "--admin-listen", admin, "--redis-url", db.url,
                    "--trusted-proxy", "127.0.0.1", "--log-level", "WARNING"]  # fmt: skip
             proc = subprocess.Popen(pinned(cmd, target_cpus), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,6 +120,7 @@ def measure(mode: str, s: Settings, cpus: tuple[str | None, str | None], keep: P
             return Count(f"gateway/{mode}", served, _totals(dumps), commands)
         finally:
             stop_process(proc, timeout=60)
+            stop_process(upstream)
             db.close()
 
 

@@ -346,6 +346,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: str | None = None
+        # The head's fields, in order, for a front end that passes the head on (None: not kept).
+        self.fields: list[tuple[bytes, bytes]] | None = None
         self.phase = IDLE
         self.since = server.now
         self.served = False  # a request was answered: the idle timeout is the keep-alive one
@@ -552,6 +554,9 @@ class _Connection(asyncio.Protocol):
         self.head_size += size + 4
         if size > MAX_FIELD or self.head_size + len(self.url) > MAX_HEAD or self.headers > MAX_HEADERS:
             raise _Reject(431, "too many header fields" if self.headers > MAX_HEADERS else "request head too large")
+        fields = self.fields
+        if fields is not None:
+            fields.append((name, value))  # kept for a front end that passes the head on (the proxy's)
         kind = _FIELDS.get(name)
         if kind is None:
             kind = _FIELDS.get(name.lower())

@@ -23,7 +23,7 @@ from collections import deque
 from ..actions.proxy import BODY_BUFFER, Exchange
 from ..pipeline import Response
 from ..stepper import Stepper
-from .httptools_impl import BODY, IDLE, HttpToolsFrontEnd, _Connection, _Reject
+from .httptools_impl import IDLE, HttpToolsFrontEnd, _Connection, _Reject
 
 log = logging.getLogger("gateway")
 
@@ -31,7 +31,7 @@ log = logging.getLogger("gateway")
 class ProxyConnection(_Connection):
     def __init__(self, server: HttpToolsFrontEnd) -> None:
         super().__init__(server)
-        self.fields: list[tuple[bytes, bytes]] = []
+        self.fields = []  # the base on_header keeps the head's fields here
         self.exchanges: deque[Exchange] = deque()
         # The accounting steps under way that wait (a Redis round trip), by exchange.
         self.tasks: dict[Exchange, asyncio.Task[None] | Stepper] = {}
@@ -45,16 +45,6 @@ class ProxyConnection(_Connection):
 
     # -- parser callbacks -------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.fields = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.phase == BODY:
-            return  # a trailer field: not forwarded
-        super().on_header(name, value)
-        self.fields.append((name, value))
-
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         if self.upgrade is not None:
@@ -62,7 +52,8 @@ class ProxyConnection(_Connection):
         method = self.parser.get_method()
         if method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported")
-        ex = Exchange(self, method, self.url, self.fields, self.peer, self.http10, self.content_length, self.chunked)
+        fields = self.fields or []
+        ex = Exchange(self, method, self.url, fields, self.peer, self.http10, self.content_length, self.chunked)
         if self.xff is not None and self.pipeline.uses_forwarded_for:
             ex.forwarded_for = [value.decode("latin-1") for value in self.xff]
         if self.server.access_log:
