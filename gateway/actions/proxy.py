@@ -92,6 +92,10 @@ _FAILURE_STATUS = {RESPONSE_TIMEOUT: 504, BODY_TIMEOUT: 504, CLOSED: 502, PROTOC
 _NOT_PLAIN = HOP_BY_HOP | _CLIENT_CLAIMS | _REQUEST_OWN | {b"host"}
 
 
+# Status lines sent, by (status, reason): an upstream repeats a few.
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
 def _phrase(status: int) -> bytes:
     """The registered reason phrase; none for a code with no registration (299, say): the reason
     phrase may be empty (RFC 9112 4), and an unknown code is still a valid response."""
@@ -344,6 +348,10 @@ class Exchange:
         self.body_done = not has_body
         if has_body:
             self.body = deque()
+        # Read on every response: as instance attributes they are read faster than class defaults.
+        self.proxy = self.server = self.conn = self.commit = self.corked = self.timer = self.failure = None
+        self.fast = self.over = self.started = False
+        self.status = 0
 
     # -- the request body, from the front end -------------------------------------------
 
@@ -489,7 +497,12 @@ class Exchange:
     ) -> None:
         """The response head; `plain`: it has no hop-by-hop field (Connection among them)."""
         self.status = status
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))]
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))
+            if len(_STATUS_LINES) < 256:  # an upstream's usual few; never grown without bound
+                _STATUS_LINES[status, reason] = line
+        lines = [line]
         if plain and (framing == LENGTH or framing == NO_BODY):
             lines += [name + b": " + value + b"\r\n" for name, value in headers]  # every field stays
         else:

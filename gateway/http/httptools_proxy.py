@@ -107,9 +107,10 @@ class ProxyConnection(_Connection):
         """The exchange's turn: account it and forward it (gateway.pipeline.Pipeline.forward)."""
         ex.client_paused = self.write_paused
         ex.on_done = self._exchange_done
-        for data, close in self.preambles.pop(ex, ()):
-            self.waiting += 1
-            self._write(data, close)
+        if self.preambles:
+            for data, close in self.preambles.pop(ex, ()):
+                self.waiting += 1
+                self._write(data, close)
         try:
             rest = self.pipeline.forward(ex, self.peer, ex.forwarded_for)
         except Exception as exc:  # a bug must not leave the client waiting
