@@ -86,13 +86,14 @@ class _Life(Generic[C]):
     """A pool's lifecycle state and counters (`Pool._life`)."""
 
     __slots__ = ("background", "check", "check_failures", "checks", "closed_idle", "expired", "last_sweep",
-                 "meta", "period", "policy", "prewarm_failing", "prewarmed", "sweeper", "used_up")  # fmt: skip
+                 "loop", "meta", "period", "policy", "prewarm_failing", "prewarmed", "sweeper", "used_up")  # fmt: skip
 
     def __init__(self, policy: Lifecycle, check: Callable[[C], Awaitable[bool]] | None) -> None:
         self.policy = policy
         self.check = check
         self.meta: dict[C, _Meta] = {}
         self.sweeper: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.last_sweep = 0.0
         self.period = policy.sweep_period()
         self.background: set[asyncio.Task[None]] = set()
@@ -269,7 +270,7 @@ class Pool(Generic[C]):
 
     async def _wait(self) -> C | None:
         """Queue for a grant: a connection, or None meaning "a slot is yours, connect"."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         fut: asyncio.Future[C | None] = loop.create_future()
         self._waiters.append(fut)
         self._deadlines.append(loop.time() + self.wait_timeout)
@@ -297,7 +298,7 @@ class Pool(Generic[C]):
     def _expire(self) -> None:
         """Fail every waiter past its deadline, oldest first; re-arm for the next one."""
         self._expiry = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         now = loop.time()
         while self._waiters and self._deadlines[0] <= now:
             fut = self._pop_waiter()
@@ -343,6 +344,14 @@ class Pool(Generic[C]):
 
     # -- lifecycle ----------------------------------------------------------
 
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The pool's loop (one pool serves one loop), looked up once: asyncio.get_running_loop()
+        makes a getpid() system call in Python 3.11 (its fork check), too dear for every wait."""
+        loop = self._life.loop
+        if loop is None:
+            loop = self._life.loop = asyncio.get_running_loop()
+        return loop
+
     def _drop_meta(self, conn: C) -> None:
         if self._retires:
             self._life.meta.pop(conn, None)
@@ -360,7 +369,7 @@ class Pool(Generic[C]):
         max_uses = self._life.policy.max_uses
         if max_uses is not None and meta.uses >= max_uses:
             self._life.used_up += 1
-        elif asyncio.get_running_loop().time() >= meta.expires:
+        elif self._loop().time() >= meta.expires:
             self._life.expired += 1
         else:
             return False
@@ -418,7 +427,7 @@ class Pool(Generic[C]):
         inside a running loop starts itself; calling this again does nothing."""
         if not self._life.policy.active or self._life.sweeper is not None or self._closed:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         self._life.last_sweep = loop.time()
         self._life.sweeper = loop.call_later(self._life.period, self._sweep)
         self._fill()
