@@ -761,6 +761,10 @@ class Proxy:
         server.inflight -= 1
         if conn.pending or failure is not None:
             conn.abort()  # discard on doubt: never reuse a connection mid-exchange
+        elif conn.read_paused:
+            # Paused for this exchange (its client's buffer full, or its held bytes past HELD_BUFFER,
+            # in the read that ended it): never idle paused, or the next exchange on it is not read.
+            conn.resume_reading()
         server.pool.release(conn)
         if failure is None:
             if server.fails:
@@ -900,6 +904,8 @@ class Proxy:
             ex.conn = None
             if conn.pending or not ex.sent_whole:
                 conn.abort()  # discard on doubt: never reuse a connection mid-exchange
+            elif conn.read_paused:
+                conn.resume_reading()  # paused for this exchange: never idle paused (as in _end)
             server.pool.release(conn)
         server.succeeded()
         return "done"

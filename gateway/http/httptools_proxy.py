@@ -158,6 +158,11 @@ class ProxyConnection(_Connection):
             transport.close()
             return
         if self.exchanges:
+            if transport.is_closing():
+                # A write to the client failed (it is gone; connection_lost comes a moment later
+                # and abandons what is left): forward nothing more for it. An exchange ends on an
+                # upstream read now, so this runs before connection_lost did.
+                return
             self._start(self.exchanges[0])
         else:
             after = self.after
