@@ -279,13 +279,13 @@ class Exchange:
     keep_alive = True  # known once the request ends (feed_end)
     close_after = False  # the client connection must close after this response
     cut = False  # the response broke off: the client connection must be aborted
-    started = False  # response bytes were emitted (sent or held)
+    started: bool  # response bytes were emitted (sent or held)
     # The client left (or its request was refused mid-body): nothing is forwarded any more.
     # Set by the front end, which stops the exchange only once it is `forwarding`: an
     # accounting step under way finishes, so the count stands as on the redirect path.
     abandoned = False
     forwarding = False
-    status = 0  # the response's status, the upstream's or the gateway's own
+    status: int  # the response's status, the upstream's or the gateway's own
     sent = 0  # response bytes emitted, for the access log
     # Request body, fed by the front end (`body` exists only for a request that has one).
     body: deque[bytes]
@@ -293,30 +293,30 @@ class Exchange:
     body_taken = False  # some body bytes went upstream: the request cannot be replayed
     _body_wake: asyncio.Future[None] | None = None
     # Response side.
-    proxy: Proxy | None = None
-    server: Server | None = None
-    conn: UpstreamConnection | None = None
+    proxy: Proxy | None
+    server: Server | None
+    conn: UpstreamConnection | None
     sent_at = 0.0  # perf_counter() when the request head went out: the latency histogram's clock
     reused = False
     # Forwarded on callbacks (`Proxy._send`), not by a coroutine (`runner`, the general path).
-    fast = False
+    fast: bool
     runner: Stepper | None = None
-    over = False  # the response was read whole (fast path)
-    failure: tuple[str, str] | None = None  # how the attempt failed (fast path)
+    over: bool  # the response was read whole (fast path)
+    failure: tuple[str, str] | None  # how the attempt failed (fast path)
     settling = False  # over, but a batched flush still holds the response
     head_fut: asyncio.Future[None] | None = None
     done_fut: asyncio.Future[None] | None = None
     chunked_out = False
     client_paused = False
-    commit: Commit | None = None
+    commit: Commit | None
     held: list[bytes] = []
     held_bytes = 0
     _released: asyncio.Future[None] | None = None
     progress = 0.0
     sent_whole = False
     waiting_client = False
-    timer: asyncio.TimerHandle | None = None
-    corked: list[bytes] | None = None  # output gathered during one upstream read
+    timer: asyncio.TimerHandle | None
+    corked: list[bytes] | None  # output gathered during one upstream read
     #: The client's X-Forwarded-For values, for the client-IP rule (set by the front end).
     forwarded_for: list[str] | None = None
     #: Fields the gateway adds to the upstream's response (the RateLimit fields, --limit-headers).
@@ -348,7 +348,7 @@ class Exchange:
         self.body_done = not has_body
         if has_body:
             self.body = deque()
-        # Read on every response: as instance attributes they are read faster than class defaults.
+        # Read on every response: set here, as instance attributes are read faster than class defaults.
         self.proxy = self.server = self.conn = self.commit = self.corked = self.timer = self.failure = None
         self.fast = self.over = self.started = False
         self.status = 0
@@ -692,7 +692,7 @@ class Proxy:
         conn.begin(ex, ex.method == b"HEAD")
         if ex.client_paused:
             conn.pause_reading()
-        head = plain_head(ex.method, ex.target, ex.headers, ex.peer, server.name) or self._head(ex, server)
+        head = self._head(ex, server)
         transport = conn.transport
         assert transport is not None  # an idle connection is open (`usable`)
         transport.write(head)
@@ -772,9 +772,7 @@ class Proxy:
         else:
             ex.failure = None
             kind, detail = failure
-            if kind == CLOSED and ex.reused and not conn.got_bytes and not ex.started:
-                self.errors["stale_connection"] += 1
-                server.errors["stale_connection"] += 1
+            if self._stale(server, kind, ex.reused, conn, ex):
                 if ex.replayable:
                     # Closed by the upstream as we reused it: once more, on a fresh connection.
                     self.retries += 1
@@ -890,9 +888,7 @@ class Proxy:
             await self._exchange(server, conn, ex)
         except _Failed as failure:
             kind = failure.kind
-            if kind == CLOSED and reused and not conn.got_bytes and not ex.started:
-                self.errors["stale_connection"] += 1
-                server.errors["stale_connection"] += 1
+            if self._stale(server, kind, reused, conn, ex):
                 if ex.replayable and not fresh:
                     return "stale"
                 ex.fail(502, "the upstream closed the connection before answering")
@@ -909,6 +905,15 @@ class Proxy:
             server.pool.release(conn)
         server.succeeded()
         return "done"
+
+    def _stale(self, server: Server, kind: str, reused: bool, conn: UpstreamConnection, ex: Exchange) -> bool:
+        """Whether a failed attempt is the stale case (counted): a reused connection the upstream
+        closed before any response byte, so the request may be replayed once if idempotent."""
+        if kind != CLOSED or not reused or conn.got_bytes or ex.started:
+            return False
+        self.errors["stale_connection"] += 1
+        server.errors["stale_connection"] += 1
+        return True
 
     def _count(self, server: Server, kind: str) -> None:
         server.errors[kind] += 1
