@@ -14,7 +14,9 @@ client-IP and accounting steps and then hands the exchange to the proxy.
 
 `handle()` returns a `Response` when the answer is known at once (calibration, a
 client without an address, batched with held responses) and otherwise an
-awaitable of one (a Redis round trip). A backend that holds responses (batched,
+awaitable of one (a Redis round trip): a `Pending` when the backend takes the
+increment on callbacks (`raw` and `multiplexed` on one server: the reply, read by
+the connection, decides the answer and tells the front end), else a coroutine. A backend that holds responses (batched,
 `--batch-ack flush`) is called without waiting: the front end's `holder` keeps
 the response's bytes until the flush holding the increment settles
 (`_held_settled` then counts those requests).
@@ -34,15 +36,17 @@ once per burst. An accounting failure never escapes as a 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
 from . import errors
+from .accounting import read_incr_reply
 from .backends.base import Backend, HeldOutcome
 from .client_ip import ClientIPResolver
 from .config import Config
@@ -52,6 +56,7 @@ from .histogram import LATENCY_BOUNDS, Histogram
 from .holding import Holder
 from .limit.algorithms import Decision
 from .limit.limiter import Limiter
+from .resp import Reply
 
 if TYPE_CHECKING:
     from .actions.proxy import Exchange, Proxy
@@ -101,6 +106,69 @@ def request_path(target: str) -> str:
     return target
 
 
+class Pending:
+    """An answer waiting on one increment's reply, on callbacks alone (`Backend.incr_then`).
+
+    The reply's slot on the Redis connection (`gateway.connection.ReplySlot`): the reply,
+    as the connection reads it, decides the response exactly as `Pipeline._account` would,
+    and the response goes to `notify` (the own front end's) or to whoever awaits this
+    object (the aiohttp front end). No coroutine, no Task, no future on the usual path.
+    """
+
+    __slots__ = ("_waiter", "notify", "path", "pipeline", "response", "started")
+
+    def __init__(self, pipeline: Pipeline, path: str) -> None:
+        self.pipeline = pipeline
+        self.path = path
+        self.started = perf_counter()
+        #: Set once the reply (or the failure) came; it may come before `handle` returns.
+        self.response: Response | None = None
+        self.notify: Callable[[Response], None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- the reply slot (gateway.connection.ReplySlot) ----------------------------------
+
+    def done(self) -> bool:
+        return self.response is not None
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def set_result(self, reply: Reply) -> None:
+        if type(reply) is int:
+            self._settle(reply, None, None)
+            return
+        try:
+            read_incr_reply(reply)
+        except AccountingError as err:
+            self._settle(None, err, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if isinstance(exc, AccountingError):
+            self._settle(None, exc, None)
+        else:
+            self._settle(None, AccountingError(errors.INTERNAL, repr(exc)), exc)
+
+    def _settle(self, value: int | None, failure: AccountingError | None, cause: BaseException | None) -> None:
+        # Runs inside the Redis connection's read: nothing may escape into it.
+        try:
+            response = self.response = self.pipeline._outcome(self.path, self.started, value, failure, cause)
+            notify = self.notify
+            if notify is not None:
+                notify(response)
+            elif self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+        except Exception:
+            log.exception("request path failed after its reply")
+
+    def __await__(self) -> Generator[Any, None, Response]:
+        if self.response is None:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            yield from waiter.__await__()
+        assert self.response is not None
+        return self.response
+
+
 class Pipeline:
     def __init__(self, config: Config, backend: Backend) -> None:
         self.config = config
@@ -130,6 +198,7 @@ class Pipeline:
         self.proxy: Proxy | None = None
         #: The awaitable `handle` returns needs no asyncio Task (see Backend.task_free).
         self.task_free = backend.task_free
+        self._incr_then = backend.incr_then if backend.replies_on_callbacks else None
         self.requests = 0
         self.counted = 0
         self.no_client_ip = 0
@@ -156,7 +225,7 @@ class Pipeline:
 
     def handle(
         self, path: str, peer: str | None, forwarded_for: Sequence[str] | None, holder: Holder | None
-    ) -> Response | Coroutine[Any, Any, Response]:
+    ) -> Response | Pending | Coroutine[Any, Any, Response]:
         self.requests += 1
         if forwarded_for is None and peer is not None:
             ip = self._peer_ip(peer)  # the common case, one cached lookup
@@ -178,13 +247,20 @@ class Pipeline:
                 if holder is not None:  # else the client is gone; the count stands
                     holder.hold(commit)
         else:
-            return self._account(self._prefix + ip, path)
+            key = self._prefix + ip
+            incr_then = self._incr_then
+            if incr_then is not None:
+                pending = Pending(self, path)
+                if incr_then(key, pending):
+                    return pending
+            return self._account(key, path)
         # self.action(path), inlined: this line runs for every request answered at once.
         return self.target_ok if path == self._target else self.redirect
 
     async def _account(self, key: str, path: str) -> Response:
         started = perf_counter()
         cause: BaseException | None = None
+        value: int | None = None
         try:
             value = await self.backend.incr(key)
         except AccountingError as err:
@@ -193,6 +269,12 @@ class Pipeline:
             failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
         else:
             failure = None
+        return self._outcome(path, started, value, failure, cause)
+
+    def _outcome(
+        self, path: str, started: float, value: int | None, failure: AccountingError | None, cause: BaseException | None
+    ) -> Response:
+        """The answer once the increment (started at `started`) ended with `value` or `failure`."""
         self.latency.observe(perf_counter() - started)
         if failure is not None:
             return self.denied if self._failed(failure, cause) else self.action(path)

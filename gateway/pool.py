@@ -70,6 +70,18 @@ class PoolConnection(Protocol):
 
 
 C = TypeVar("C", bound=PoolConnection)
+C_contra = TypeVar("C_contra", bound=PoolConnection, contravariant=True)
+
+
+class Waiter(Protocol[C_contra]):
+    """A checkout waiting its turn: an asyncio future (`acquire`) or a caller's own object
+    (`enqueue`). The pool calls these from inside whatever freed the connection or slot."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: C_contra | None, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 class _Meta:
@@ -126,7 +138,7 @@ class Pool(Generic[C]):
         self.max_size = max_size
         self.wait_timeout = wait_timeout
         self._idle: deque[C] = deque()
-        self._waiters: deque[asyncio.Future[C | None]] = deque()
+        self._waiters: deque[Waiter[C]] = deque()
         # Each waiter's deadline, in the same order: every wait has the same timeout, so the
         # oldest waiter always expires first and one timer, armed for it, serves them all
         # (a timer per wait cost more than the rest of the checkout).
@@ -195,6 +207,27 @@ class Pool(Generic[C]):
                 return conn
             self._forget(conn)
         return None
+
+    def may_queue(self) -> bool:
+        """Whether a checkout that found no idle connection (`try_acquire`) would only wait:
+        no aged connection to check, no free slot to connect. A caller on callbacks alone may
+        then `enqueue` itself; otherwise it takes `acquire`."""
+        return not self._closed and not self._aged and (self._size >= self.max_size or bool(self._waiters))
+
+    def enqueue(self, waiter: Waiter[C]) -> None:
+        """Queue for a grant, as `acquire` does, without a coroutine: `waiter.set_result` gets
+        a connection (checked out) or None (a slot is yours: connect, then `adopt`), or
+        `set_exception` the wait's timeout. It is called from inside the releasing call."""
+        loop = self._loop()
+        self._waiters.append(waiter)
+        self._deadlines.append(loop.time() + self.wait_timeout)
+        if self._expiry is None:
+            self._expiry = loop.call_at(self._deadlines[0], self._expire)
+
+    async def open_slot(self) -> C:
+        """Connect in the slot a waiter was granted (`set_result(None)`); the connection comes
+        checked out, or AccountingError (the slot is freed again)."""
+        return await self._open_reserved()
 
     def release(self, conn: C) -> None:
         """Give a connection back. Safe to call with a broken or dirty connection."""
@@ -270,12 +303,8 @@ class Pool(Generic[C]):
 
     async def _wait(self) -> C | None:
         """Queue for a grant: a connection, or None meaning "a slot is yours, connect"."""
-        loop = self._loop()
-        fut: asyncio.Future[C | None] = loop.create_future()
-        self._waiters.append(fut)
-        self._deadlines.append(loop.time() + self.wait_timeout)
-        if self._expiry is None:
-            self._expiry = loop.call_at(self._deadlines[0], self._expire)
+        fut: asyncio.Future[C | None] = self._loop().create_future()
+        self.enqueue(fut)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -291,7 +320,7 @@ class Pool(Generic[C]):
                 self._remove_waiter(fut)
             raise
 
-    def _pop_waiter(self) -> asyncio.Future[C | None]:
+    def _pop_waiter(self) -> Waiter[C]:
         self._deadlines.popleft()
         return self._waiters.popleft()
 
@@ -313,7 +342,7 @@ class Pool(Generic[C]):
         if self._waiters:
             self._expiry = loop.call_at(self._deadlines[0], self._expire)
 
-    def _remove_waiter(self, fut: asyncio.Future[C | None]) -> None:
+    def _remove_waiter(self, fut: Waiter[C]) -> None:
         for i, waiter in enumerate(self._waiters):
             if waiter is fut:
                 del self._waiters[i]

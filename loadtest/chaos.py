@@ -501,6 +501,8 @@ async def client_disconnects(mode: str, clients: int = 20) -> Outcome:
                             await r.read()
 
                 await asyncio.gather(*(give_up(i % clients) for i in range(60)))
+            # What reached the gateway (a client may give up before its request is even sent).
+            out.extra["abandoned_received"] = gw.stats()["requests"]["total"]
             server.resume()
             await asyncio.sleep(0.5)
             load = Load(base, clients)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 from ..cluster import ClusterRouter, NodeClient
 from ..config import Config, RedisTarget
+from ..connection import ReplySlot
 from ..errors import AccountingError
 from ..holding import Commit
 from ..limit.algorithms import Decision
@@ -56,6 +57,16 @@ class Backend(abc.ABC):
     #: True when `incr` only ever waits on futures: no `asyncio.timeout`, no current-task
     #: lookups, nothing that needs a Task. A front end may then drive it without one.
     task_free: bool = False
+    #: True when `incr_then` takes increments (raw and multiplexed on one server).
+    replies_on_callbacks: bool = False
+
+    def incr_then(self, key: str, slot: ReplySlot) -> bool:
+        """Send `INCRBY key 1` with its reply going to `slot` (its `set_result` gets the reply as
+        read, `set_exception` an AccountingError), from inside the connection's read: no
+        coroutine, no future. False when this increment cannot go on callbacks alone (say the
+        pool would have to connect first); the caller then awaits `incr`."""
+        return False
+
     #: True when the backend offers `incr_held` (batched with --batch-ack flush).
     holds_responses: bool = False
     #: Set by the gateway when `holds_responses`: called once per commit with held

@@ -10,6 +10,8 @@ from __future__ import annotations
 from ..accounting import incr_command, read_incr_reply
 from ..cluster import Direct, MuxNode
 from ..config import Config, RedisTarget
+from ..connection import ReplySlot
+from ..errors import AccountingError
 from ..limit.scripts import Script
 from ..multiplexer import Multiplexer
 from ..resp import Reply
@@ -25,6 +27,7 @@ class MultiplexedBackend(OwnCodecBackend):
         # One server: an increment waits only on its reply's future. A cluster's router may
         # refresh its slot map inside the request, which wants a task.
         self.task_free = not config.cluster
+        self.replies_on_callbacks = not config.cluster
 
     async def start(self) -> None:
         c = self.config
@@ -44,6 +47,13 @@ class MultiplexedBackend(OwnCodecBackend):
             command_timeout=c.command_timeout,
             lifecycle=c.lifecycle,
         )
+
+    def incr_then(self, key: str, slot: ReplySlot) -> bool:
+        try:
+            self.mux.connection().send_to(incr_command(key), slot)
+        except AccountingError as exc:
+            slot.set_exception(exc)
+        return True
 
     async def incr(self, key: str) -> int:
         if self.router is not None:

@@ -46,7 +46,7 @@ from typing import Any, cast
 import httptools
 
 from ..holding import Commit
-from ..pipeline import Response, request_path
+from ..pipeline import Pending, Response, request_path
 from . import BACKLOG, FrontEnd, listen_error
 from .rules import MAX_FIELD, MAX_HEAD, MAX_HEADERS, MAX_TARGET, refusal, version_refusal
 
@@ -155,6 +155,10 @@ class _Slot:
             self.conn._settled(self, None, exc)
         else:
             self.conn._settled(self, answer, None)
+
+    def answered(self, answer: Response) -> None:
+        """The request path's answer, from a `Pending` (its reply came)."""
+        self.conn._settled(self, answer, None)
 
     def step(self, _: object = None) -> None:
         """Run the coroutine to its next wait (a future), or to its end."""
@@ -676,7 +680,14 @@ class _Connection(asyncio.Protocol):
             info = (method, url, self.http10, self.referer, self.user_agent)
         answer = self.pipeline.handle(path, self.peer, xff, self)
         waited = None
-        if type(answer) is not Response and self.pipeline.task_free:
+        pending = None
+        if type(answer) is Pending:
+            # Its reply will call us back (or came already: an increment that failed at once).
+            if answer.response is not None:
+                answer = answer.response
+            else:
+                pending = answer
+        elif type(answer) is not Response and self.pipeline.task_free:
             # Run the request path up to its first wait now: it may not wait at all
             # (batched with --batch-ack none), and then the answer goes out like any other.
             try:
@@ -720,7 +731,9 @@ class _Connection(asyncio.Protocol):
             if queue is None:
                 queue = self.queue = deque()
             queue.append(slot)
-            if self.pipeline.task_free:
+            if pending is not None:
+                pending.notify = slot.answered
+            elif self.pipeline.task_free:
                 slot.coro = answer  # type: ignore[assignment]
                 slot.wait(waited)
             else:
