@@ -241,6 +241,9 @@ class Pool(Generic[C]):
             return
         if self._retires and self._retire(conn):
             return
+        if not self._waiters:
+            self._idle.append(conn)  # _hand_off, inlined for the usual release: nobody waits
+            return
         self._hand_off(conn)
 
     def _hand_off(self, conn: C) -> None:
@@ -398,7 +401,7 @@ class Pool(Generic[C]):
         max_uses = self._life.policy.max_uses
         if max_uses is not None and meta.uses >= max_uses:
             self._life.used_up += 1
-        elif self._loop().time() >= meta.expires:
+        elif (self._life.loop or self._loop()).time() >= meta.expires:
             self._life.expired += 1
         else:
             return False

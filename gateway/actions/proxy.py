@@ -105,6 +105,10 @@ def _phrase(status: int) -> bytes:
         return b""
 
 
+# Every exchange's `held` until it holds: one shared empty list, never appended to.
+_NOTHING_HELD: list[bytes] = []
+
+
 def _nobody(ex: Exchange, exc: BaseException | None) -> None:
     """The default `Exchange.on_done`: nobody is told (an exchange made outside a front end)."""
 
@@ -274,53 +278,17 @@ class Exchange:
     the response bytes wait here until the flush holding the increment settles.
     """
 
-    # Defaults at class level: an exchange sets only what differs (an instance attribute store
-    # per field would cost more than the rest of building it).
-    keep_alive = True  # known once the request ends (feed_end)
-    close_after = False  # the client connection must close after this response
-    cut = False  # the response broke off: the client connection must be aborted
-    started: bool  # response bytes were emitted (sent or held)
-    # The client left (or its request was refused mid-body): nothing is forwarded any more.
-    # Set by the front end, which stops the exchange only once it is `forwarding`: an
-    # accounting step under way finishes, so the count stands as on the redirect path.
-    abandoned = False
-    forwarding = False
-    status: int  # the response's status, the upstream's or the gateway's own
-    sent = 0  # response bytes emitted, for the access log
-    # Request body, fed by the front end (`body` exists only for a request that has one).
-    body: deque[bytes]
-    buffered = 0
-    body_taken = False  # some body bytes went upstream: the request cannot be replayed
-    _body_wake: asyncio.Future[None] | None = None
-    # Response side.
-    proxy: Proxy | None
-    server: Server | None
-    conn: UpstreamConnection | None
-    sent_at = 0.0  # perf_counter() when the request head went out: the latency histogram's clock
-    reused = False
-    # Forwarded on callbacks (`Proxy._send`), not by a coroutine (`runner`, the general path).
-    fast: bool
-    runner: Stepper | None = None
-    over: bool  # the response was read whole (fast path)
-    failure: tuple[str, str] | None  # how the attempt failed (fast path)
-    settling = False  # over, but a batched flush still holds the response
-    head_fut: asyncio.Future[None] | None = None
-    done_fut: asyncio.Future[None] | None = None
-    chunked_out = False
-    client_paused = False
-    commit: Commit | None
-    held: list[bytes] = []
-    held_bytes = 0
-    _released: asyncio.Future[None] | None = None
-    progress = 0.0
-    sent_whole = False
-    waiting_client = False
-    timer: asyncio.TimerHandle | None
-    corked: list[bytes] | None  # output gathered during one upstream read
-    #: The client's X-Forwarded-For values, for the client-IP rule (set by the front end).
-    forwarded_for: list[str] | None = None
-    #: Fields the gateway adds to the upstream's response (the RateLimit fields, --limit-headers).
-    extra_fields: tuple[tuple[str, str], ...] = ()
+    # Slots, not an instance dict: an exchange has more fields than Python 3.11 keeps in an
+    # instance's compact (shared-key) layout, and past that every field read and store of a
+    # per-request object takes the slow generic path. Slot reads and stores are the fastest.
+    __slots__ = (
+        "_body_wake", "_released", "abandoned", "body", "body_done", "body_taken", "buffered", "chunked",
+        "chunked_out", "client", "client_paused", "close_after", "commit", "conn", "content_length", "corked",
+        "cut", "done_fut", "extra_fields", "failure", "fast", "forwarded_for", "forwarding", "has_body",
+        "head_fut", "headers", "held", "held_bytes", "http10", "keep_alive", "method", "on_done", "over",
+        "peer", "progress", "proxy", "reused", "runner", "sent", "sent_at", "sent_whole", "server", "settling",
+        "started", "status", "target", "timer", "waiting_client",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -346,12 +314,53 @@ class Exchange:
         self.chunked = chunked
         has_body = self.has_body = content_length > 0 or chunked
         self.body_done = not has_body
+        # Request body, fed by the front end (`body` exists only for a request that has one).
         if has_body:
-            self.body = deque()
-        # Read on every response: set here, as instance attributes are read faster than class defaults.
-        self.proxy = self.server = self.conn = self.commit = self.corked = self.timer = self.failure = None
-        self.fast = self.over = self.started = False
-        self.status = 0
+            self.body: deque[bytes] = deque()
+        self.buffered = 0
+        self.body_taken = False  # some body bytes went upstream: the request cannot be replayed
+        self._body_wake: asyncio.Future[None] | None = None
+        self.keep_alive = True  # known once the request ends (feed_end)
+        self.close_after = False  # the client connection must close after this response
+        self.cut = False  # the response broke off: the client connection must be aborted
+        self.started = False  # response bytes were emitted (sent or held)
+        # The client left (or its request was refused mid-body): nothing is forwarded any more.
+        # Set by the front end, which stops the exchange only once it is `forwarding`: an
+        # accounting step under way finishes, so the count stands as on the redirect path.
+        self.abandoned = False
+        self.forwarding = False
+        self.status = 0  # the response's status, the upstream's or the gateway's own
+        self.sent = 0  # response bytes emitted, for the access log
+        #: The client's X-Forwarded-For values, for the client-IP rule (set by the front end).
+        self.forwarded_for: list[str] | None = None
+        #: Fields the gateway adds to the upstream's response (the RateLimit fields, --limit-headers).
+        self.extra_fields: tuple[tuple[str, str], ...] = ()
+        # Response side.
+        self.proxy: Proxy | None = None
+        self.server: Server | None = None
+        self.conn: UpstreamConnection | None = None
+        self.sent_at = 0.0  # perf_counter() when the request head went out: the latency histogram's clock
+        self.reused = False
+        # Forwarded on callbacks (`Proxy._send`), not by a coroutine (`runner`, the general path).
+        self.fast = False
+        self.runner: Stepper | None = None
+        self.over = False  # the response was read whole (fast path)
+        self.failure: tuple[str, str] | None = None  # how the attempt failed (fast path)
+        self.settling = False  # over, but a batched flush still holds the response
+        self.head_fut: asyncio.Future[None] | None = None
+        self.done_fut: asyncio.Future[None] | None = None
+        self.chunked_out = False
+        self.client_paused = False
+        # Holding (batched, --batch-ack flush): the commit held for, and what waits for it.
+        self.commit: Commit | None = None
+        self.held: list[bytes] = _NOTHING_HELD
+        self.held_bytes = 0
+        self._released: asyncio.Future[None] | None = None
+        self.progress = 0.0
+        self.sent_whole = False
+        self.waiting_client = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.corked: list[bytes] | None = None  # output gathered during one upstream read
 
     # -- the request body, from the front end -------------------------------------------
 
@@ -381,7 +390,7 @@ class Exchange:
         if self.commit is not commit:
             self.commit = commit
             commit.holders.append(self)
-            if self.held is Exchange.held:
+            if self.held is _NOTHING_HELD:
                 self.held = []  # its own, before anything is held
 
     def release(self, commit: Commit) -> None:
@@ -692,7 +701,7 @@ class Proxy:
         conn.begin(ex, ex.method == b"HEAD")
         if ex.client_paused:
             conn.pause_reading()
-        head = self._head(ex, server)
+        head = plain_head(ex.method, ex.target, ex.headers, ex.peer, server.name) or self._general_head(ex, server)
         transport = conn.transport
         assert transport is not None  # an idle connection is open (`usable`)
         transport.write(head)
@@ -1018,6 +1027,9 @@ class Proxy:
         head = plain_head(ex.method, ex.target, ex.headers, ex.peer, server.name)
         if head is not None:
             return head
+        return self._general_head(ex, server)
+
+    def _general_head(self, ex: Exchange, server: Server) -> bytes:
         trusted = self._resolver.trusts(ex.peer)
         return request_head(
             ex.method, ex.target, ex.headers, ex.peer, server.name, trusted, ex.chunked, ex.content_length

@@ -93,9 +93,12 @@ class ProxyConnection(_Connection):
         exchanges = self.exchanges
         if exchanges:
             ex = exchanges[-1]
-            ex.feed_end(keep_alive)
-            if len(exchanges) == 1 and not ex.has_body:
-                self._start(ex)
+            if ex.has_body:
+                ex.feed_end(keep_alive)
+            else:
+                ex.keep_alive = keep_alive  # all feed_end does for a request without a body
+                if len(exchanges) == 1:
+                    self._start(ex)
 
     # -- exchanges, in order --------------------------------------------------------------
 

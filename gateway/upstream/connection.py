@@ -323,4 +323,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self.parser.should_keep_alive():
             self.doubt = True  # the upstream asked to close (or spoke HTTP/1.0 without keep-alive)
-        self._finished()
+        # _finished(), inlined: once per response.
+        sink = self.sink
+        self.sink = None
+        self.pending = 0
+        if sink is not None:
+            sink.on_end()
