@@ -357,7 +357,15 @@ class Pipeline:
             self.no_client_ip += 1
         elif not self._uses_redis:
             self.uncounted += 1
-        elif self.holds and (self.limiter is None or self._decides_locally):
+        elif self.holds and self.limiter is None:
+            # _admit_held without a limit, inlined: the usual batched request.
+            try:
+                exchange.hold(self.backend.incr_held(self._prefix + ip))
+            except AccountingError as err:
+                self._failed(err)
+            except Exception as exc:
+                self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
+        elif self.holds and self._decides_locally:
             refusal = self._admit_held(exchange, self._prefix + ip, ip)
             if refusal is not None:
                 exchange.answer(refusal)  # 429: nothing is forwarded

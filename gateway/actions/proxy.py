@@ -397,12 +397,13 @@ class Exchange:
         if self.commit is not commit:
             return
         self.commit = None
-        if self.held:
-            data = b"".join(self.held)
-            self.held.clear()
+        held = self.held
+        if held:
+            self.client.write(held[0] if len(held) == 1 else b"".join(held))
+            held.clear()
             self.held_bytes = 0
-            self.client.write(data)
-        self._update_upstream_reading()
+        if self.conn is not None:  # else the response was read whole: no upstream to resume
+            self._update_upstream_reading()
         fut = self._released
         if fut is not None and not fut.done():
             fut.set_result(None)
