@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -798,7 +799,22 @@ def machine() -> dict[str, Any]:
             versions[name] = (out.stdout or out.stderr).splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired):
             versions[name] = "not installed"
-    return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0], **versions}
+    return {"cpu": model, "cores": os.cpu_count(), "python": interpreter(), **versions}
+
+
+def interpreter() -> str:
+    """The gateway's interpreter and how it was built: a libpython loaded as a shared library, and
+    a build without profile-guided optimization, each cost the gateway a share of its speed."""
+    linked = "static libpython"
+    try:
+        if "libpython3" in Path("/proc/self/maps").read_text():
+            linked = "shared libpython"
+    except OSError:
+        linked = "libpython unknown"
+    config = sysconfig.get_config_var("CONFIG_ARGS") or ""
+    optimized = ", --enable-optimizations" if "--enable-optimizations" in config else ""
+    executable = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    return f"{sys.version.split()[0]} ({executable}, {linked}{optimized})"
 
 
 def main(argv: list[str] | None = None) -> int:
