@@ -1,10 +1,10 @@
 # Two commands on a fresh machine: `make run` and `make test`.
 SHELL := /bin/bash
 # The interpreter the venv is made from: the system's /usr/bin/python3 when it is 3.11 or newer
-# (Debian's build, a statically linked interpreter), else the first python3 on PATH. A build
-# linked to a shared libpython without profile-guided optimization (pyenv's default) costs the
-# gateway 30-45% more CPU per request (docs/benchmarks-method.md#the-interpreter); the Dockerfile's
-# python:3.11-slim is an optimized build. PYTHON=... picks another; the venv follows it.
+# (Debian's build, a statically linked interpreter, as the Dockerfile's python:3.11-slim is an
+# optimized build), else the first python3 on PATH. A build on a shared libpython without
+# profile-guided optimization (pyenv's default) runs the gateway's request path about 1.1x slower
+# (docs/benchmarks-method.md#the-interpreter). PYTHON=... picks another; the venv follows it.
 PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
             && echo /usr/bin/python3 || echo python3)
 VENV := .venv

@@ -229,3 +229,14 @@ def test_instructions_per_request_are_counted(capsys: pytest.CaptureFixture[str]
     # (nothing counted) and not millions (startup or the warm-up counted too).
     assert served > 0 and 10_000 < per_request < 1_000_000
     assert 0 < commands < 1  # flushes carry many requests each
+
+
+def test_the_interpreter_benchmark_times_answered_requests() -> None:
+    from loadtest import interpreter
+
+    # ns_per_request raises unless every request it timed was answered.
+    assert interpreter.ns_per_request(500) > 0
+    python = sys.executable
+    cmd = [python, "-m", "loadtest.interpreter", "--compare", python, "--rounds", "1", "--requests", "500"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "other ÷ this, per round" in out.stdout, out.stdout
