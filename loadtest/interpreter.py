@@ -7,11 +7,11 @@ the part of a request's cost an interpreter changes, so two interpreters compare
 here without the benchmark's socket noise.
 
     python -m loadtest.interpreter                       # this interpreter: ns per request
-    python -m loadtest.interpreter --compare /root/.pyenv/versions/3.11.7/bin/python3
+    python -m loadtest.interpreter --compare /path/to/other-venv/bin/python
 
-`--compare` runs this module under both interpreters in turns (each needs the project
-importable: run it from the checkout), pinned to one core, and prints both medians and
-their ratio.
+`--compare` runs this module under both interpreters in turns, pinned to one core, and
+prints both medians and their ratio. Each interpreter needs the project's dependencies
+(a venv's python; the checkout itself is put on its path).
 """
 
 from __future__ import annotations
