@@ -441,7 +441,14 @@ def _proxy_options(p: argparse.ArgumentParser, opt: Callable[..., None]) -> None
         "--health-check-interval-s",
         "GATEWAY_HEALTH_CHECK_INTERVAL_S",
         DEFAULTS["health_check_interval_s"],
-        "time between two checks of one server (also each check's timeout)",
+        "time between two checks of one server",
+        type=float,
+    )
+    opt(
+        "--health-check-timeout-s",
+        "GATEWAY_HEALTH_CHECK_TIMEOUT_S",
+        DEFAULTS["health_check_timeout_s"],
+        "how long one check may take (connect to status line) before it counts as failed; default: the interval",
         type=float,
     )
     opt(
@@ -529,6 +536,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             upstream_fail_timeout_s=args.upstream_fail_timeout_s,
             health_check_path=args.health_check_path or None,
             health_check_interval_s=args.health_check_interval_s,
+            health_check_timeout_s=args.health_check_timeout_s,
             health_check_rise=args.health_check_rise,
             health_check_fall=args.health_check_fall,
         )

@@ -307,6 +307,9 @@ class Config:
     # Active health checks: GET this path every interval; rise/fall consecutive results flip the state.
     health_check_path: str | None = None
     health_check_interval_s: float = 2.0
+    # A check's whole time (connect, send, status line); None: the interval, as HAProxy's
+    # `timeout check` defaults to `inter`.
+    health_check_timeout_s: float | None = None
     health_check_rise: int = 2
     health_check_fall: int = 3
 
@@ -387,6 +390,8 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"invalid {name.replace('_', '-')}: must be > 0")
+        if self.health_check_timeout_s is not None and self.health_check_timeout_s <= 0:
+            raise ConfigError("invalid health-check-timeout-s: must be > 0")
         if self.upstream_max_fails < 1 or self.health_check_rise < 1 or self.health_check_fall < 1:
             raise ConfigError("upstream-max-fails, health-check-rise and health-check-fall must be >= 1")
         path = self.health_check_path

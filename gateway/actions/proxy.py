@@ -612,6 +612,7 @@ class Proxy:
                 config.health_check_interval_s,
                 config.health_check_rise,
                 config.health_check_fall,
+                config.health_check_timeout_s,
             )
         self._response_timeout = config.upstream_response_timeout_s
         self._body_timeout = config.upstream_body_timeout_s

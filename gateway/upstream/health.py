@@ -2,7 +2,7 @@
 
 Owns `Server.up` and `Server.check`. A check is its own short connection (never a
 pooled one: a check must not take a slot from requests, nor leave a half-read
-response in the pool) with the interval as its whole timeout. A 2xx or 3xx
+response in the pool) with a whole timeout (by default the interval). A 2xx or 3xx
 status passes; anything else, including no answer in time, fails. A state
 change is logged once; repeated results are not.
 """
@@ -56,10 +56,13 @@ async def check_once(server: Server, path: str, timeout: float) -> tuple[bool, s
 
 
 class HealthChecker:
-    def __init__(self, servers: Sequence[Server], path: str, interval: float, rise: int, fall: int) -> None:
+    def __init__(
+        self, servers: Sequence[Server], path: str, interval: float, rise: int, fall: int, timeout: float | None = None
+    ) -> None:
         self.servers = tuple(servers)
         self.path = path
         self.interval = interval
+        self.timeout = interval if timeout is None else timeout
         self.rise = rise
         self.fall = fall
         self._tasks: list[asyncio.Task[None]] = []
@@ -79,7 +82,7 @@ class HealthChecker:
     async def _run(self, server: Server) -> None:
         streak = 0  # passes (> 0) or failures (< 0) in a row
         while True:
-            passed, seen = await check_once(server, self.path, self.interval)
+            passed, seen = await check_once(server, self.path, self.timeout)
             self.record(server, passed, seen, streak)
             streak = max(streak, 0) + 1 if passed else min(streak, 0) - 1
             self.apply(server, streak)

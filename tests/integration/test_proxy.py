@@ -540,6 +540,7 @@ async def test_active_checks_take_a_server_down_and_up(upstream: Upstream) -> No
         [upstream.url, b.url],
         health_check_path="/health",
         health_check_interval_s=0.1,
+        health_check_timeout_s=2.0,  # a slow check on a loaded machine is not a down server
         health_check_rise=2,
         health_check_fall=2,
     )
@@ -833,6 +834,7 @@ async def test_health_check_results_are_reported(upstream: Upstream) -> None:
             [upstream.url, failing.url],
             health_check_path="/health",
             health_check_interval_s=0.05,
+            health_check_timeout_s=2.0,  # the healthy one must not time out on a loaded machine
             health_check_fall=2,
         )
         async with proxy(config) as (gw, base):
@@ -1163,10 +1165,20 @@ async def test_health_check_skips_interim_responses(interim: bytes) -> None:
 
     up = await RawUpstream(handler).start()
     try:
-        config = proxy_config([up.url], health_check_path="/health", health_check_interval_s=0.05, health_check_fall=2)
+        config = proxy_config(
+            [up.url],
+            health_check_path="/health",
+            health_check_interval_s=0.05,
+            health_check_timeout_s=2.0,  # a check slowed by a loaded machine must not read as a timeout
+            health_check_fall=2,
+        )
         async with proxy(config) as (gw, base):
-            await asyncio.sleep(0.4)  # several checks
             server = gw.stats()["upstream"]["servers"][f"127.0.0.1:{up.port}"]
+            for _ in range(100):  # several checks
+                if server["check"]["passed"] + server["check"]["failed"] >= 3:
+                    break
+                await asyncio.sleep(0.05)
+                server = gw.stats()["upstream"]["servers"][f"127.0.0.1:{up.port}"]
             assert server["state"] == "up"
             assert server["check"]["last"] == "200" and server["check"]["failed"] == 0
             out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=2.0)
@@ -1212,3 +1224,41 @@ async def test_client_leaving_during_accounting_is_counted_not_forwarded(account
         stall.set()
         await up.stop()
         await fake.close()
+
+
+async def test_health_check_timeout_is_its_own_option() -> None:
+    # A server that accepts but never answers: each check fails after --health-check-timeout-s
+    # (not the interval), and `fall` of them take the server down.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(30)
+
+    stalled = await RawUpstream(handler).start()
+    try:
+        config = proxy_config(
+            [stalled.url],
+            health_check_path="/health",
+            health_check_interval_s=0.05,
+            health_check_timeout_s=0.3,
+            health_check_fall=2,
+        )
+        async with proxy(config) as (gw, _base):
+            name = f"127.0.0.1:{stalled.port}"
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for _ in range(100):
+                if gw.stats()["upstream"]["servers"][name]["state"] == "down":
+                    break
+                await asyncio.sleep(0.05)
+            elapsed = loop.time() - start
+            server = gw.stats()["upstream"]["servers"][name]
+            assert server["state"] == "down" and server["check"]["last"] == "timeout"
+            assert elapsed >= 0.55  # two checks of 0.3 s each, not two of the 0.05 s interval
+    finally:
+        await stalled.stop()
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_health_check_timeout_must_be_positive(value: float) -> None:
+    with pytest.raises(ConfigError, match="health-check-timeout-s"):
+        proxy_config(["http://127.0.0.1:1"], health_check_path="/h", health_check_timeout_s=value)
