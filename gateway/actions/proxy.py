@@ -116,7 +116,11 @@ def _nobody(ex: Exchange, exc: BaseException | None) -> None:
 class ClientSide(Protocol):
     """The client connection, as the exchange sees it (the front end's connection protocol)."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Send `data` at the end of the loop iteration (gateway.outbox)."""
+
+    def write_now(self, data: bytes) -> None:
+        """Send `data` at once, after anything written before (a burst of releases already)."""
 
 
 class _Failed(Exception):
@@ -399,7 +403,8 @@ class Exchange:
         self.commit = None
         held = self.held
         if held:
-            self.client.write(held[0] if len(held) == 1 else b"".join(held))
+            # Released by a flush reply with the others it held: they leave in a burst already.
+            self.client.write_now(held[0] if len(held) == 1 else b"".join(held))
             held.clear()
             self.held_bytes = 0
         if self.conn is not None:  # else the response was read whole: no upstream to resume
@@ -704,9 +709,7 @@ class Proxy:
         if ex.client_paused:
             conn.pause_reading()
         head = plain_head(ex.method, ex.target, ex.headers, ex.peer, server.name) or self._general_head(ex, server)
-        transport = conn.transport
-        assert transport is not None  # an idle connection is open (`usable`)
-        transport.write(head)
+        conn.queue_write(head)  # an idle connection is open (`usable`); sent at the iteration's end
         ex.sent_at = perf_counter()
         # Every exchange waits as long for its head, so the oldest is always due first: one
         # timer, armed for it, serves them all.

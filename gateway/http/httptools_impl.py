@@ -28,7 +28,9 @@ rest of a server's duties, per connection:
 
 The hot path is one callback per parser event and no task, future or timer for
 a request that is answered at once; a request that waits for Redis costs the
-future it waits on (and a task only for a backend that needs one).
+future it waits on (and a task only for a backend that needs one). Answers are
+written at the end of the loop iteration, with the other connections'
+(`gateway.outbox`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any, cast
 import httptools
 
 from ..holding import Commit
+from ..outbox import WRITE_NOW, Deferred, Outbox, outbox
 from ..pipeline import Pending, Response, request_path
 from . import BACKLOG, FrontEnd, listen_error
 from .rules import MAX_FIELD, MAX_HEAD, MAX_HEADERS, MAX_TARGET, refusal, version_refusal
@@ -213,6 +216,8 @@ class HttpToolsFrontEnd(FrontEnd):
         self.tick = min(1.0, max(0.02, min(self.request_timeout, self.keepalive_timeout) / 5))
         self.now = time.monotonic()
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Where connections defer their writes to: the loop's outbox once started (start).
+        self.outbox: Outbox = WRITE_NOW
         self._shared = (pipeline.redirect, pipeline.target_ok, pipeline.denied)
         self._ticker: asyncio.TimerHandle | None = None
         self._date = b""
@@ -227,6 +232,7 @@ class HttpToolsFrontEnd(FrontEnd):
 
     async def start(self, where: tuple[str, int] | str, reuse_port: bool = False) -> None:
         loop = self.loop = asyncio.get_running_loop()
+        self.outbox = outbox(loop)
         self.now = loop.time()
         try:
             if isinstance(where, str):
@@ -341,13 +347,28 @@ class HttpToolsFrontEnd(FrontEnd):
         return b"".join(lines)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(Deferred, asyncio.Protocol):
     """One client connection: parser callbacks, the response order, holding, timeouts."""
+
+    # Slots, not an instance dict: a connection has more fields than Python 3.11 keeps in an
+    # instance's compact (shared-key) layout, and past that every field read and store of the
+    # parser callbacks, which run for every request, takes the slow generic path.
+    __slots__ = (
+        "abort_at", "backlog", "body_bytes", "chunked", "chunks", "close_when_released", "closing", "commit",
+        "connection", "content_length", "expect", "fields", "framing", "head_bytes", "head_size", "headers",
+        "held", "held_bytes", "host", "hosts", "http10", "parser", "paused_since", "peer",
+        "phase", "pipeline", "queue", "rare", "read_paused", "referer", "resume_scheduled", "served", "server",
+        "since", "transfer_encoding", "upgrade", "url", "user_agent", "waiting", "websocket_key",
+        "write_paused", "xff",
+    )  # fmt: skip
 
     def __init__(self, server: HttpToolsFrontEnd) -> None:
         self.server = server
         self.pipeline = server.pipeline
         self.transport: asyncio.Transport | None = None
+        # Responses are written at the end of the loop iteration, together (gateway.outbox).
+        self.outbox = server.outbox
+        self.out: list[bytes] | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: str | None = None
         # The head's fields, in order, for a front end that passes the head on (None: not kept).
@@ -420,6 +441,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.out = None
         self.held.clear()
         self.queue = None
 
@@ -712,7 +734,7 @@ class _Connection(asyncio.Protocol):
             if keep_alive and not self.queue and self.transport is not None:
                 # The common cases: nothing before it waits, and nothing holds it or a flush does.
                 if self.commit is None:
-                    self.transport.write(data)
+                    self.queue_write(data)
                     self.served = True
                     self.since = server.now
                 else:
@@ -779,7 +801,7 @@ class _Connection(asyncio.Protocol):
             # The common case: the only answer owed on this connection.
             queue.popleft()
             self.waiting -= 1
-            self.transport.write(data)
+            self.queue_write(data)
             self.served = True
             self.since = self.server.now
             return
@@ -804,14 +826,14 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        transport.write(data)
+        self.queue_write(data)
         self.served = True
         if self.waiting == 0:
             self.since = self.server.now
             if self.closing or (self.server.draining and self.phase == IDLE):
                 close = True
         if close:
-            transport.close()
+            self._close()
 
     def _finish(self) -> None:
         """Answer what was asked, then close: no further request is read."""
@@ -819,7 +841,7 @@ class _Connection(asyncio.Protocol):
             return
         self.closing = True
         if self.waiting == 0 and self.commit is None and self.transport is not None:
-            self.transport.close()
+            self._close()
 
     def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
         if bad:
@@ -848,7 +870,8 @@ class _Connection(asyncio.Protocol):
             held.clear()
             return
         if held:
-            transport.write(held[0] if len(held) == 1 else b"".join(held))
+            # Released by a flush reply with the others it held: they leave in a burst already.
+            self.write_now(held[0] if len(held) == 1 else b"".join(held))
             held.clear()
             self.held_bytes = 0
             self.served = True
@@ -857,7 +880,7 @@ class _Connection(asyncio.Protocol):
         if self.waiting == 0:
             self.since = self.server.now
             if self.close_when_released or self.closing or (self.server.draining and self.phase == IDLE):
-                transport.close()
+                self._close()
 
     # -- timeouts and the drain -----------------------------------------------------------
 
@@ -886,7 +909,7 @@ class _Connection(asyncio.Protocol):
             limit = self.server.keepalive_timeout if self.served else self.server.request_timeout
             if now - self.since >= limit:
                 if self.served:
-                    transport.close()  # an idle keep-alive connection: nothing is owed
+                    self._close()  # an idle keep-alive connection: nothing is owed
                 else:
                     self._timed_out()
         elif now - self.since >= self.server.request_timeout:
@@ -900,9 +923,16 @@ class _Connection(asyncio.Protocol):
         """Shutdown: close now if nothing is owed; else the request being read is still
         answered (with Connection: close) and the connection closes after its last answer."""
         if self.phase == IDLE and not self.waiting and self.commit is None and self.transport is not None:
+            self._close()
+
+    def _close(self) -> None:
+        """Close once what is written (pending in the outbox too) went out."""
+        self.flush_out()
+        if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self.out = None
         if self.transport is not None:
             self.transport.abort()
 

@@ -29,6 +29,8 @@ log = logging.getLogger("gateway")
 
 
 class ProxyConnection(_Connection):
+    __slots__ = ("after", "exchanges", "log_info", "preambles", "task_free", "tasks")
+
     def __init__(self, server: HttpToolsFrontEnd) -> None:
         super().__init__(server)
         self.fields = []  # the base on_header keeps the head's fields here
@@ -153,14 +155,18 @@ class ProxyConnection(_Connection):
             if info is not None:
                 self._log(info, Response(ex.status or 502, ""), ex.sent)
         if ex.cut:
+            self.flush_out()  # what of the response was written goes out before the cut
             transport.abort()
             return
         if ex.close_after or not ex.keep_alive or not ex.body_done:
             self.closing = True
             self.exchanges.clear()
-            transport.close()
+            self._close()
             return
         if self.exchanges:
+            # The response goes out now, not at the end of the iteration: if the client is gone,
+            # the write is what finds out (reading is paused while requests wait behind this one).
+            self.flush_out()
             if transport.is_closing():
                 # A write to the client failed (it is gone; connection_lost comes a moment later
                 # and abandons what is left): forward nothing more for it. An exchange ends on an
@@ -175,7 +181,7 @@ class ProxyConnection(_Connection):
                     self.waiting += 1
                     self._write(data, close)
             if (self.closing or self.server.draining) and not self.waiting and not transport.is_closing():
-                transport.close()
+                self._close()
             if not after and not self.read_paused:
                 return  # nothing paused reading, and nothing left that could pause it
         self._update_reading()
@@ -185,7 +191,7 @@ class ProxyConnection(_Connection):
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(data)
+            self.queue_write(data)  # at the end of the loop iteration (gateway.outbox)
 
     def body_drained(self) -> None:
         """The exchange passed its buffered body on: read the client again if that paused it."""
@@ -236,6 +242,7 @@ class ProxyConnection(_Connection):
             if ex.started and self.transport is not None:
                 if bad:
                     self.server.bad_requests += 1
+                self.flush_out()
                 self.transport.abort()
                 return
             if self.closing:
@@ -257,6 +264,7 @@ class ProxyConnection(_Connection):
         self.phase = IDLE
         self.closing = True
         if ex.started and self.transport is not None:
+            self.flush_out()
             self.transport.abort()  # its response began: there is no way to finish it
             return True
         self._close_if_done()
@@ -265,7 +273,7 @@ class ProxyConnection(_Connection):
     def _close_if_done(self) -> None:
         transport = self.transport
         if not self.exchanges and not self.waiting and transport is not None and not transport.is_closing():
-            transport.close()
+            self._close()
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -27,6 +27,8 @@ from typing import Protocol, cast
 
 import httptools
 
+from ..outbox import Deferred, outbox
+
 # How the response body is delimited.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 
@@ -81,10 +83,13 @@ class _Unexpected(Exception):
     """Raised from a parser callback: a response nobody asked for."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(Deferred, asyncio.Protocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        # Requests are written at the end of the loop iteration, together (gateway.outbox).
+        self.outbox = outbox(self.loop)
+        self.out: list[bytes] | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.last_activity = self.loop.time()
         self.requests = 0
@@ -122,11 +127,13 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         self.doubt = True
         self.sink = None
+        self.out = None
         if self.transport is not None:
             self.transport.abort()
 
     async def close(self) -> None:
         self.doubt = True
+        self.flush_out()
         if self.transport is not None:
             self.transport.close()
 
@@ -148,10 +155,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self.queue_write(data)  # at the end of the loop iteration (gateway.outbox)
 
     async def drain(self) -> None:
         """Wait while the socket's write buffer is above its high-water mark."""
+        self.flush_out()  # a body streams up: its flow control must see what was written
         if self.closed:
             raise ConnectionResetError("upstream connection closed")
         if not self.write_paused:
@@ -182,6 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         self.doubt = True
         self.sink = None
+        self.out = None
         if self.transport is not None:
             self.transport.abort()
         if sink is not None:
@@ -195,6 +204,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.doubt = True
+        self.out = None
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ConnectionResetError("upstream connection closed"))
         sink = self.sink

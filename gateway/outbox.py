@@ -1,0 +1,113 @@
+"""Writes deferred to the end of the loop iteration, then sent together.
+
+A loopback (or LAN) send wakes the process that reads the other end. Written as
+they are made, the responses of one loop iteration leave spread over its
+processing, and a reader that went back to sleep between two of them is woken
+again for each: in a VM every such wake-up of a process on another core is an
+inter-processor interrupt, and the kernel's share of a request grows with it.
+Deferred to the end of the iteration, the same writes (one per connection, as
+before) leave back to back, and each reader is woken once for the lot. The
+delay is the rest of the iteration that made them, and nothing more.
+
+A `Deferred` (a client connection, an upstream connection) routes every write
+through `queue_write`, so its bytes keep their order; it calls `flush_out` before it
+closes its transport (a close after a write must not overtake it) and drops what
+is pending when it aborts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+
+log = logging.getLogger("gateway")
+
+
+class Outbox:
+    """The writers with output pending in this iteration of one loop."""
+
+    __slots__ = ("__weakref__", "loop", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[Deferred] = []
+
+    def add(self, writer: Deferred) -> None:
+        pending = self.pending
+        if not pending:
+            # Runs after the callbacks of this iteration's events: once per iteration, not per write.
+            self.loop.call_soon(self.flush)
+        pending.append(writer)
+
+    def flush(self) -> None:
+        pending = self.pending
+        self.pending = []
+        for writer in pending:
+            try:
+                writer.flush_out()
+            except Exception:  # a bug in one writer must not strand the others' output
+                log.exception("deferred write failed")
+
+
+class Immediate(Outbox):
+    """No deferral: each write goes at once (a protocol driven in memory, without a running loop)."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self.pending = []
+
+    def add(self, writer: Deferred) -> None:
+        writer.flush_out()
+
+
+#: The outbox of a front end not started on a loop (driven in memory by tests and benchmarks).
+WRITE_NOW = Immediate()
+
+_OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
+
+
+def outbox(loop: asyncio.AbstractEventLoop) -> Outbox:
+    """The loop's outbox (one per loop: every writer on it shares the end-of-iteration flush)."""
+    box = _OUTBOXES.get(loop)
+    if box is None:
+        box = _OUTBOXES[loop] = Outbox(loop)
+    return box
+
+
+class Deferred:
+    """A protocol whose writes wait for the end of the loop iteration (`Outbox`)."""
+
+    # Set by the protocol: its transport, its loop's outbox, and what waits to be written.
+    __slots__ = ("out", "outbox", "transport")
+    transport: asyncio.Transport | None
+    outbox: Outbox
+    out: list[bytes] | None
+
+    def queue_write(self, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            self.out = [data]
+            self.outbox.add(self)
+        else:
+            out.append(data)
+
+    def write_now(self, data: bytes) -> None:
+        """Write at once, after what is pending: for writes that leave in a burst already (the
+        responses a flush reply releases), which a deferral would only delay."""
+        if self.out is not None:
+            self.flush_out()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def flush_out(self) -> None:
+        """Write what is pending now (the outbox's flush, or before a close)."""
+        out = self.out
+        if out is None:
+            return
+        self.out = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))

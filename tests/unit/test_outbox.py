@@ -1,0 +1,108 @@
+"""Writes deferred to the end of the loop iteration (gateway.outbox): order kept, nothing lost
+to a close, nothing sent after an abort, one flush per iteration."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.outbox import WRITE_NOW, Deferred, outbox
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class Writer(Deferred):
+    def __init__(self, box: object) -> None:
+        self.transport = Transport()  # type: ignore[assignment]
+        self.outbox = box  # type: ignore[assignment]
+        self.out = None
+
+    def close(self) -> None:
+        self.flush_out()
+        assert self.transport is not None
+        self.transport.close()
+
+    @property
+    def sent(self) -> list[bytes]:
+        return self.transport.writes  # type: ignore[union-attr]
+
+
+async def test_writes_of_one_iteration_leave_together_at_its_end() -> None:
+    box = outbox(asyncio.get_running_loop())
+    assert outbox(asyncio.get_running_loop()) is box  # one per loop
+    a, b = Writer(box), Writer(box)
+    a.queue_write(b"1")
+    b.queue_write(b"x")
+    a.queue_write(b"2")
+    assert a.sent == [] and b.sent == []  # nothing before the iteration ends
+    await asyncio.sleep(0)
+    assert a.sent == [b"12"] and b.sent == [b"x"]  # one write per connection, in order
+    a.queue_write(b"3")
+    await asyncio.sleep(0)
+    assert a.sent == [b"12", b"3"]
+
+
+async def test_a_close_sends_what_is_pending_first() -> None:
+    a = Writer(outbox(asyncio.get_running_loop()))
+    a.queue_write(b"last answer")
+    a.close()
+    assert a.sent == [b"last answer"]
+    await asyncio.sleep(0)  # the outbox's flush finds nothing more to send, and writes nothing
+    assert a.sent == [b"last answer"]
+
+
+async def test_an_abort_sends_nothing_pending() -> None:
+    a = Writer(outbox(asyncio.get_running_loop()))
+    a.queue_write(b"never")
+    assert a.transport is not None
+    a.transport.abort()
+    await asyncio.sleep(0)
+    assert a.sent == []
+
+
+async def test_write_now_goes_after_what_is_pending() -> None:
+    a = Writer(outbox(asyncio.get_running_loop()))
+    a.queue_write(b"first")
+    a.write_now(b"second")
+    assert a.sent == [b"first", b"second"]
+    await asyncio.sleep(0)
+    assert a.sent == [b"first", b"second"]
+
+
+def test_without_a_loop_writes_go_at_once() -> None:
+    a = Writer(WRITE_NOW)
+    a.queue_write(b"now")
+    assert a.sent == [b"now"]
+
+
+async def test_one_failing_writer_does_not_strand_the_others() -> None:
+    box = outbox(asyncio.get_running_loop())
+    broken, fine = Writer(box), Writer(box)
+    assert broken.transport is not None
+
+    def refuse(data: bytes) -> None:
+        raise RuntimeError("broken transport")
+
+    broken.transport.write = refuse  # type: ignore[method-assign]
+    broken.queue_write(b"lost")
+    fine.queue_write(b"kept")
+    await asyncio.sleep(0)
+    assert fine.sent == [b"kept"]
+    broken.queue_write(b"again")  # the failed writer is not stuck with its old output
+    assert broken.out == [b"again"]
