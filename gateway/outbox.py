@@ -23,21 +23,32 @@ import weakref
 
 log = logging.getLogger("gateway")
 
+# Pending bytes past which a writer writes at once: the transport's flow control (pause_writing
+# at asyncio's default high-water mark, 64 KiB) must see a large output when it is made, or a
+# client that does not read, or a body streamed from a fast upstream, would pile up here for the
+# rest of the iteration (many reads of up to 256 KiB each) before anything pauses.
+FLUSH_AT = 64 * 1024
+
 
 class Outbox:
     """The writers with output pending in this iteration of one loop."""
 
-    __slots__ = ("__weakref__", "loop", "pending")
+    __slots__ = ("loop", "pending")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        # Weakly: the outbox is the loop's (`outbox`), and must not keep a closed loop alive.
+        self.loop = weakref.ref(loop) if loop is not None else None
         self.pending: list[Deferred] = []
 
     def add(self, writer: Deferred) -> None:
         pending = self.pending
         if not pending:
+            loop = self.loop() if self.loop is not None else None
+            if loop is None or loop.is_closed():
+                writer.flush_out()  # no iteration to wait for
+                return
             # Runs after the callbacks of this iteration's events: once per iteration, not per write.
-            self.loop.call_soon(self.flush)
+            loop.call_soon(self.flush)
         pending.append(writer)
 
     def flush(self) -> None:
@@ -56,7 +67,7 @@ class Immediate(Outbox):
     __slots__ = ()
 
     def __init__(self) -> None:
-        self.pending = []
+        super().__init__(None)
 
     def add(self, writer: Deferred) -> None:
         writer.flush_out()
@@ -80,18 +91,27 @@ class Deferred:
     """A protocol whose writes wait for the end of the loop iteration (`Outbox`)."""
 
     # Set by the protocol: its transport, its loop's outbox, and what waits to be written.
-    __slots__ = ("out", "outbox", "transport")
+    __slots__ = ("out", "out_bytes", "outbox", "transport")
     transport: asyncio.Transport | None
     outbox: Outbox
     out: list[bytes] | None
+    out_bytes: int
 
     def queue_write(self, data: bytes) -> None:
         out = self.out
+        size = len(data)
         if out is None:
+            if size >= FLUSH_AT:
+                self.write_now(data)
+                return
             self.out = [data]
+            self.out_bytes = size
             self.outbox.add(self)
-        else:
-            out.append(data)
+            return
+        out.append(data)
+        size = self.out_bytes = self.out_bytes + size
+        if size >= FLUSH_AT:
+            self.flush_out()
 
     def write_now(self, data: bytes) -> None:
         """Write at once, after what is pending: for writes that leave in a burst already (the

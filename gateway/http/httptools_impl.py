@@ -369,6 +369,7 @@ class _Connection(Deferred, asyncio.Protocol):
         # Responses are written at the end of the loop iteration, together (gateway.outbox).
         self.outbox = server.outbox
         self.out: list[bytes] | None = None
+        self.out_bytes = 0
         self.parser = httptools.HttpRequestParser(self)
         self.peer: str | None = None
         # The head's fields, in order, for a front end that passes the head on (None: not kept).

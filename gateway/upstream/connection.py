@@ -90,6 +90,7 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         # Requests are written at the end of the loop iteration, together (gateway.outbox).
         self.outbox = outbox(self.loop)
         self.out: list[bytes] | None = None
+        self.out_bytes = 0
         self.parser = httptools.HttpResponseParser(self)
         self.last_activity = self.loop.time()
         self.requests = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.outbox import WRITE_NOW, Deferred, outbox
+from gateway.outbox import FLUSH_AT, WRITE_NOW, Deferred, Outbox, outbox
 
 
 class Transport:
@@ -32,6 +32,7 @@ class Writer(Deferred):
         self.transport = Transport()  # type: ignore[assignment]
         self.outbox = box  # type: ignore[assignment]
         self.out = None
+        self.out_bytes = 0
 
     def close(self) -> None:
         self.flush_out()
@@ -106,3 +107,38 @@ async def test_one_failing_writer_does_not_strand_the_others() -> None:
     assert fine.sent == [b"kept"]
     broken.queue_write(b"again")  # the failed writer is not stuck with its old output
     assert broken.out == [b"again"]
+
+
+async def test_large_output_is_written_at_once_for_the_flow_control_to_see() -> None:
+    # A transport pauses its writer (pause_writing) only once the bytes are written to it: a
+    # client that does not read, or a large body streamed down, must not pile up here meanwhile.
+    box = outbox(asyncio.get_running_loop())
+    big, many = Writer(box), Writer(box)
+    big.queue_write(b"b" * FLUSH_AT)
+    assert big.sent == [b"b" * FLUSH_AT]
+    chunk = b"c" * (FLUSH_AT // 4)
+    for _ in range(3):
+        many.queue_write(chunk)
+    assert many.sent == []
+    many.queue_write(chunk)  # the fourth reaches the bound: everything pending goes, in order
+    assert many.sent == [chunk * 4] and many.out is None
+    many.queue_write(b"small")
+    await asyncio.sleep(0)
+    assert many.sent == [chunk * 4, b"small"]
+
+
+def test_an_outbox_does_not_keep_its_loop_alive() -> None:
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+    box = outbox(loop)
+    ref = weakref.ref(loop)
+    loop.close()
+    writer = Writer(box)
+    writer.queue_write(b"after the loop closed")  # nothing would ever flush it: written at once
+    assert writer.sent == [b"after the loop closed"]
+    del loop, box
+    gc.collect()
+    assert ref() is None
+    assert isinstance(WRITE_NOW, Outbox)
