@@ -405,7 +405,7 @@ class Exchange:
         if held:
             # Released by a flush reply with the others it held: they leave in a burst already.
             self.client.write_now(held[0] if len(held) == 1 else b"".join(held))
-            held.clear()
+            self.held = _NOTHING_HELD  # a later hold (a retry's) takes a list of its own
             self.held_bytes = 0
         if self.conn is not None:  # else the response was read whole: no upstream to resume
             self._update_upstream_reading()
@@ -566,11 +566,19 @@ class Exchange:
     def on_body(self, data: bytes) -> None:
         if self.chunked_out:
             self.emit(b"%x\r\n%s\r\n" % (len(data), data))
-        elif self.corked is not None and self.commit is None:
+        elif self.commit is None:
+            if self.corked is None:
+                self.emit(data)
+                return
             self.sent += len(data)  # emit(), inlined for the usual body: one read, nothing held
             self.corked.append(data)
         else:
-            self.emit(data)
+            # emit(), inlined for the usual held body (batched, --batch-ack flush)
+            self.sent += len(data)
+            self.held.append(data)
+            self.held_bytes += len(data)
+            if self.held_bytes > HELD_BUFFER:
+                self._update_upstream_reading()
 
     def on_end(self) -> None:
         if self.chunked_out:
