@@ -446,6 +446,12 @@ class Config:
         return self.pool_wait_ms / 1000
 
     @property
+    def health_check_timeout(self) -> float:
+        """One check's whole time: --health-check-timeout-s, else the interval."""
+        t = self.health_check_timeout_s
+        return self.health_check_interval_s if t is None else t
+
+    @property
     def connect_timeout(self) -> float:
         return self.connect_timeout_ms / 1000
 

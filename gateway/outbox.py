@@ -61,20 +61,9 @@ class Outbox:
                 log.exception("deferred write failed")
 
 
-class Immediate(Outbox):
-    """No deferral: each write goes at once (a protocol driven in memory, without a running loop)."""
-
-    __slots__ = ()
-
-    def __init__(self) -> None:
-        super().__init__(None)
-
-    def add(self, writer: Deferred) -> None:
-        writer.flush_out()
-
-
-#: The outbox of a front end not started on a loop (driven in memory by tests and benchmarks).
-WRITE_NOW = Immediate()
+#: The outbox of a front end not started on a loop (driven in memory by tests and benchmarks):
+#: without a loop there is no iteration to wait for, so each write goes at once.
+WRITE_NOW = Outbox(None)
 
 _OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
 

@@ -566,19 +566,18 @@ class Exchange:
     def on_body(self, data: bytes) -> None:
         if self.chunked_out:
             self.emit(b"%x\r\n%s\r\n" % (len(data), data))
-        elif self.commit is None:
-            if self.corked is None:
-                self.emit(data)
-                return
-            self.sent += len(data)  # emit(), inlined for the usual body: one read, nothing held
-            self.corked.append(data)
-        else:
+        elif self.commit is not None:
             # emit(), inlined for the usual held body (batched, --batch-ack flush)
             self.sent += len(data)
             self.held.append(data)
             self.held_bytes += len(data)
             if self.held_bytes > HELD_BUFFER:
                 self._update_upstream_reading()
+        elif self.corked is not None:
+            self.sent += len(data)  # emit(), inlined for the usual body: one read, nothing held
+            self.corked.append(data)
+        else:
+            self.emit(data)
 
     def on_end(self) -> None:
         if self.chunked_out:
@@ -625,7 +624,7 @@ class Proxy:
                 config.health_check_interval_s,
                 config.health_check_rise,
                 config.health_check_fall,
-                config.health_check_timeout_s,
+                config.health_check_timeout,
             )
         self._response_timeout = config.upstream_response_timeout_s
         self._body_timeout = config.upstream_body_timeout_s

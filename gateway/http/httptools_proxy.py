@@ -188,10 +188,8 @@ class ProxyConnection(_Connection):
 
     # -- what the exchange calls (gateway.actions.proxy.ClientSide) ------------------------
 
-    def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            self.queue_write(data)  # at the end of the loop iteration (gateway.outbox)
+    # At the end of the loop iteration (gateway.outbox); a transport closed meanwhile gets nothing.
+    write = _Connection.queue_write
 
     def body_drained(self) -> None:
         """The exchange passed its buffered body on: read the client again if that paused it."""

@@ -57,12 +57,12 @@ async def check_once(server: Server, path: str, timeout: float) -> tuple[bool, s
 
 class HealthChecker:
     def __init__(
-        self, servers: Sequence[Server], path: str, interval: float, rise: int, fall: int, timeout: float | None = None
+        self, servers: Sequence[Server], path: str, interval: float, rise: int, fall: int, timeout: float
     ) -> None:
         self.servers = tuple(servers)
         self.path = path
         self.interval = interval
-        self.timeout = interval if timeout is None else timeout
+        self.timeout = timeout
         self.rise = rise
         self.fall = fall
         self._tasks: list[asyncio.Task[None]] = []

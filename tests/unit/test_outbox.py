@@ -7,29 +7,12 @@ import asyncio
 
 from gateway.outbox import FLUSH_AT, WRITE_NOW, Deferred, Outbox, outbox
 
-
-class Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
-        self.writes.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
+from .test_http_protocol import RecordingTransport
 
 
 class Writer(Deferred):
     def __init__(self, box: object) -> None:
-        self.transport = Transport()  # type: ignore[assignment]
+        self.transport = RecordingTransport()  # type: ignore[assignment]
         self.outbox = box  # type: ignore[assignment]
         self.out = None
         self.out_bytes = 0
@@ -41,7 +24,7 @@ class Writer(Deferred):
 
     @property
     def sent(self) -> list[bytes]:
-        return self.transport.writes  # type: ignore[union-attr]
+        return self.transport.data  # type: ignore[union-attr]
 
 
 async def test_writes_of_one_iteration_leave_together_at_its_end() -> None:
