@@ -25,7 +25,13 @@ from typing import Any, Protocol
 
 class Holder(Protocol):
     """A client connection that can keep response bytes back until a commit settles: a
-    `HeldTransport` (aiohttp front end) or the own front end's connection protocol."""
+    `HeldTransport` (aiohttp front end) or the own front end's connection protocol.
+
+    `commit` is the commit it holds for (None when it holds nothing). `hold(commit)` is
+    exactly: unless `commit` is already its commit, set it and join `commit.holders`; the
+    request path does that inline (`Pipeline.handle`), so a holder must not do more."""
+
+    commit: Commit | None
 
     def hold(self, commit: Commit) -> None: ...
 
@@ -42,12 +48,12 @@ class HeldTransport(asyncio.Transport):
     # Every method is spelled out rather than forwarded by __getattr__: a class with
     # __getattr__ routes every attribute access through a slower lookup hook, and
     # aiohttp reads `write` and `is_closing` on this object for every response.
-    __slots__ = ("_buffer", "_close", "_commit", "_eof", "_transport", "is_closing")
+    __slots__ = ("_buffer", "_close", "_eof", "_transport", "commit", "is_closing")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._buffer: list[bytes] = []
-        self._commit: Commit | None = None
+        self.commit: Commit | None = None
         self._close = False
         self._eof = False
         # Called before every write; the transport's own method spares a Python frame.
@@ -55,19 +61,19 @@ class HeldTransport(asyncio.Transport):
 
     @property
     def holding(self) -> bool:
-        return self._commit is not None
+        return self.commit is not None
 
     def hold(self, commit: Commit) -> None:
         """Buffer what is written from now on until `commit` is released."""
-        if self._commit is not commit:
-            self._commit = commit
+        if self.commit is not commit:
+            self.commit = commit
             commit.holders.append(self)
 
     def release(self, commit: Commit) -> None:
         """`commit` is settled: send what was held for it (and a close it delayed)."""
-        if self._commit is not commit:
+        if self.commit is not commit:
             return  # holding for a later commit now, which releases everything
-        self._commit = None
+        self.commit = None
         transport = self._transport
         buffer = self._buffer
         if transport.is_closing():
@@ -85,7 +91,7 @@ class HeldTransport(asyncio.Transport):
     # -- what is held ------------------------------------------------------------------
 
     def write(self, data: Any) -> None:
-        if self._commit is None:
+        if self.commit is None:
             self._transport.write(data)
         else:
             # A copy only of what the writer might reuse (a bytearray, a memoryview).
@@ -95,7 +101,7 @@ class HeldTransport(asyncio.Transport):
         self.write(b"".join(list_of_data))
 
     def close(self) -> None:
-        if self._commit is None:
+        if self.commit is None:
             self._transport.close()
         else:
             self._close = True
@@ -137,7 +143,7 @@ class HeldTransport(asyncio.Transport):
 
     def write_eof(self) -> None:
         # Half-closing ends the response stream, so like close it waits for the held bytes.
-        if self._commit is None:
+        if self.commit is None:
             self._transport.write_eof()
         else:
             self._eof = True

@@ -41,6 +41,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from functools import lru_cache
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
@@ -174,7 +175,16 @@ class Pipeline:
         self.config = config
         self.backend = backend
         self.resolver = ClientIPResolver(config.trusted_proxies)
-        self._peer_ip = self.resolver.peer
+        peer_ip = self.resolver.peer
+        prefix = config.key_prefix
+
+        def peer_key(peer: str) -> str | None:
+            ip = peer_ip(peer)
+            return None if ip is None else prefix + ip
+
+        # A peer's Redis key, cached: the same string object for every request from that peer,
+        # so the batch's dictionary finds it without hashing or comparing a new string.
+        self._peer_key = lru_cache(maxsize=4096)(peer_key)
         #: Whether a front end needs to collect X-Forwarded-For at all.
         self.uses_forwarded_for = bool(config.trusted_proxies)
         self._prefix = config.key_prefix
@@ -228,26 +238,29 @@ class Pipeline:
     ) -> Response | Pending | Coroutine[Any, Any, Response]:
         self.requests += 1
         if forwarded_for is None and peer is not None:
-            ip = self._peer_ip(peer)  # the common case, one cached lookup
+            key = self._peer_key(peer)  # the common case, one cached lookup
         else:
             ip = self.resolver.resolve(peer, forwarded_for)
-        if ip is None:
+            key = None if ip is None else self._prefix + ip
+        if key is None:
             # Not even the peer parses (a Unix socket, say): nothing to count under.
             self.no_client_ip += 1
         elif not self._uses_redis:
             self.uncounted += 1
         elif self.holds:
             try:
-                commit = self.backend.incr_held(self._prefix + ip)
+                commit = self.backend.incr_held(key)
             except AccountingError as err:
                 self._failed(err)
             except Exception as exc:
                 self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
             else:
-                if holder is not None:  # else the client is gone; the count stands
-                    holder.hold(commit)
+                # holder.hold(commit), inlined (this runs for every request). No holder: the
+                # client is gone; the count stands.
+                if holder is not None and holder.commit is not commit:
+                    holder.commit = commit
+                    commit.holders.append(holder)
         else:
-            key = self._prefix + ip
             incr_then = self._incr_then
             if incr_then is not None:
                 pending = Pending(self, path)
@@ -352,27 +365,32 @@ class Pipeline:
         proxy = self.proxy
         assert proxy is not None
         self.requests += 1
-        ip = self.resolver.resolve(peer, forwarded_for)
-        if ip is None:
+        if forwarded_for is None and peer is not None:
+            key = self._peer_key(peer)  # as in handle
+        else:
+            ip = self.resolver.resolve(peer, forwarded_for)
+            key = None if ip is None else self._prefix + ip
+        if key is None:
             self.no_client_ip += 1
         elif not self._uses_redis:
             self.uncounted += 1
         elif self.holds and self.limiter is None:
             # _admit_held without a limit, inlined: the usual batched request.
             try:
-                exchange.hold(self.backend.incr_held(self._prefix + ip))
+                exchange.hold(self.backend.incr_held(key))
             except AccountingError as err:
                 self._failed(err)
             except Exception as exc:
                 self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
-        elif self.holds and self._decides_locally:
-            refusal = self._admit_held(exchange, self._prefix + ip, ip)
+        else:
+            ip = key[len(self._prefix) :]  # the key is the prefix and the client's address
+            if not (self.holds and self._decides_locally):
+                return self._account_then_forward(exchange, key, ip)
+            refusal = self._admit_held(exchange, key, ip)
             if refusal is not None:
                 exchange.answer(refusal)  # 429: nothing is forwarded
                 exchange.on_done(exchange, None)
                 return None
-        else:
-            return self._account_then_forward(exchange, self._prefix + ip, ip)
         proxy.forward(exchange)
         return None
 

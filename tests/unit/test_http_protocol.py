@@ -29,6 +29,10 @@ class RecordingTransport:
         assert not self.closed, "write after close"
         self.data.append(bytes(data))
 
+    def writelines(self, data: list[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
     def close(self) -> None:
         self.closed = True
 
