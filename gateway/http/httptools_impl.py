@@ -55,10 +55,11 @@ from .rules import MAX_FIELD, MAX_HEAD, MAX_HEADERS, MAX_TARGET, refusal, versio
 
 access_log = logging.getLogger("gateway.access")
 
-# Responses waiting in order (pipelining) before reading pauses, and held bytes
-# (batched) before reading pauses until the flush settles.
+# Responses waiting in order (pipelining) before reading pauses, and responses held
+# (batched) before reading pauses until the flush settles. Held responses are the gateway's
+# own (a redirect, a 200, an error), each a few hundred bytes: a count bounds their bytes.
 MAX_QUEUED = 64
-MAX_HELD_BYTES = 256 * 1024
+MAX_HELD = 1024
 # A read larger than this is parsed in slices of it, checking those bounds in between.
 SLICE = 4096
 
@@ -356,7 +357,7 @@ class _Connection(Deferred, asyncio.Protocol):
     __slots__ = (
         "abort_at", "backlog", "body_bytes", "chunked", "chunks", "close_when_released", "closing", "commit",
         "connection", "content_length", "expect", "fields", "framing", "head_bytes", "head_size", "headers",
-        "held", "held_bytes", "host", "hosts", "http10", "parser", "paused_since", "peer",
+        "held", "host", "hosts", "http10", "parser", "paused_since", "peer",
         "phase", "pipeline", "queue", "rare", "read_paused", "referer", "resume_scheduled", "served", "server",
         "since", "transfer_encoding", "upgrade", "url", "user_agent", "waiting", "websocket_key",
         "write_paused", "xff",
@@ -404,7 +405,6 @@ class _Connection(Deferred, asyncio.Protocol):
         # Held responses (batched, --batch-ack flush).
         self.commit: Commit | None = None
         self.held: list[bytes] = []
-        self.held_bytes = 0
         self.close_when_released = False
         # Why reading is paused: the socket's buffer, the order queue, held bytes.
         self.write_paused = False
@@ -468,7 +468,7 @@ class _Connection(Deferred, asyncio.Protocol):
             self._feed(view[start : start + SLICE])
 
     def _saturated(self) -> bool:
-        return (self.queue is not None and len(self.queue) >= MAX_QUEUED) or self.held_bytes > MAX_HELD_BYTES
+        return (self.queue is not None and len(self.queue) >= MAX_QUEUED) or len(self.held) > MAX_HELD
 
     def _resume_input(self) -> None:
         """Parse what waited while the connection was saturated (called from the loop)."""
@@ -739,9 +739,9 @@ class _Connection(Deferred, asyncio.Protocol):
                     self.served = True
                     self.since = server.now
                 else:
-                    self.held.append(data)
-                    self.held_bytes += len(data)
-                    if self.held_bytes > MAX_HELD_BYTES:
+                    held = self.held
+                    held.append(data)
+                    if len(held) > MAX_HELD:
                         self._update_reading()
                 return
             self._send_ready(data, not keep_alive)
@@ -817,11 +817,11 @@ class _Connection(Deferred, asyncio.Protocol):
     def _write(self, data: bytes, close: bool) -> None:
         self.waiting -= 1
         if self.commit is not None:
-            self.held.append(data)
-            self.held_bytes += len(data)
+            held = self.held
+            held.append(data)
             if close:
                 self.close_when_released = True
-            if self.held_bytes > MAX_HELD_BYTES:
+            if len(held) > MAX_HELD:
                 self._update_reading()
             return
         transport = self.transport
@@ -877,7 +877,6 @@ class _Connection(Deferred, asyncio.Protocol):
                 self.flush_out()
             transport.writelines(held)
             held.clear()
-            self.held_bytes = 0
             self.served = True
             if self.read_paused:
                 self._update_reading()

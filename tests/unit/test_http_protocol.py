@@ -191,7 +191,7 @@ def test_held_responses_of_a_gone_client_are_dropped() -> None:
     assert backend.keys == ["ip:127.0.0.1"]  # counted all the same
 
 
-def test_too_many_held_bytes_pause_reading() -> None:
+def test_too_many_held_responses_pause_reading() -> None:
     import asyncio
 
     async def scenario() -> None:
