@@ -27,9 +27,10 @@ class Holder(Protocol):
     """A client connection that can keep response bytes back until a commit settles: a
     `HeldTransport` (aiohttp front end) or the own front end's connection protocol.
 
-    `commit` is the commit it holds for (None when it holds nothing). `hold(commit)` is
-    exactly: unless `commit` is already its commit, set it and join `commit.holders`; the
-    request path does that inline (`Pipeline.handle`), so a holder must not do more."""
+    `commit` is the commit it holds for (None when it holds nothing). For the holders
+    `Pipeline.handle` is given (the front ends' client connections), `hold(commit)` is exactly:
+    unless `commit` is already its commit, set it and join `commit.holders`. `handle` does that
+    inline, so such a holder must not do more in `hold`."""
 
     commit: Commit | None
 

@@ -192,7 +192,10 @@ async def test_prewarm_opens_the_minimum_and_refills_it(redis_server: RedisServe
         t0 = time.monotonic()
         await eventually(lambda: redis_server.client_count() == 5, timeout=1.0)
         refilled = time.monotonic() - t0
-        assert gw.stats()["pool"]["prewarmed"] == 10
+        # Redis lists a connection once it accepts it; the pool counts it once its set-up is
+        # answered, a moment later (on a loaded machine, not at once).
+        await eventually(lambda: gw.stats()["pool"]["prewarmed"] == 10, timeout=1.0)
+        assert redis_server.client_count() == 5
         assert gw.stats()["requests"]["total"] == 0
     print(f"minimum reopened {refilled:.2f} s after CLIENT KILL")
 
