@@ -939,6 +939,13 @@ class _Connection(Deferred, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _cut(self) -> None:
+        """End a response that broke off: what of it was written goes out, then the connection
+        is aborted, so the client sees it end early rather than complete."""
+        self.flush_out()
+        if self.transport is not None:
+            self.transport.abort()
+
     # -- access log -------------------------------------------------------------------
 
     def _log(self, info: tuple[bytes, bytes, bool, bytes, bytes], answer: Response, size: int) -> None:

@@ -155,8 +155,7 @@ class ProxyConnection(_Connection):
             if info is not None:
                 self._log(info, Response(ex.status or 502, ""), ex.sent)
         if ex.cut:
-            self.flush_out()  # what of the response was written goes out before the cut
-            transport.abort()
+            self._cut()
             return
         if ex.close_after or not ex.keep_alive or not ex.body_done:
             self.closing = True
@@ -240,8 +239,7 @@ class ProxyConnection(_Connection):
             if ex.started and self.transport is not None:
                 if bad:
                     self.server.bad_requests += 1
-                self.flush_out()
-                self.transport.abort()
+                self._cut()
                 return
             if self.closing:
                 # Nothing more will be answered (the plain front end's reject sends nothing once
@@ -262,8 +260,7 @@ class ProxyConnection(_Connection):
         self.phase = IDLE
         self.closing = True
         if ex.started and self.transport is not None:
-            self.flush_out()
-            self.transport.abort()  # its response began: there is no way to finish it
+            self._cut()  # its response began: there is no way to finish it
             return True
         self._close_if_done()
         return True
