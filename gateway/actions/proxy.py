@@ -45,7 +45,7 @@ from .. import errors
 from ..errors import AccountingError
 from ..stepper import Stepper
 from ..upstream.balancer import Balancer
-from ..upstream.connection import LENGTH, NO_BODY, UpstreamConnection, transfer_codings
+from ..upstream.connection import LENGTH, NO_BODY, UpstreamConnection, field_pairs, transfer_codings
 from ..upstream.health import HealthChecker
 from ..upstream.server import Server
 
@@ -83,7 +83,6 @@ CLOSED = "closed"
 PROTOCOL = "protocol"
 NO_SERVER = "no_server"
 
-_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _FAILURE_STATUS = {RESPONSE_TIMEOUT: 504, BODY_TIMEOUT: 504, CLOSED: 502, PROTOCOL: 502}
 
 
@@ -507,10 +506,9 @@ class Exchange:
 
     # -- ResponseSink (gateway.upstream.connection) ------------------------------------------
 
-    def on_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, plain: bool
-    ) -> None:
-        """The response head; `plain`: it has no hop-by-hop field (Connection among them)."""
+    def on_head(self, status: int, reason: bytes, fields: list[bytes], framing: int, plain: bool) -> None:
+        """The response head: `fields` flat (gateway.upstream.connection.field_pairs); `plain`:
+        it has no hop-by-hop field (Connection among them)."""
         self.status = status
         line = _STATUS_LINES.get((status, reason))
         if line is None:
@@ -519,8 +517,9 @@ class Exchange:
                 _STATUS_LINES[status, reason] = line
         lines = [line]
         if plain and (framing == LENGTH or framing == NO_BODY):
-            lines += [name + b": " + value + b"\r\n" for name, value in headers]  # every field stays
+            lines += fields  # every field stays
         else:
+            headers = field_pairs(fields)
             named = connection_tokens(headers)
             for name, value in headers:
                 lower = name.lower()
@@ -541,7 +540,7 @@ class Exchange:
                 self.chunked_out = True
                 # Codings other than chunked (gzip) describe the bytes passed on: they stay, with
                 # our chunked last; dropping them would hand the client coded bytes as plain ones.
-                codings = [c for c in transfer_codings(headers) if c != b"chunked"]
+                codings = [c for c in transfer_codings(field_pairs(fields)) if c != b"chunked"]
                 lines.append(b"Transfer-Encoding: " + b", ".join([*codings, b"chunked"]) + b"\r\n")
         if not self.body_done:
             # The upstream answers before the request was sent whole: the rest of the client's
@@ -556,9 +555,16 @@ class Exchange:
         else:
             lines.append(b"\r\n")
         self.emit(b"".join(lines))
-        proxy = self.proxy
-        if proxy is not None:
-            proxy._headed(self)
+        server = self.server
+        if server is not None:
+            # Counted as the head comes, on either path (Histogram.observe, inlined: once per request).
+            if self.fast and self.proxy is not None:
+                self.proxy._awaiting.pop(self, None)
+            latency = server.latency
+            elapsed = perf_counter() - self.sent_at
+            latency.counts[bisect_left(latency.bounds, elapsed)] += 1
+            latency.sum += elapsed
+            server.classes[status // 100] += 1  # 1..5: the connection refuses any other status
         fut = self.head_fut
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -631,7 +637,6 @@ class Proxy:
         self.requests = 0
         self.retries = 0
         self.errors: Counter[str] = Counter()
-        self.responses: Counter[str] = Counter()
         # Fast exchanges waiting for their response head, oldest first, with their deadlines.
         self._awaiting: dict[Exchange, float] = {}
         self._heads_timer: asyncio.TimerHandle | None = None
@@ -809,21 +814,6 @@ class Proxy:
             return
         ex.on_done(ex, None)
 
-    def _headed(self, ex: Exchange) -> None:
-        """The response head came (either path): count it."""
-        server = ex.server
-        assert server is not None
-        if ex.fast:
-            self._awaiting.pop(ex, None)
-        latency = server.latency  # Histogram.observe, inlined: once per request
-        elapsed = perf_counter() - ex.sent_at
-        latency.counts[bisect_left(latency.bounds, elapsed)] += 1
-        latency.sum += elapsed
-        status = ex.status
-        klass = _CLASSES[status // 100] if status < 600 else "other"
-        server.responses[klass] += 1
-        self.responses[klass] += 1
-
     # -- the general path: a coroutine --------------------------------------------------------
 
     def _run_slow(self, ex: Exchange, server: Server | None, fresh: bool) -> None:
@@ -978,7 +968,7 @@ class Proxy:
                 if sender.done() and not head.done():
                     sender.result()  # an upload error ends the exchange here
                     ex.progress = loop.time()
-            await head  # counted as it came (_headed)
+            await head  # counted as it came (Exchange.on_head)
             if not done.done():  # the body did not come with the head: its idleness is the deadline now
                 if ex.timer is not None:
                     ex.timer.cancel()
@@ -1089,7 +1079,7 @@ class Proxy:
             "requests": self.requests,
             "retries": self.retries,
             "errors": dict(self.errors),
-            "responses": dict(self.responses),
+            "responses": dict(sum((Counter(server.responses()) for server in self.servers), Counter())),
             "servers": {server.name: server.stats(now) for server in self.servers},
         }
 

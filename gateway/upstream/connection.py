@@ -43,6 +43,11 @@ MAX_HEADERS = 100
 MAX_HEAD = 64 * 1024
 
 
+def field_pairs(fields: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The (name, value) pairs of a flat field list: name, b": ", value, b"\r\n" per field."""
+    return list(zip(fields[0::4], fields[2::4], strict=True))
+
+
 def transfer_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     """The Transfer-Encoding codings, in order, lowercased (every field line joined)."""
     return [
@@ -57,10 +62,9 @@ def transfer_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
 class ResponseSink(Protocol):
     """Who receives the events of the response being read (the exchange)."""
 
-    def on_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, plain: bool
-    ) -> None:
-        """`plain`: the head has no hop-by-hop field (nor Connection)."""
+    def on_head(self, status: int, reason: bytes, fields: list[bytes], framing: int, plain: bool) -> None:
+        """`fields`: the head's field lines, flat (`field_pairs`); `plain`: no hop-by-hop field
+        among them (nor Connection)."""
 
     def on_body(self, data: bytes) -> None: ...
 
@@ -97,6 +101,11 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         self.pending = 0
         self.doubt = False  # never reuse
         self.closed = False
+        # What the pool asks: not doubt, closed or pending. Kept as a field, set wherever one of
+        # them changes, since the pool reads it at every checkout and release. Idle time,
+        # lifetime and the number of requests are the pool's (its Lifecycle): an upstream
+        # connection is retired by the same rules as a Redis one.
+        self.usable = True
         self.sink: ResponseSink | None = None
         # The response being parsed.
         self.head_method = False
@@ -104,8 +113,13 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         self.interim = False
         self.framing = NO_BODY
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
+        # The head's fields, flat and ready to be sent on (name, b": ", value, b"\r\n" per
+        # field), and what they say about the head: told apart as they arrive, not in a second pass.
+        self.fields: list[bytes] = []
+        self.length = False  # a Content-Length field
+        self.hop = False  # a hop-by-hop field (Transfer-Encoding among them)
+        self.coded = False  # a Transfer-Encoding field
+        self.reading = 0  # the size of the read being parsed
         self.head_done = False
         # Bytes received since the last body byte: a head, a chunk's framing or a trailer section.
         # httptools buffers a header field whole before calling on_header, so this is what
@@ -119,14 +133,9 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
 
     # -- what the pool asks ---------------------------------------------------------
 
-    @property
-    def usable(self) -> bool:
-        # Idle time, lifetime and the number of requests are the pool's (its Lifecycle): an
-        # upstream connection is retired by the same rules as a Redis one.
-        return not (self.doubt or self.closed or self.pending)
-
     def abort(self) -> None:
         self.doubt = True
+        self.usable = False
         self.sink = None
         self.out = None
         if self.transport is not None:
@@ -134,6 +143,7 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
 
     async def close(self) -> None:
         self.doubt = True
+        self.usable = False
         self.flush_out()
         if self.transport is not None:
             self.transport.close()
@@ -144,13 +154,14 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         """Start an exchange: the next response belongs to `sink`."""
         self.sink = sink
         self.pending = 1
+        self.usable = False
         self.requests += 1
         self.head_method = head_method
         self.got_bytes = self.interim = self.head_done = False
         self.framing = NO_BODY
         self.reason = b""
-        self.headers = []
-        self.head_size = 0
+        self.fields = []
+        self.length = self.hop = self.coded = False
         self.unframed = 0
         self.last_activity = self.loop.time()
 
@@ -184,12 +195,14 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         sink = self.sink
         self.sink = None
         self.pending = 0
+        self.usable = not (self.doubt or self.closed)
         if sink is not None:
             sink.on_end()
 
     def _fail(self, kind: str, detail: str) -> None:
         sink = self.sink
         self.doubt = True
+        self.usable = False
         self.sink = None
         self.out = None
         if self.transport is not None:
@@ -205,6 +218,7 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.doubt = True
+        self.usable = False
         self.out = None
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ConnectionResetError("upstream connection closed"))
@@ -228,6 +242,7 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         sink = self.sink
         sink.cork()  # a head and a body in one read leave in one write to the client
         self.body_seen = False
+        self.reading = len(data)
         try:
             self.parser.feed_data(data)
             if self.sink is sink and not self.body_seen:
@@ -242,6 +257,7 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _NoBody):
                 self.doubt = True  # whatever follows the head cannot be framed: no reuse
+                self.usable = False
                 self._finished()
             else:
                 self._fail("protocol", f"malformed upstream response: {exc.__context__ or exc}")
@@ -272,53 +288,55 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
-        self.head_size += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
             return  # a trailer field: not forwarded
-        self.headers.append((name, value))
-        self.head_size += len(name) + len(value) + 4
-        if len(self.headers) > MAX_HEADERS or self.head_size > MAX_HEAD:
+        fields = self.fields
+        fields += (name, b": ", value, b"\r\n")
+        if len(fields) > 4 * MAX_HEADERS:
             raise ValueError("response head too large")
+        lower = name.lower()
+        if lower in _FRAMING_OR_HOP:
+            if lower == b"content-length":
+                self.length = True
+            else:
+                self.hop = True
+                if lower == b"transfer-encoding":
+                    self.coded = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if not 100 <= status <= 599:
             raise ValueError(f"status {status} outside 100..599")  # RFC 9110 15: invalid
+        fields = self.fields
+        # The head is at most what came since the last body byte, this read included (`unframed`
+        # bounds the earlier reads): its size needs counting only when that is over the bound.
+        if self.unframed + self.reading > MAX_HEAD and len(self.reason) + sum(map(len, fields)) > MAX_HEAD:
+            raise ValueError("response head too large")
         if status < 200:
             if status == 101:
                 raise ValueError("101 Switching Protocols to a request that asked no upgrade")
             # An interim response (100 Continue, 103 Early Hints): not forwarded; the final one follows.
             self.interim = True
             self.reason = b""
-            self.headers = []
-            self.head_size = 0
+            self.fields = []
+            self.length = self.hop = self.coded = False
             return
         self.head_done = True
-        headers = self.headers
-        length = coded = hop = False
-        for name, _ in headers:  # one pass: what frames the body, and whether a field must go
-            lower = name.lower()
-            if lower in _FRAMING_OR_HOP:
-                if lower == b"content-length":
-                    length = True
-                else:
-                    hop = True
-                    coded = coded or lower == b"transfer-encoding"
         framing = UNTIL_CLOSE
         if self.head_method or status in (204, 304):
             framing = NO_BODY
-        elif coded and (codings := transfer_codings(headers)):
+        elif self.coded and (codings := transfer_codings(field_pairs(fields))):
             # RFC 9112 6.3: chunked last delimits the body; any other last coding (gzip alone)
             # means the body runs until the close, as llhttp reads it.
             framing = CHUNKED if codings[-1] == b"chunked" else UNTIL_CLOSE
-        elif length:
+        elif self.length:
             framing = LENGTH
         self.framing = framing
         sink = self.sink
         if sink is not None:
-            sink.on_head(status, self.reason, headers, framing, not hop)
+            sink.on_head(status, self.reason, fields, framing, not self.hop)
         if self.head_method:
             raise _NoBody
 
@@ -338,5 +356,6 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         sink = self.sink
         self.sink = None
         self.pending = 0
+        self.usable = not (self.doubt or self.closed)
         if sink is not None:
             sink.on_end()

@@ -68,7 +68,8 @@ class Server:
         self.retries = 0
         self.ejections = 0
         self.errors: Counter[str] = Counter()
-        self.responses: Counter[str] = Counter()
+        # Responses by status class: index 1 is 1xx ... 5 is 5xx (one list item bumped per response).
+        self.classes = [0] * 6
         self.latency = Histogram(UPSTREAM_BOUNDS)
         self.check: dict[str, Any] = {"passed": 0, "failed": 0, "last": None}
 
@@ -138,6 +139,10 @@ class Server:
             return "ejected"
         return "up"
 
+    def responses(self) -> dict[str, int]:
+        """Responses by status class ("2xx": n), the classes seen only."""
+        return {f"{i}xx": n for i, n in enumerate(self.classes) if n}
+
     def stats(self, now: float) -> dict[str, Any]:
         pool = self.pool.stats()
         return {
@@ -164,6 +169,6 @@ class Server:
             "retries": self.retries,
             "ejections": self.ejections,
             "errors": dict(self.errors),
-            "responses": dict(self.responses),
+            "responses": self.responses(),
             "latency_s": self.latency.snapshot(),
         }

@@ -19,7 +19,16 @@ from gateway.actions.proxy import (
 )
 from gateway.config import ConfigError, UpstreamServer, parse_upstream, parse_upstreams
 from gateway.upstream.balancer import Balancer
-from gateway.upstream.connection import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamConnection
+from gateway.upstream.connection import (
+    CHUNKED,
+    LENGTH,
+    MAX_HEAD,
+    MAX_HEADERS,
+    NO_BODY,
+    UNTIL_CLOSE,
+    UpstreamConnection,
+    field_pairs,
+)
 
 
 @pytest.mark.parametrize(
@@ -163,10 +172,9 @@ class _Sink:
     def __init__(self) -> None:
         self.events: list[Any] = []
 
-    def on_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, plain: bool
-    ) -> None:
-        self.events.append(("head", status, reason, list(headers), framing))
+    def on_head(self, status: int, reason: bytes, fields: list[bytes], framing: int, plain: bool) -> None:
+        headers = field_pairs(fields)
+        self.events.append(("head", status, reason, headers, framing))
         # `plain` promises no hop-by-hop field: the sink then copies every field as it is.
         assert plain == all(name.lower() not in HOP_BY_HOP for name, _ in headers)
 
@@ -271,6 +279,46 @@ async def test_unasked_bytes_and_head_responses_are_never_reused() -> None:
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
     assert [e[0] for e in sink.events] == ["head", "end"] and sink.events[0][4] == NO_BODY
     assert not conn.usable
+
+
+@pytest.mark.parametrize("fields", [100, 101])
+async def test_response_field_count_is_bounded(fields: int) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(fields - 1))
+    response = head + b"Content-Length: 2\r\n\r\nok"
+    conn = UpstreamConnection()
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    sink = _Sink()
+    conn.begin(sink, head_method=False)
+    conn.data_received(response)
+    if fields <= MAX_HEADERS:
+        assert [e[0] for e in sink.events] == ["head", "body", "end"] and conn.usable
+    else:
+        assert sink.events == [("fail", "protocol")] and not conn.usable
+
+
+@pytest.mark.parametrize("split", [0, 1000, 65000, 65536, 70000])
+async def test_response_head_bytes_are_bounded_whatever_the_reads(split: int) -> None:
+    # A head over the bound fails however it arrives: in one read with its body (its size
+    # then counted at the end of the head), or over several (each read without a body byte
+    # counted as it comes).
+    head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (MAX_HEAD + 10) + b"\r\nContent-Length: 2\r\n\r\n"
+    response = head + b"ok"
+    conn = UpstreamConnection()
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    sink = _Sink()
+    conn.begin(sink, head_method=False)
+    for part in (response[:split], response[split:]):
+        if part and sink.events == []:
+            conn.data_received(part)
+    assert sink.events == [("fail", "protocol")] and not conn.usable
+    # Just under the bound, in one read with its body: answered, and reused.
+    head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (MAX_HEAD - 100) + b"\r\nContent-Length: 2\r\n\r\n"
+    conn = UpstreamConnection()
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    sink = _Sink()
+    conn.begin(sink, head_method=False)
+    conn.data_received(head + b"ok")
+    assert [e[0] for e in sink.events] == ["head", "body", "end"] and conn.usable
 
 
 async def test_a_connection_is_usable_until_in_doubt() -> None:
