@@ -60,6 +60,9 @@ class RedisConnection(asyncio.Protocol):
         self._inflight: deque[tuple[ReplySlot, float]] = deque()
         self._transport: asyncio.Transport | None = None
         self._failure: AccountingError | None = None
+        #: Open and not failed: safe to send on. A field, set where either changes: the pool
+        #: reads it at every checkout and release.
+        self.usable = False
         self._timer: asyncio.TimerHandle | None = None
         self._wbuf: list[bytes] = []
         self.closed = loop.create_future()
@@ -71,6 +74,7 @@ class RedisConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self.usable = self._failure is None
 
     def data_received(self, data: bytes) -> None:
         self.reads += 1
@@ -99,15 +103,11 @@ class RedisConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(AccountingError(errors.CONNECTION_LOST, f"connection to Redis lost: {exc or 'closed by peer'}"))
         self._transport = None
+        self.usable = False
         if not self.closed.done():
             self.closed.set_result(None)
 
     # -- commands ---------------------------------------------------------
-
-    @property
-    def usable(self) -> bool:
-        """Open and not failed: safe to send on."""
-        return self._failure is None and self._transport is not None
 
     @property
     def pending(self) -> int:
@@ -196,6 +196,7 @@ class RedisConnection(asyncio.Protocol):
     def _fail(self, exc: AccountingError) -> None:
         if self._failure is None:
             self._failure = exc
+        self.usable = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
