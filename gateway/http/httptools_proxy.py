@@ -47,8 +47,11 @@ class ProxyConnection(_Connection):
 
     # -- parser callbacks -------------------------------------------------------------
 
+    # The base's per-request hooks are called by name, not through super(): Python 3.11 builds a
+    # super object for each call, which cost more than the call itself.
+
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
+        _Connection.on_headers_complete(self)
         if self.upgrade is not None:
             raise _Reject(501, "protocol upgrades (WebSocket) are not supported by the proxy")
         method = self.parser.get_method()
@@ -77,7 +80,7 @@ class ProxyConnection(_Connection):
         # Else it starts once its request is whole (on_message_complete), a moment from now.
 
     def on_body(self, body: bytes) -> None:
-        super().on_body(body)
+        _Connection.on_body(self, body)
         if not self.exchanges:
             return  # answered and closing already: the rest of the body is not read
         ex = self.exchanges[-1]
@@ -201,7 +204,7 @@ class ProxyConnection(_Connection):
         exchanges = self.exchanges
         if exchanges and (len(exchanges) > 1 or exchanges[-1].buffered > BODY_BUFFER):
             return True
-        return super()._saturated()
+        return _Connection._saturated(self)
 
     def _send_ready(self, data: bytes, close: bool) -> None:
         if self.exchanges:
