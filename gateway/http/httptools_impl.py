@@ -75,7 +75,8 @@ SLICE = 4096
     _REFERER,
     _USER_AGENT,
     _CONNECTION,
-) = range(10)
+    _PROXY_CONNECTION,
+) = range(11)
 _FIELDS = {
     name: kind
     for lower, kind in {
@@ -89,6 +90,9 @@ _FIELDS = {
         b"referer": _REFERER,
         b"user-agent": _USER_AGENT,
         b"connection": _CONNECTION,
+        # Read for nothing but `rare`: llhttp takes its keep-alive for Connection's (see
+        # on_headers_complete).
+        b"proxy-connection": _PROXY_CONNECTION,
     }.items()
     for name in (lower, lower.title(), lower.upper())
 }
@@ -617,13 +621,17 @@ class _Connection(Deferred, asyncio.Protocol):
             self.referer = value
         elif kind == _USER_AGENT:
             self.user_agent = value
-        else:
+        elif kind == _CONNECTION:
             self.connection = value
 
     def on_headers_complete(self) -> None:
         self.phase = BODY
         self.head_bytes = 0
-        if self.parser.get_http_version() != "1.1":
+        # HTTP/1.1 without asking for the version string (a tenth of the cost): of the versions
+        # llhttp accepts (0.9, 1.0, 1.1, 2.0), it keeps a connection alive without a Connection
+        # (or Proxy-Connection) field, which would make the request `rare`, only for 1.1.
+        parser = self.parser
+        if (self.rare or not parser.should_keep_alive()) and parser.get_http_version() != "1.1":
             self._not_http11()
         elif self.hosts != 1:
             raise _Reject(400, "a request needs exactly one Host header")

@@ -347,12 +347,26 @@ async def test_count_header_carries_the_new_value(redis_server: RedisServer, htt
         writer.close()
 
 
+async def test_http10_kept_alive_by_proxy_connection_is_http10(redis_server: RedisServer) -> None:
+    # llhttp keeps an HTTP/1.0 request alive for Proxy-Connection as for Connection: the front end
+    # must not take it for 1.1 (which needs a Host) from that alone.
+    async with running_gateway(_cfg(redis_server, "httptools")) as (_gw, base):
+        reader, writer = await _open(base)
+        writer.write(b"GET / HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n")
+        status, headers, _ = await _read_response(reader)
+        assert status == 302 and headers["connection"] == "keep-alive"
+        writer.close()
+
+
 @pytest.mark.parametrize(
     ("payload", "status"),
     [
         (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        # Kept alive by llhttp's reading of these fields, as only 1.1 is otherwise: still refused.
+        (b"GET / HTTP/2.0\r\nHost: x\r\nProxy-Connection: keep-alive\r\n\r\n", 505),
+        (b"GET / HTTP/0.9\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", 400),
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n", 431),
         (
@@ -362,7 +376,18 @@ async def test_count_header_carries_the_new_value(redis_server: RedisServer, htt
         (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: tea\r\nContent-Length: 1\r\n\r\nx", 417),
         (b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n", 405),
     ],
-    ids=["no-host", "two-hosts", "http2", "long-target", "many-fields", "big-head", "expect-other", "connect"],
+    ids=[
+        "no-host",
+        "two-hosts",
+        "http2",
+        "http2-keep-alive",
+        "http09-keep-alive",
+        "long-target",
+        "many-fields",
+        "big-head",
+        "expect-other",
+        "connect",
+    ],
 )
 async def test_own_front_end_limits(redis_server: RedisServer, payload: bytes, status: int) -> None:
     # Stricter than aiohttp's front end on purpose (the limits HAProxy applies); aiohttp's own
