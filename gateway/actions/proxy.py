@@ -249,14 +249,17 @@ def plain_head(
         else:
             out += (name, b": ", value, b"\r\n")
     out[4] = host if host is not None else server_name.encode()
-    out.append(_forwarded_fields(peer, host))
+    if host is None or len(host) <= 255:
+        out.append(_forwarded_fields(peer, host))
+    else:  # not kept: a Host may be 8 KiB, and the cache holds it twice
+        out.append(_forwarded_fields.__wrapped__(peer, host))
     return b"".join(out)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _forwarded_fields(peer: str | None, host: bytes | None) -> bytes:
     """The X-Forwarded-* fields, and the end of the head, of a plain request: the same for
-    every request of a client to a host, so built once for each."""
+    every request of a client to a host, so built once for each (for hosts of a usual length)."""
     forwarded = (peer or "unknown").encode("latin-1")
     if host:
         return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n\r\n" % (forwarded, host)

@@ -311,8 +311,11 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
             raise ValueError(f"status {status} outside 100..599")  # RFC 9110 15: invalid
         fields = self.fields
         # The head is at most what came since the last body byte, this read included (`unframed`
-        # bounds the earlier reads): its size needs counting only when that is over the bound.
-        if self.unframed + self.reading > MAX_HEAD and len(self.reason) + sum(map(len, fields)) > MAX_HEAD:
+        # bounds the earlier reads): its size needs counting only when that could be over the
+        # bound. The count takes 4 bytes per field, the wire at least 3: one more per field.
+        if self.unframed + self.reading + len(fields) // 4 > MAX_HEAD and (
+            len(self.reason) + sum(map(len, fields)) > MAX_HEAD
+        ):
             raise ValueError("response head too large")
         if status < 200:
             if status == 101:

@@ -321,6 +321,25 @@ async def test_response_head_bytes_are_bounded_whatever_the_reads(split: int) ->
     assert [e[0] for e in sink.events] == ["head", "body", "end"] and conn.usable
 
 
+async def test_response_head_bound_counts_fields_as_the_rules_do() -> None:
+    # Fields sent without the space after the colon take a byte less on the wire than the head's
+    # count gives them: a head over the bound by that count is refused even when its bytes, with
+    # the body in the same read, are within it.
+    names = [b"X-%02d" % i for i in range(99)] + [b"Content-Length"]
+    values = [b"v"] * 99 + [b"2"]
+    counted = len(b"OK") + sum(len(n) + len(v) + 4 for n, v in zip(names, values, strict=True))
+    values[0] = b"v" * (MAX_HEAD + 4 - counted + 1)  # counted now MAX_HEAD + 4
+    response = b"HTTP/1.1 200 OK\r\n" + b"".join(n + b":" + v + b"\r\n" for n, v in zip(names, values, strict=True))
+    response += b"\r\nok"
+    assert len(response) <= MAX_HEAD
+    conn = UpstreamConnection()
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    sink = _Sink()
+    conn.begin(sink, head_method=False)
+    conn.data_received(response)
+    assert sink.events == [("fail", "protocol")] and not conn.usable
+
+
 async def test_a_connection_is_usable_until_in_doubt() -> None:
     # Idle time, lifetime and use limits are the pool's (gateway.lifecycle, tested there and in
     # tests/integration/test_proxy.py); the connection itself says whether it is clean.
