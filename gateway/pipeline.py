@@ -240,8 +240,7 @@ class Pipeline:
         if forwarded_for is None and peer is not None:
             key = self._peer_key(peer)  # the common case, one cached lookup
         else:
-            ip = self.resolver.resolve(peer, forwarded_for)
-            key = None if ip is None else self._prefix + ip
+            key = self._resolved_key(peer, forwarded_for)
         if key is None:
             # Not even the peer parses (a Unix socket, say): nothing to count under.
             self.no_client_ip += 1
@@ -352,6 +351,11 @@ class Pipeline:
         assert limiter is not None
         return limiter.read(await self.backend.run_script(limiter.script, limiter.keys(key), limiter.args))
 
+    def _resolved_key(self, peer: str | None, forwarded_for: Sequence[str] | None) -> str | None:
+        """The client's Redis key by the trusted-proxy rule (`_peer_key` is the usual case, cached)."""
+        ip = self.resolver.resolve(peer, forwarded_for)
+        return None if ip is None else self._prefix + ip
+
     # -- the request path with the proxy as its action (--upstream) -------------
 
     def forward(
@@ -368,8 +372,7 @@ class Pipeline:
         if forwarded_for is None and peer is not None:
             key = self._peer_key(peer)  # as in handle
         else:
-            ip = self.resolver.resolve(peer, forwarded_for)
-            key = None if ip is None else self._prefix + ip
+            key = self._resolved_key(peer, forwarded_for)
         if key is None:
             self.no_client_ip += 1
         elif not self._uses_redis:

@@ -48,7 +48,7 @@ from ..stepper import Stepper
 from ..upstream.balancer import Balancer
 from ..upstream.connection import LENGTH, NO_BODY, UpstreamConnection, field_pairs, transfer_codings
 from ..upstream.health import HealthChecker
-from ..upstream.server import Server
+from ..upstream.server import Server, by_class
 
 if TYPE_CHECKING:
     from ..client_ip import ClientIPResolver
@@ -1086,7 +1086,7 @@ class Proxy:
             "requests": self.requests,
             "retries": self.retries,
             "errors": dict(self.errors),
-            "responses": dict(sum((Counter(server.responses()) for server in self.servers), Counter())),
+            "responses": by_class([sum(n) for n in zip(*(server.classes for server in self.servers), strict=True)]),
             "servers": {server.name: server.stats(now) for server in self.servers},
         }
 

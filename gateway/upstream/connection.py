@@ -99,10 +99,10 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         self.last_activity = self.loop.time()
         self.requests = 0
         self.pending = 0
-        self.doubt = False  # never reuse
+        self.doubt = False  # never reuse (set too when the connection closes)
         self.closed = False
-        # What the pool asks: not doubt, closed or pending. Kept as a field, set wherever one of
-        # them changes, since the pool reads it at every checkout and release. Idle time,
+        # What the pool asks: not doubt nor pending. Kept as a field, set wherever one of them
+        # changes, since the pool reads it at every checkout and release. Idle time,
         # lifetime and the number of requests are the pool's (its Lifecycle): an upstream
         # connection is retired by the same rules as a Redis one.
         self.usable = True
@@ -195,18 +195,13 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         sink = self.sink
         self.sink = None
         self.pending = 0
-        self.usable = not (self.doubt or self.closed)
+        self.usable = not self.doubt
         if sink is not None:
             sink.on_end()
 
     def _fail(self, kind: str, detail: str) -> None:
         sink = self.sink
-        self.doubt = True
-        self.usable = False
-        self.sink = None
-        self.out = None
-        if self.transport is not None:
-            self.transport.abort()
+        self.abort()
         if sink is not None:
             sink.on_fail(kind, detail)
 
@@ -359,6 +354,6 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         sink = self.sink
         self.sink = None
         self.pending = 0
-        self.usable = not (self.doubt or self.closed)
+        self.usable = not self.doubt
         if sink is not None:
             sink.on_end()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from .. import errors
@@ -37,6 +38,12 @@ def _close_orphan(task: asyncio.Task[tuple[asyncio.BaseTransport, UpstreamConnec
     """A connect nobody waits for any more: close what it made, if it made anything."""
     if not task.cancelled() and task.exception() is None:
         task.result()[0].close()
+
+
+def by_class(classes: Sequence[int]) -> dict[str, int]:
+    """Responses by status class ("2xx": n) from counts indexed by status // 100; the classes
+    seen only."""
+    return {f"{i}xx": n for i, n in enumerate(classes) if n}
 
 
 class Server:
@@ -140,8 +147,7 @@ class Server:
         return "up"
 
     def responses(self) -> dict[str, int]:
-        """Responses by status class ("2xx": n), the classes seen only."""
-        return {f"{i}xx": n for i, n in enumerate(self.classes) if n}
+        return by_class(self.classes)
 
     def stats(self, now: float) -> dict[str, Any]:
         pool = self.pool.stats()
