@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 FORCE:
 
-.PHONY: FORCE run test lint system-deps venv redis haproxy bench bench-quick bench-scaling bench-limits redis-cost instructions chaos clean
+.PHONY: FORCE run test lint system-deps venv native redis haproxy bench bench-quick bench-scaling bench-limits redis-cost instructions chaos clean
 
 # Rebuilt when pyproject.toml changes or when PYTHON names another interpreter than the venv's.
 $(VENV)/.installed: pyproject.toml $(if $(filter-out $(shell $(PYTHON) -c 'import os, sys; print(os.path.realpath(sys.executable))' 2>/dev/null),$(shell [ -x $(PY) ] && $(PY) -c 'import os, sys; print(os.path.realpath(sys._base_executable))' 2>/dev/null)),FORCE)
@@ -28,6 +28,19 @@ $(VENV)/.installed: pyproject.toml $(if $(filter-out $(shell $(PYTHON) -c 'impor
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The request path compiled with mypyc (gateway/native.py), in place; rebuilt whenever a source
+# of the package changes (until then the package runs interpreted: a build that does not match its
+# sources is never used). Without a C compiler and Python's headers the build fails with a
+# warning and the gateway runs interpreted: the same code, slower (docs/benchmarks-method.md).
+NATIVE_SOURCES := $(shell find gateway -name '*.py' 2>/dev/null)
+gateway/_native.json: $(VENV)/.installed $(NATIVE_SOURCES)
+	@command -v gcc >/dev/null && [ -e "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || \
+	  [ "$(PYTHON)" != /usr/bin/python3 ] || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq gcc python3-dev; } || true
+	-$(PY) -m gateway.compile
+
+native: gateway/_native.json
 
 # Debian packages the gateway, the reference and the tests use; installed only if missing.
 system-deps:
@@ -58,7 +71,7 @@ redis: venv
 	  echo "redis: started on $$host:$$port (log in $(RUN_DIR)/redis.log)"; \
 	fi
 
-run: redis
+run: redis native
 	REDIS_URL='$(REDIS_URL)' $(VENV)/bin/gateway
 
 # The HAProxy+Lua reference in the foreground, against the same local Redis (ports in haproxy/run.sh).
@@ -66,41 +79,41 @@ haproxy: redis system-deps
 	read host port < <($(PY) -c 'import sys; from gateway.config import parse_redis_url as p; t = p(sys.argv[1]); print(t.host, t.port)' '$(REDIS_URL)'); \
 	REF_REDIS_HOST="$$host" REF_REDIS_PORT="$$port" haproxy/run.sh
 
-test: system-deps venv lint
+test: system-deps venv lint native
 	$(PY) -m pytest -q
 
 # The full benchmark (about 24 minutes on 2 cores): every gateway mode and every HAProxy+Lua mode, redirecting
 # and proxying (the proxy targets forward to haproxy/upstream.cfg), 5 rounds.
-bench: system-deps venv
+bench: system-deps venv native
 	$(PY) -m loadtest --rounds 5 --out results/bench --report docs/benchmarks.md $(BENCH_ARGS)
 
 # A smoke run of a few seconds per target: checks the whole pipeline, not for quoting.
-bench-quick: system-deps venv
+bench-quick: system-deps venv native
 	$(PY) -m loadtest --duration 1 --warmup 1 --rounds 1 --out results/quick $(BENCH_ARGS)
 
 # One and two workers per mode, with HAProxy's calibration as the injector's ceiling (docs/scaling.md).
-bench-scaling: system-deps venv
+bench-scaling: system-deps venv native
 	$(PY) -m loadtest --targets gateway/off,gateway/off-w2,gateway/raw,gateway/raw-w2,gateway/batched,gateway/batched-w2,haproxy/calibration --rounds 3 --duration 10 --out results/scaling $(BENCH_ARGS)
 
 # Each Redis mode with --limit beside the same mode without, and HAProxy's stick-table limit
 # beside its raw listener (docs/limits.md). BENCH_ARGS='--duration 1 --warmup 1 --rounds 1' for a smoke run.
 LIMIT_TARGETS := gateway/naive,gateway/naive-limit,gateway/pooled,gateway/pooled-limit,gateway/raw,gateway/raw-limit,gateway/multiplexed,gateway/multiplexed-limit,gateway/batched,gateway/batched-limit,haproxy/raw,haproxy/raw-limited
-bench-limits: system-deps venv
+bench-limits: system-deps venv native
 	$(PY) -m loadtest --targets $(LIMIT_TARGETS) --rounds 3 --out results/limits $(BENCH_ARGS)
 
 # Redis CPU per request in each mode, and redis-benchmark's INCR ceiling (the 16-core estimate).
-redis-cost: system-deps venv
+redis-cost: system-deps venv native
 	$(PY) -m loadtest.rediscost
 
 # User-space instructions per request of each gateway mode under valgrind's callgrind (about a
 # minute per mode): the cost without this machine's run-to-run noise (python -m loadtest.instructions).
-instructions: system-deps venv
+instructions: system-deps venv native
 	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq valgrind; }
 	$(PY) -m loadtest.instructions $(INSTRUCTIONS_ARGS)
 
 # Fault scenarios (Redis paused, killed, restarted, erroring; slowloris; SIGTERM) as a table (about 2 minutes).
-chaos: system-deps venv
+chaos: system-deps venv native
 	$(PY) -m loadtest.chaos --out results/chaos.md
 
 lint: venv
@@ -109,4 +122,5 @@ lint: venv
 	$(VENV)/bin/mypy   # gateway/ and loadtest/, configured in pyproject.toml
 
 clean:
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache *.egg-info build/native gateway/_native.json
+	find gateway -name '*.so' -delete

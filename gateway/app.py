@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import native
 from .actions.proxy import Proxy
 from .backends import backend_class
 from .backends.base import Backend
@@ -70,6 +71,7 @@ class Gateway:
         return {
             "mode": self.config.mode,
             "http": self.config.http,
+            "build": native.state,  # "compiled", or "interpreted (why)" (gateway.native)
             "redis": self.config.redis_description if self.backend.uses_redis else None,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "requests": self.pipeline.request_stats(),

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, get_args
 
+from . import native
 from .config import (
     BALANCES,
     HTTP_FRONT_ENDS,
@@ -560,11 +561,12 @@ async def serve(config: Config) -> int:
         return 1
     listening = ", ".join(f"{h}:{p}" for h, p in running.addresses)
     log.info(
-        "gateway mode=%s http=%s listening on %s; redis %s",
+        "gateway mode=%s http=%s listening on %s; redis %s; request path %s",
         config.mode,
         config.http,
         listening,
         config.redis_description,
+        native.state,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

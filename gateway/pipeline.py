@@ -21,8 +21,8 @@ the connection, decides the answer and tells the front end), else a coroutine. A
 the response's bytes until the flush holding the increment settles
 (`_held_settled` then counts those requests).
 
-With `--limit`, `handle` is `handle_limited`, chosen once at start: the
-unlimited path does not even test for a limit. The limit step is one script
+With `--limit`, `handle` hands every request to `handle_limited` (one test of
+an attribute on the unlimited path). The limit step is one script
 per request (the increment, the window and the decision in one round trip,
 `gateway.limit`), or in batched mode a local decision from the state the last
 flush returned (`Backend.decide_local`). An allowed request goes on to the
@@ -210,6 +210,9 @@ class Pipeline:
         self.task_free = backend.task_free
         self._incr_then = backend.incr_then if backend.replies_on_callbacks else None
         self.requests = 0
+        # Requests whose increment waited on callbacks (a Pending), and on a coroutine (`_account`).
+        self.via_callbacks = 0
+        self.via_coroutine = 0
         self.counted = 0
         self.no_client_ip = 0
         self.uncounted = 0
@@ -229,13 +232,14 @@ class Pipeline:
             self._decides_locally = backend.decides_locally
             if self._decides_locally:
                 backend.start_limiting(self.limiter)
-            self.handle = self.handle_limited  # type: ignore[method-assign]
 
     # -- the request path -----------------------------------------------------
 
     def handle(
         self, path: str, peer: str | None, forwarded_for: Sequence[str] | None, holder: Holder | None
     ) -> Response | Pending | Coroutine[Any, Any, Response]:
+        if self.limiter is not None:
+            return self.handle_limited(path, peer, forwarded_for, holder)
         self.requests += 1
         if forwarded_for is None and peer is not None:
             key = self._peer_key(peer)  # the common case, one cached lookup
@@ -264,7 +268,9 @@ class Pipeline:
             if incr_then is not None:
                 pending = Pending(self, path)
                 if incr_then(key, pending):
+                    self.via_callbacks += 1
                     return pending
+            self.via_coroutine += 1
             return self._account(key, path)
         # self.action(path), inlined: this line runs for every request answered at once.
         return self.target_ok if path == self._target else self.redirect

@@ -643,6 +643,10 @@ class Proxy:
         self._body_timeout = config.upstream_body_timeout_s
         self.requests = 0
         self.retries = 0
+        # Exchanges (attempts: a replay counts again) forwarded on callbacks (`_send`) and by the
+        # general path's coroutine (`_run_slow`).
+        self.on_callbacks = 0
+        self.by_coroutine = 0
         self.errors: Counter[str] = Counter()
         # Fast exchanges waiting for their response head, oldest first, with their deadlines.
         self._awaiting: dict[Exchange, float] = {}
@@ -717,6 +721,7 @@ class Proxy:
     # -- the fast path: callbacks only ------------------------------------------------------
 
     def _send(self, server: Server, conn: UpstreamConnection, ex: Exchange) -> None:
+        self.on_callbacks += 1
         server.inflight += 1
         server.requests += 1
         ex.server = server
@@ -824,6 +829,8 @@ class Proxy:
     # -- the general path: a coroutine --------------------------------------------------------
 
     def _run_slow(self, ex: Exchange, server: Server | None, fresh: bool) -> None:
+        self.by_coroutine += 1
+
         def ended(exc: BaseException | None) -> None:
             ex.runner = None
             if isinstance(exc, asyncio.CancelledError):
@@ -1085,6 +1092,7 @@ class Proxy:
             "balance": self.config.balance,
             "requests": self.requests,
             "retries": self.retries,
+            "forwarded": {"on_callbacks": self.on_callbacks, "by_coroutine": self.by_coroutine},
             "errors": dict(self.errors),
             "responses": by_class([sum(n) for n in zip(*(server.classes for server in self.servers), strict=True)]),
             "servers": {server.name: server.stats(now) for server in self.servers},

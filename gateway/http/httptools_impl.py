@@ -137,6 +137,19 @@ class _Stop(Exception):
     """Raised from a parser callback: ignore the rest of the input (the connection is closing)."""
 
 
+def closing(data: bytes) -> bytes:
+    """A response this gateway wrote (head first, at most one Connection field, its own), made
+    to end its connection: its Connection field says close (RFC 9112 9.6)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data  # not a whole head: nothing to rewrite
+    head = data[: end + 2]
+    if b"\r\nConnection: close\r\n" in head:
+        return data
+    head = head.replace(b"\r\nConnection: keep-alive\r\n", b"\r\n")
+    return head + b"Connection: close\r\n" + data[end + 2 :]
+
+
 class _Slot:
     """A response waiting its turn: requests on one connection are answered in order.
 
@@ -263,7 +276,7 @@ class HttpToolsFrontEnd(FrontEnd):
     def addresses(self) -> list[tuple[str, int]]:
         out = []
         for server in self.servers:
-            for sock in server.sockets:
+            for sock in cast(Any, server).sockets:  # a list under uvloop, a tuple in the stubs
                 name = sock.getsockname()
                 if isinstance(name, tuple):
                     out.append((name[0], name[1]))
@@ -931,10 +944,23 @@ class _Connection(Deferred, asyncio.Protocol):
         self._reject(408, bad=False)
 
     def drain(self) -> None:
-        """Shutdown: close now if nothing is owed; else the request being read is still
-        answered (with Connection: close) and the connection closes after its last answer."""
-        if self.phase == IDLE and not self.waiting and self.commit is None and self.transport is not None:
+        """Shutdown: close now if nothing is owed; else the connection closes after its last
+        answer, which says so (Connection: close): the request being read is answered so as it
+        completes (`draining`), and an answer already made is rewritten, waiting or held."""
+        if self.phase != IDLE or self.transport is None:
+            return
+        if not self.waiting and self.commit is None:
             self._close()
+            return
+        queue = self.queue
+        if queue:
+            last = queue[-1]
+            last.close = True  # encoded so once it settles (_settled)
+            if last.data is not None:
+                last.data = closing(last.data)
+        elif self.held:
+            self.held[-1] = closing(self.held[-1])
+            self.close_when_released = True
 
     def _close(self) -> None:
         """Close once what is written (pending in the outbox too) went out."""

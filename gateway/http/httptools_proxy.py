@@ -23,7 +23,7 @@ from collections import deque
 from ..actions.proxy import BODY_BUFFER, Exchange
 from ..pipeline import Response
 from ..stepper import Stepper
-from .httptools_impl import IDLE, HttpToolsFrontEnd, _Connection, _Reject
+from .httptools_impl import IDLE, HttpToolsFrontEnd, _Connection, _Reject, closing
 
 log = logging.getLogger("gateway")
 
@@ -190,8 +190,9 @@ class ProxyConnection(_Connection):
 
     # -- what the exchange calls (gateway.actions.proxy.ClientSide) ------------------------
 
-    # At the end of the loop iteration (gateway.outbox); a transport closed meanwhile gets nothing.
-    write = _Connection.queue_write
+    def write(self, data: bytes) -> None:
+        """At the end of the loop iteration (gateway.outbox); a transport closed meanwhile gets nothing."""
+        self.queue_write(data)
 
     def body_drained(self) -> None:
         """The exchange passed its buffered body on: read the client again if that paused it."""
@@ -267,6 +268,18 @@ class ProxyConnection(_Connection):
             return True
         self._close_if_done()
         return True
+
+    def drain(self) -> None:
+        """Shutdown: as the plain front end's, for the exchanges: the last one owed ends the
+        connection and says so, in its head if that is not on the wire yet."""
+        exchanges = self.exchanges
+        if self.phase != IDLE or not exchanges or self.transport is None:
+            _Connection.drain(self)
+            return
+        ex = exchanges[-1]
+        ex.close_after = True  # a head still to come says close; the connection closes after it
+        if ex.started and ex.commit is not None and ex.held and ex.sent == ex.held_bytes:
+            ex.held[0] = closing(ex.held[0])  # the head is held still (batched flush), first
 
     def _close_if_done(self) -> None:
         transport = self.transport

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -9,6 +10,8 @@ import sys
 import time
 
 import pytest
+
+from gateway import native
 
 from ..helpers import RedisServer, free_port, http_get
 
@@ -58,12 +61,16 @@ def test_port_in_use_is_one_line_and_exit_1() -> None:
     assert "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_process_serves_reports_and_exits_0_on_sigterm(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("build", ["as built", "interpreted"])
+def test_process_serves_reports_and_exits_0_on_sigterm(redis_server: RedisServer, build: str) -> None:
     port, admin = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_PURE"}
+    if build == "interpreted":
+        env["GATEWAY_PURE"] = "1"  # the request path from its sources, whatever is compiled (gateway.native)
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
          "--redis-url", redis_server.url, "--mode", "raw"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 15
@@ -80,6 +87,7 @@ def test_process_serves_reports_and_exits_0_on_sigterm(redis_server: RedisServer
         status, body = http_get(f"http://127.0.0.1:{admin}/stats")
         stats = json.loads(body)
         assert stats["mode"] == "raw" and stats["requests"]["counted"] == 1
+        assert stats["build"] == (native.state if build == "as built" else "interpreted (GATEWAY_PURE is set)")
         for field in ("size", "idle", "in_use", "waiting", "created", "errors", "wait_timeouts"):
             assert field in stats["pool"]
         assert http_get(f"http://127.0.0.1:{admin}/healthz")[0] == 200

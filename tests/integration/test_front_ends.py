@@ -311,8 +311,12 @@ async def test_drain_answers_requests_in_flight_and_closes_idle(redis_server: Re
         writer.write(GET)
         await eventually(lambda: gw.pipeline.requests == 2)
         stopping = asyncio.ensure_future(gw_stop(gw))
-        status, _, _ = await _read_response(reader)
+        status, headers, _ = await _read_response(reader)
         assert status == 302
+        if http == "httptools":
+            # Made before the drain began, the answer still tells the client the connection ends
+            # with it (aiohttp's front end closes without saying so).
+            assert headers.get("connection") == "close"
         assert await _closed(idle_reader) and await _closed(reader)
         await stopping
         writer.close()

@@ -114,6 +114,26 @@ async def test_shutdown_delivers_held_responses(redis_server: RedisServer, http:
     assert _count(redis_server) == 1
 
 
+async def test_shutdown_tells_the_client_its_held_answer_is_the_last(redis_server: RedisServer) -> None:
+    # Encoded (keep-alive) and held before the drain began: released after it, the response
+    # says Connection: close, as the connection ends with it; one held behind another, pipelined,
+    # leaves the first as it was.
+    redis_server.client().delete("ip:127.0.0.1")
+    async with running_gateway(_config(redis_server, "httptools")) as (gw, base):
+        reader, writer = await _open(base)
+        _pause(redis_server, 500)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        await eventually(lambda: gw.pipeline.requests == 2)
+        stopping = asyncio.ensure_future(gw.server.stop())
+        data = await asyncio.wait_for(reader.read(), 10)  # both answers, then the close
+        await stopping
+        writer.close()
+    first, second = data.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"302 ") and b"\r\nConnection:" not in first
+    assert second.startswith(b"302 ") and b"\r\nConnection: close\r\n" in second
+    assert _count(redis_server) == 2
+
+
 async def test_redis_down_releases_responses_as_deferred(http: str) -> None:
     server = RedisServer().start()
     try:

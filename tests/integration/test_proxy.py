@@ -1262,3 +1262,40 @@ async def test_health_check_timeout_is_its_own_option() -> None:
 def test_health_check_timeout_must_be_positive(value: float) -> None:
     with pytest.raises(ConfigError, match="health-check-timeout-s"):
         proxy_config(["http://127.0.0.1:1"], health_check_path="/h", health_check_timeout_s=value)
+
+
+async def _drained_answer(gw: object, base: str, target: bytes, headed: bool) -> bytes:
+    """Send one request, start the drain while its exchange is in flight (once the upstream's
+    head came, if `headed`), read until the close."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: gw.stats()["upstream"]["requests"] == 1)  # type: ignore[attr-defined]
+    if headed:
+        await eventually(lambda: gw.stats()["upstream"]["responses"].get("2xx") == 1)  # type: ignore[attr-defined]
+    stopping = asyncio.ensure_future(gw.server.stop())  # type: ignore[attr-defined]
+    data = await asyncio.wait_for(reader.read(), 10)
+    await stopping
+    writer.close()
+    return data
+
+
+async def test_drain_tells_the_client_the_answer_in_flight_is_the_last(upstream: Upstream) -> None:
+    # The upstream answers after the drain began: the head the client gets says the connection ends.
+    async with proxy(proxy_config([upstream.url])) as (gw, base):
+        data = await _drained_answer(gw, base, b"/slow?s=0.3", headed=False)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"slow\n")
+    assert b"\r\nConnection: close\r\n" in data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+async def test_drain_rewrites_a_held_head_to_close(upstream: Upstream, redis_server: RedisServer) -> None:
+    # Batched: the whole response is held (its head made keep-alive) until the flush settles,
+    # which Redis delays past the start of the drain; the head leaves saying Connection: close.
+    redis_server.client().delete("ip:127.0.0.1")
+    cfg = proxy_config([upstream.url], redis_server.url, "batched", command_timeout_ms=5000)
+    async with proxy(cfg) as (gw, base):
+        redis_server.client().execute_command("CLIENT", "PAUSE", 500, "WRITE")
+        data = await _drained_answer(gw, base, b"/echo", headed=True)
+    head = data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    assert data.startswith(b"HTTP/1.1 200 ") and head.count(b"\r\nConnection: close\r\n") == 1
+    assert int(redis_server.client().get("ip:127.0.0.1") or 0) == 1

@@ -35,23 +35,27 @@ async def upstream() -> AsyncIterator[Upstream]:
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-def _spy(gw: Any) -> Counter[str]:
-    """Count the exchanges forwarded on the fast path (`Proxy._send`) and on the general one."""
-    seen: Counter[str] = Counter()
-    p = gw.proxy
-    send, slow = p._send, p._run_slow
+class _Paths:
+    """The exchanges forwarded on the fast path (`Proxy._send`) and on the general one
+    (`Proxy._run_slow`) since it was made: `paths["fast"]`, `paths["slow"]`."""
 
-    def _send(server: Any, conn: Any, ex: Any) -> None:
-        seen["fast"] += 1
-        send(server, conn, ex)
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+        self.base = {"fast": proxy.on_callbacks, "slow": proxy.by_coroutine}
 
-    def _run_slow(ex: Any, server: Any, fresh: bool) -> None:
-        seen["slow"] += 1
-        slow(ex, server, fresh)
+    def __getitem__(self, path: str) -> int:
+        now = {"fast": self.proxy.on_callbacks, "slow": self.proxy.by_coroutine}[path]
+        return int(now - self.base[path])
 
-    p._send = _send
-    p._run_slow = _run_slow
-    return seen
+    def __eq__(self, other: object) -> bool:
+        return Counter({path: n for path in ("fast", "slow") if (n := self[path])}) == other
+
+    def __repr__(self) -> str:
+        return f"paths(fast={self['fast']}, slow={self['slow']})"
+
+
+def _spy(gw: Any) -> _Paths:
+    return _Paths(gw.proxy)
 
 
 def _server(gw: Any, port: int) -> dict[str, Any]:

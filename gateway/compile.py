@@ -1,0 +1,7 @@
+"""`python -m gateway.compile [build|clean|state]`: compile the request path with mypyc (gateway.native)."""
+
+import sys
+
+from .native import main
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,90 @@
+"""The compiled request path (gateway.native): used only while it matches its sources, never mixed
+with interpreted modules, and GATEWAY_PURE=1 runs everything interpreted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import native
+
+PROBE = (
+    "import json, gateway.native as n, gateway.actions.proxy, gateway.pipeline, gateway.outbox\n"
+    "print(json.dumps({'state': n.state, 'files': [m.__file__ for m in "
+    "(gateway.actions.proxy, gateway.pipeline, gateway.outbox)]}))"
+)
+built = pytest.mark.skipif(
+    not native.MANIFEST.exists(), reason="not compiled here (make native needs gcc and Python's headers)"
+)
+
+
+def _probe(root: Path, **env: str) -> dict[str, object]:
+    """Import the package found at `root` in a fresh interpreter: its build state and which files ran."""
+    environ = {k: v for k, v in os.environ.items() if k != "GATEWAY_PURE"}
+    environ["PYTHONPATH"] = str(root)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=root, env={**environ, **env}, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _copy(tmp_path: Path) -> Path:
+    """The package, build included, in a directory of its own (to change a source safely)."""
+    shutil.copytree(native.PACKAGE, tmp_path / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+@built
+def test_a_build_that_matches_its_sources_is_used() -> None:
+    seen = _probe(native.PACKAGE.parent)
+    assert seen["state"] == "compiled"
+    assert all(not f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
+@built
+def test_gateway_pure_runs_every_module_from_source() -> None:
+    seen = _probe(native.PACKAGE.parent, GATEWAY_PURE="1")
+    assert seen["state"] == "interpreted (GATEWAY_PURE is set)"
+    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
+@built
+def test_any_changed_source_sends_every_compiled_module_back_to_source(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    assert _probe(root)["state"] == "compiled"  # the copy is the same build
+    # A module that is not compiled itself: the compiled ones were built against it.
+    with (root / "gateway" / "errors.py").open("a") as f:
+        f.write("\n# changed\n")
+    seen = _probe(root)
+    assert seen["state"] == "interpreted (the sources changed since the build: make native)"
+    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
+@built
+def test_a_build_without_its_record_is_not_used(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    (root / "gateway" / "_native.json").unlink()
+    seen = _probe(root)
+    assert seen["state"] == "interpreted (no build record: make native)"
+    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
+def test_without_a_build_everything_is_interpreted(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    for path in (root / "gateway").rglob("*.so"):
+        path.unlink()
+    seen = _probe(root)
+    assert seen["state"] == "interpreted (not built: make native)"
+    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
+def test_every_compiled_module_has_a_source() -> None:
+    for module in native.MODULES:
+        assert (native.PACKAGE.parent / (module.replace(".", "/") + ".py")).is_file(), module
