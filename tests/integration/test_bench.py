@@ -61,7 +61,7 @@ def test_bench_proxy_targets_run(tmp_path: Path) -> None:
     names = {t.name for t in bench.all_targets() if t.proxy}
     assert names == {f"gateway/{m}" for m in bench.PROXY_GATEWAY_MODES} | {
         f"haproxy/{m}" for m in bench.PROXY_HAPROXY_MODES
-    }
+    } | {"gateway/proxy-batched-interpreted"}
     out = tmp_path / "proxy"
     targets = "gateway/proxy-off,gateway/proxy-batched,haproxy/proxy-pooled"
     proc = subprocess.run(
