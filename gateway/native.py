@@ -27,12 +27,22 @@ from types import ModuleType
 
 PACKAGE = Path(__file__).resolve().parent
 MANIFEST = PACKAGE / "_native.json"
-#: The compiled modules: the request path of the own front end, the proxy and batched accounting.
+#: The compiled modules: the own front end, the request path, the proxy and its upstream side,
+#: the RESP codec and connection, the multiplexer, and the own-codec backends. (Not `pool.py`:
+#: mypyc compiles no async generator, and it has one, `Pool.connection`.)
 MODULES = (
     "gateway.outbox",
     "gateway.pipeline",
+    "gateway.stepper",
+    "gateway.histogram",
+    "gateway.resp",
+    "gateway.connection",
+    "gateway.multiplexer",
+    "gateway.backends.raw",
+    "gateway.backends.multiplexed",
     "gateway.backends.batched",
     "gateway.upstream.connection",
+    "gateway.upstream.server",
     "gateway.actions.proxy",
     "gateway.http.httptools_impl",
     "gateway.http.httptools_proxy",
