@@ -70,19 +70,51 @@ def test_any_changed_source_sends_every_compiled_module_back_to_source(tmp_path:
 @built
 def test_a_build_without_its_record_is_not_used(tmp_path: Path) -> None:
     root = _copy(tmp_path)
-    (root / "gateway" / "_native.json").unlink()
+    (root / "gateway" / "_native" / "build.json").unlink()
     seen = _probe(root)
     assert seen["state"] == "interpreted (no build record: make native)"
     assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
 
 
-def test_without_a_build_everything_is_interpreted(tmp_path: Path) -> None:
+@built
+def test_a_record_that_is_not_one_is_not_used(tmp_path: Path) -> None:
     root = _copy(tmp_path)
-    for path in (root / "gateway").rglob("*.so"):
-        path.unlink()
+    (root / "gateway" / "_native" / "build.json").write_text("[]")
+    seen = _probe(root)
+    assert seen["state"] == "interpreted (the build is of other modules: make native)"
+    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
+@built
+def test_a_partial_build_is_not_used_at_all(tmp_path: Path) -> None:
+    # One compiled module missing: none of the others is imported compiled either (they call
+    # each other directly, so a mix would run two versions of the code side by side).
+    root = _copy(tmp_path)
+    next((root / "gateway" / "_native").rglob("resp.*")).unlink()
     seen = _probe(root)
     assert seen["state"] == "interpreted (not built: make native)"
     assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
+@built
+def test_editor_droppings_change_nothing(tmp_path: Path) -> None:
+    # An editor's lock file (a dangling symlink named like a source) is not a source.
+    root = _copy(tmp_path)
+    (root / "gateway" / ".#pipeline.py").symlink_to("user@host.1234")
+    assert _probe(root)["state"] == "compiled"
+
+
+def test_without_a_build_everything_is_interpreted(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    shutil.rmtree(root / "gateway" / "_native", ignore_errors=True)
+    seen = _probe(root)
+    assert seen["state"] == "interpreted (not built: make native)"
+    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not os.environ.get("GATEWAY_NATIVE_REQUIRED"), reason="only where the build is required (CI)")
+def test_the_suite_runs_the_compiled_build() -> None:
+    assert native.state == "compiled"
 
 
 def test_every_compiled_module_has_a_source() -> None:
