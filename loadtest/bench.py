@@ -539,12 +539,13 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
         # then the median: drift on a shared machine cancels out far better than with
         # a ratio of medians.
         own_cal = "gateway/off" if name.startswith("gateway/") else "haproxy/calibration"
-        if "/proxy-" in name:
+        if name.endswith("-interpreted"):
+            # Each build against its own calibration; the proxy's interpreted one has none.
+            own_cal = "" if "/proxy-" in name else "gateway/off-interpreted"
+        elif "/proxy-" in name:
             own_cal = "gateway/proxy-off" if name.startswith("gateway/") else "haproxy/proxy-calibration"
         elif name.endswith("-aiohttp"):
             own_cal = "gateway/off-aiohttp"  # each front end against its own calibration
-        elif name.endswith("-interpreted"):
-            own_cal = "gateway/off-interpreted"  # and each build
         row["ratio_to_calibration"] = _median_ratio(by_target.get(name, []), by_target.get(own_cal, []))
         peer = PEER_MODE.get(name.split("/", 1)[1])
         if name.startswith("gateway/") and peer:

@@ -498,7 +498,7 @@ class Exchange:
     def _own_answer(self, lines: list[bytes], body: bytes) -> None:
         # Keep-alive only when the request was read whole: else its unread body would be parsed
         # as the next request.
-        keep = self.body_done and self.keep_alive
+        keep = self.body_done and self.keep_alive and not self.close_after  # close_after: the drain's
         if not keep:
             self.close_after = True
         lines.append(b"Content-Length: %d\r\n" % len(body))

@@ -961,6 +961,12 @@ class _Connection(Deferred, asyncio.Protocol):
         elif self.held:
             self.held[-1] = closing(self.held[-1])
             self.close_when_released = True
+        else:
+            return
+        # That answer is the last: no request after it is read (it would be counted, then lost
+        # in the close, or answered after a Connection: close the client no longer reads).
+        self.closing = True
+        self.backlog = None
 
     def _close(self) -> None:
         """Close once what is written (pending in the outbox too) went out."""

@@ -182,7 +182,13 @@ class ProxyConnection(_Connection):
                 for data, close in after:
                     self.waiting += 1
                     self._write(data, close)
-            if (self.closing or self.server.draining) and not self.waiting and not transport.is_closing():
+            # Draining, a request still being read is answered before the close (as the plain
+            # front end does): the client sent it before it could know.
+            if (
+                (self.closing or (self.server.draining and self.phase == IDLE))
+                and not self.waiting
+                and not transport.is_closing()
+            ):
                 self._close()
             if not after and not self.read_paused:
                 return  # nothing paused reading, and nothing left that could pause it
@@ -275,6 +281,13 @@ class ProxyConnection(_Connection):
         exchanges = self.exchanges
         if self.phase != IDLE or not exchanges or self.transport is None:
             _Connection.drain(self)
+            return
+        # No request after the ones owed is read (it would be counted, then lost in the close).
+        self.closing = True
+        self.backlog = None
+        if self.after:
+            data, _ = self.after[-1]  # an answer of our own is the last: it says close now
+            self.after[-1] = (closing(data), True)
             return
         ex = exchanges[-1]
         ex.close_after = True  # a head still to come says close; the connection closes after it

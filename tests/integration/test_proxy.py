@@ -1299,3 +1299,12 @@ async def test_drain_rewrites_a_held_head_to_close(upstream: Upstream, redis_ser
     head = data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
     assert data.startswith(b"HTTP/1.1 200 ") and head.count(b"\r\nConnection: close\r\n") == 1
     assert int(redis_server.client().get("ip:127.0.0.1") or 0) == 1
+
+
+async def test_drain_makes_an_own_answer_in_flight_say_close(upstream: Upstream) -> None:
+    # The drain began while the exchange waited; the upstream then ran out of time: the 504 the
+    # client gets is the connection's last answer, and says so.
+    async with proxy(proxy_config([upstream.url], upstream_response_timeout_s=0.3)) as (gw, base):
+        data = await _drained_answer(gw, base, b"/slow?s=3", headed=False)
+    assert data.startswith(b"HTTP/1.1 504 ")
+    assert b"\r\nConnection: close\r\n" in data.split(b"\r\n\r\n", 1)[0] + b"\r\n"

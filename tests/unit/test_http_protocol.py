@@ -395,3 +395,84 @@ def test_http10_closes_when_it_must(request_bytes: bytes) -> None:
     conn.data_received(request_bytes + b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert _statuses(transport.output) == [302]
     assert transport.closed
+
+
+REQ = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_drain_makes_the_held_answer_the_last_and_reads_nothing_after_it() -> None:
+    # SIGTERM while an answer is held for a flush (encoded keep-alive before the drain): it now
+    # says close, and a request arriving after the drain began is neither counted nor answered
+    # after that close (the client would count it lost and send it again).
+    backend = HoldingBackend(Config(mode="off"))
+    front = _front(backend)
+    conn, t = _connect(front)
+    conn.data_received(REQ)
+    front.draining = True
+    conn.drain()
+    conn.data_received(REQ)
+    assert len(backend.keys) == 1
+    backend.commit.release()
+    assert _statuses(t.output) == [302] and t.output.count(b"\r\nConnection: close\r\n") == 1
+    assert t.closed
+
+
+class _Callbacks(Backend):
+    """A backend whose increments reply on callbacks, each when the test says."""
+
+    name = "callbacks"
+    replies_on_callbacks = True
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.slots: list[Any] = []
+
+    async def incr(self, key: str) -> int:
+        raise AssertionError("the callback path is taken")
+
+    def incr_then(self, key: str, slot: Any) -> bool:
+        self.slots.append(slot)
+        return True
+
+
+def test_drain_makes_the_awaited_answer_the_last_and_reads_nothing_after_it() -> None:
+    backend = _Callbacks(Config(mode="off"))
+    front = _front(backend)
+    conn, t = _connect(front)
+    conn.data_received(REQ)
+    front.draining = True
+    conn.drain()
+    conn.data_received(REQ)
+    assert len(backend.slots) == 1  # the second request was not read, so not counted
+    backend.slots[0].set_result(1)
+    assert _statuses(t.output) == [302] and t.output.count(b"\r\nConnection: close\r\n") == 1
+    assert t.closed
+
+
+def test_drain_leaves_earlier_held_answers_as_they_were() -> None:
+    backend = HoldingBackend(Config(mode="off"))
+    front = _front(backend)
+    conn, t = _connect(front)
+    conn.data_received(REQ * 2)
+    front.draining = True
+    conn.drain()
+    backend.commit.release()
+    first, second = t.output.split(b"HTTP/1.1 ")[1:]
+    assert b"Connection:" not in first and b"\r\nConnection: close\r\n" in second
+    assert t.closed
+
+
+def test_closing_rewrites_only_the_head() -> None:
+    from gateway.http.httptools_impl import closing
+
+    body = b"a\r\n\r\nConnection: keep-alive\r\n"  # looks like fields, is body
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s" % (len(body), body)
+    assert closing(data) == b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    plain = b"HTTP/1.1 302 Found\r\nLocation: /ok\r\nContent-Length: 0\r\n\r\n"
+    assert closing(plain) == b"HTTP/1.1 302 Found\r\nLocation: /ok\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    already = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n"
+    assert closing(already) == already
+    assert closing(b"partial head") == b"partial head"
