@@ -3,7 +3,8 @@
 `python -m gateway.compile` (what `make native` runs) compiles the modules in `MODULES` with
 mypyc into extension modules kept apart from the sources, in `gateway/_native/` (never beside a
 `.py`, where Python would prefer them to it, and where a checkout of an older commit would still
-find them). The build records a digest of every source file of the package (`_native.json`).
+find them). The build records a digest of every source file of the package
+(`_native/build.json`).
 `guard()`, called when the package is imported, lets the compiled modules be imported (a meta
 path finder that maps each name of `MODULES` to its extension file) only if the build is whole
 and the digest still matches; otherwise nothing compiled is imported at all. So a change to any

@@ -965,8 +965,7 @@ class _Connection(Deferred, asyncio.Protocol):
             return
         # That answer is the last: no request after it is read (it would be counted, then lost
         # in the close, or answered after a Connection: close the client no longer reads).
-        self.closing = True
-        self.backlog = None
+        self._finish()
 
     def _close(self) -> None:
         """Close once what is written (pending in the outbox too) went out."""

@@ -282,9 +282,7 @@ class ProxyConnection(_Connection):
         if self.phase != IDLE or not exchanges or self.transport is None:
             _Connection.drain(self)
             return
-        # No request after the ones owed is read (it would be counted, then lost in the close).
-        self.closing = True
-        self.backlog = None
+        self._finish()  # no request after the ones owed is read (it would be lost in the close)
         if self.after:
             data, _ = self.after[-1]  # an answer of our own is the last: it says close now
             self.after[-1] = (closing(data), True)

@@ -400,17 +400,24 @@ def test_http10_closes_when_it_must(request_bytes: bytes) -> None:
 REQ = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+def _drained(backend: Backend, before: bytes, after: bytes = b"") -> RecordingTransport:
+    """`before` read, then the drain (what HttpToolsFrontEnd.stop does), then `after` read."""
+    front = _front(backend)
+    conn, t = _connect(front)
+    conn.data_received(before)
+    front.draining = True
+    conn.drain()
+    if after:
+        conn.data_received(after)
+    return t
+
+
 def test_drain_makes_the_held_answer_the_last_and_reads_nothing_after_it() -> None:
     # SIGTERM while an answer is held for a flush (encoded keep-alive before the drain): it now
     # says close, and a request arriving after the drain began is neither counted nor answered
     # after that close (the client would count it lost and send it again).
     backend = HoldingBackend(Config(mode="off"))
-    front = _front(backend)
-    conn, t = _connect(front)
-    conn.data_received(REQ)
-    front.draining = True
-    conn.drain()
-    conn.data_received(REQ)
+    t = _drained(backend, REQ, REQ)
     assert len(backend.keys) == 1
     backend.commit.release()
     assert _statuses(t.output) == [302] and t.output.count(b"\r\nConnection: close\r\n") == 1
@@ -437,12 +444,7 @@ class _Callbacks(Backend):
 
 def test_drain_makes_the_awaited_answer_the_last_and_reads_nothing_after_it() -> None:
     backend = _Callbacks(Config(mode="off"))
-    front = _front(backend)
-    conn, t = _connect(front)
-    conn.data_received(REQ)
-    front.draining = True
-    conn.drain()
-    conn.data_received(REQ)
+    t = _drained(backend, REQ, REQ)
     assert len(backend.slots) == 1  # the second request was not read, so not counted
     backend.slots[0].set_result(1)
     assert _statuses(t.output) == [302] and t.output.count(b"\r\nConnection: close\r\n") == 1
@@ -451,11 +453,7 @@ def test_drain_makes_the_awaited_answer_the_last_and_reads_nothing_after_it() ->
 
 def test_drain_leaves_earlier_held_answers_as_they_were() -> None:
     backend = HoldingBackend(Config(mode="off"))
-    front = _front(backend)
-    conn, t = _connect(front)
-    conn.data_received(REQ * 2)
-    front.draining = True
-    conn.drain()
+    t = _drained(backend, REQ * 2)
     backend.commit.release()
     first, second = t.output.split(b"HTTP/1.1 ")[1:]
     assert b"Connection:" not in first and b"\r\nConnection: close\r\n" in second

@@ -41,6 +41,13 @@ def _copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _interpreted(root: Path, why: str, **env: str) -> None:
+    """The package at `root` runs every compiled module from its source, for `why`."""
+    seen = _probe(root, **env)
+    assert seen["state"] == f"interpreted ({why})"
+    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+
+
 @built
 def test_a_build_that_matches_its_sources_is_used() -> None:
     seen = _probe(native.PACKAGE.parent)
@@ -50,9 +57,7 @@ def test_a_build_that_matches_its_sources_is_used() -> None:
 
 @built
 def test_gateway_pure_runs_every_module_from_source() -> None:
-    seen = _probe(native.PACKAGE.parent, GATEWAY_PURE="1")
-    assert seen["state"] == "interpreted (GATEWAY_PURE is set)"
-    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+    _interpreted(native.PACKAGE.parent, "GATEWAY_PURE is set", GATEWAY_PURE="1")
 
 
 @built
@@ -62,27 +67,21 @@ def test_any_changed_source_sends_every_compiled_module_back_to_source(tmp_path:
     # A module that is not compiled itself: the compiled ones were built against it.
     with (root / "gateway" / "errors.py").open("a") as f:
         f.write("\n# changed\n")
-    seen = _probe(root)
-    assert seen["state"] == "interpreted (the sources changed since the build: make native)"
-    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+    _interpreted(root, "the sources changed since the build: make native")
 
 
 @built
 def test_a_build_without_its_record_is_not_used(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     (root / "gateway" / "_native" / "build.json").unlink()
-    seen = _probe(root)
-    assert seen["state"] == "interpreted (no build record: make native)"
-    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+    _interpreted(root, "no build record: make native")
 
 
 @built
 def test_a_record_that_is_not_one_is_not_used(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     (root / "gateway" / "_native" / "build.json").write_text("[]")
-    seen = _probe(root)
-    assert seen["state"] == "interpreted (the build is of other modules: make native)"
-    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+    _interpreted(root, "the build is of other modules: make native")
 
 
 @built
@@ -91,9 +90,7 @@ def test_a_partial_build_is_not_used_at_all(tmp_path: Path) -> None:
     # each other directly, so a mix would run two versions of the code side by side).
     root = _copy(tmp_path)
     next((root / "gateway" / "_native").rglob("resp.*")).unlink()
-    seen = _probe(root)
-    assert seen["state"] == "interpreted (not built: make native)"
-    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+    _interpreted(root, "not built: make native")
 
 
 @built
@@ -107,9 +104,7 @@ def test_editor_droppings_change_nothing(tmp_path: Path) -> None:
 def test_without_a_build_everything_is_interpreted(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     shutil.rmtree(root / "gateway" / "_native", ignore_errors=True)
-    seen = _probe(root)
-    assert seen["state"] == "interpreted (not built: make native)"
-    assert all(f.endswith(".py") for f in seen["files"])  # type: ignore[attr-defined]
+    _interpreted(root, "not built: make native")
 
 
 @pytest.mark.skipif(not os.environ.get("GATEWAY_NATIVE_REQUIRED"), reason="only where the build is required (CI)")
@@ -119,4 +114,4 @@ def test_the_suite_runs_the_compiled_build() -> None:
 
 def test_every_compiled_module_has_a_source() -> None:
     for module in native.MODULES:
-        assert (native.PACKAGE.parent / (module.replace(".", "/") + ".py")).is_file(), module
+        assert native._source(module).is_file(), module
