@@ -125,6 +125,8 @@ PEER_MODE = {
 RATIOS = (
     ("own front end ÷ aiohttp, calibration", "gateway/off", "gateway/off-aiohttp"),
     ("own front end ÷ aiohttp, batched", "gateway/batched", "gateway/batched-aiohttp"),
+    ("own front end ÷ the floor (bare uvloop + httptools), calibration", "gateway/off", "floor/calibration"),
+    ("the floor ÷ aiohttp, calibration", "floor/calibration", "gateway/off-aiohttp"),
     ("gateway calibration ÷ HAProxy calibration", "gateway/off", "haproxy/calibration"),
     ("batched ÷ its own calibration", "gateway/batched", "gateway/off"),
     ("batched ÷ HAProxy pooled", "gateway/batched", "haproxy/pooled"),
@@ -143,11 +145,23 @@ RATIOS = (
     ("compiled ÷ interpreted, batched", "gateway/batched", "gateway/batched-interpreted"),
     ("compiled ÷ interpreted, proxy batched", "gateway/proxy-batched", "gateway/proxy-batched-interpreted"),
 )
+# The same, by CPU per request rather than req/s: for the pairs whose faster side may be held at
+# the injector's ceiling (its core full), how many times less CPU it spends on a request.
+CPU_RATIOS = (
+    ("own front end ÷ aiohttp, calibration", "gateway/off", "gateway/off-aiohttp"),
+    ("own front end ÷ the floor, calibration", "gateway/off", "floor/calibration"),
+    ("the floor ÷ aiohttp, calibration", "floor/calibration", "gateway/off-aiohttp"),
+    ("gateway calibration ÷ HAProxy calibration", "gateway/off", "haproxy/calibration"),
+    ("batched ÷ its own calibration", "gateway/batched", "gateway/off"),
+)
+# An injector using this share of its core or more is the limit: the target's req/s is what the
+# injector could send, not what the target could answer.
+INJECTOR_BOUND_PCT = 90.0
 
 
 @dataclass
 class Target:
-    impl: str  # "gateway" or "haproxy"
+    impl: str  # "gateway", "haproxy", or "floor" (loadtest/floor.py)
     mode: str
 
     @property
@@ -188,6 +202,10 @@ class Sample:
     non_3xx: int = 0
     socket_errors: int = 0
     injector_cpu_pct: float = 0.0
+    # CPU time per request answered, in microseconds: the target's and the injector's. When the
+    # injector's core is full, req/s is the injector's ceiling, and these still compare the targets.
+    cpu_us_per_request: float = 0.0
+    injector_us_per_request: float = 0.0
     error: str | None = None
 
 
@@ -344,6 +362,9 @@ def start_target(
         env = dict(os.environ)
         if t.mode.endswith("-interpreted"):
             env["GATEWAY_PURE"] = "1"  # the same code, not compiled (gateway.native)
+    elif t.impl == "floor":
+        cmd = [sys.executable, "-m", "loadtest.floor", "--listen", f"127.0.0.1:{port}"]
+        env = dict(os.environ)
     else:
         cmd = [str(ROOT / "haproxy" / "run.sh")]
         env = {
@@ -475,6 +496,8 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
             children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.monotonic()
             res = inject(url, s, s.duration, other_cpus)
+            if not res["requests"]:
+                raise RuntimeError(f"no request was answered ({res['socket_errors']} socket errors)")
             elapsed = time.monotonic() - t0
             u1, s1 = cpu_times(proc.pid)
             children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -502,6 +525,9 @@ def measure(t: Target, rnd: int, s: Settings) -> Sample:
         sample.cpu_user_pct = round(100 * (u1 - u0) / busy, 1)
         sample.cpu_sys_pct = round(100 * (s1 - s0) / busy, 1)
         sample.injector_cpu_pct = round(100 * injector_cpu / busy, 1)
+        answered = max(res["requests"], 1)
+        sample.cpu_us_per_request = round(1e6 * ((u1 - u0) + (s1 - s0)) / answered, 2)
+        sample.injector_us_per_request = round(1e6 * injector_cpu / answered, 2)
         sample.peak_redis_connections = sampler.peak
         sample.redis_commands_per_request = round(max(commands, 0) / max(res["requests"], 1), 4)
     except Exception as exc:  # one broken target must not cost the whole run
@@ -538,7 +564,7 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
         # Ratios are taken within each round (the calibration ran minutes apart at most),
         # then the median: drift on a shared machine cancels out far better than with
         # a ratio of medians.
-        own_cal = "gateway/off" if name.startswith("gateway/") else "haproxy/calibration"
+        own_cal = {"gateway": "gateway/off", "haproxy": "haproxy/calibration"}.get(name.split("/", 1)[0], name)
         if name.endswith("-interpreted"):
             # Each build against its own calibration; the proxy's interpreted one has none.
             own_cal = "" if "/proxy-" in name else "gateway/off-interpreted"
@@ -554,6 +580,7 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
             one = f"gateway/{Target('gateway', name.split('/', 1)[1]).base_mode}"
             row["ratio_to_one_worker"] = _median_ratio(group, by_target.get(one, []))
         row["rps_by_round"] = {g.round: g.rps for g in ok}
+        row["cpu_us_by_round"] = {g.round: g.cpu_us_per_request for g in ok}
         # Accuracy is judged on every round, not the median: one loss anywhere counts.
         row["min_extra"] = min((g.extra for g in ok), default=None)
         row["max_extra"] = max((g.extra for g in ok), default=None)
@@ -561,10 +588,15 @@ def medians(samples: list[Sample]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def ratios_of(summary: dict[str, dict[str, Any]], a: str, b: str) -> tuple[float | None, int, int]:
-    """Median per-round ratio of a's req/s to b's, and in how many rounds a was ahead."""
-    ra = summary[a].get("rps_by_round") or {}
-    rb = summary[b].get("rps_by_round") or {}
+def ratios_of(summary: dict[str, dict[str, Any]], a: str, b: str, by: str = "rps") -> tuple[float | None, int, int]:
+    """Median per-round ratio of a's req/s to b's, and in how many rounds a was ahead.
+
+    With by="cpu", the ratio of b's CPU per request to a's: how many times fewer CPU a needs for
+    a request, which still compares two targets when the injector caps a's req/s."""
+    if by == "cpu":
+        a, b = b, a
+    ra = summary[a].get("rps_by_round" if by == "rps" else "cpu_us_by_round") or {}
+    rb = summary[b].get("rps_by_round" if by == "rps" else "cpu_us_by_round") or {}
     pairs = [(ra[r], rb[r]) for r in ra if rb.get(r)]
     if not pairs:
         return None, 0, 0
@@ -645,27 +677,49 @@ def markdown(summary: dict[str, dict[str, Any]], s: Settings, skipped: dict[str,
     lines += [
         "",
         "| Target | req/s | p50 ms | p99 ms | target CPU % (user+sys) | peak RSS MB | peak Redis conns "
-        "| Redis cmds/req | counted − 302s seen (min..max) | non-3xx | injector CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| Redis cmds/req | counted − 302s seen (min..max) | non-3xx | injector CPU % | CPU µs/req "
+        "| injector µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for name, row in summary.items():
         if row["rps"] is None:
-            lines.append(f"| {name} | failed: {'; '.join(row['errors'])[:80]} |||||||||")
+            lines.append(f"| {name} | failed: {'; '.join(row['errors'])[:80]} |||||||||||")
             continue
         acc = "n/a" if Target(*name.split("/", 1)).calibration else f"{row['min_extra']}..{row['max_extra']}"
         lines.append(
             f"| {name} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
             f"{row['cpu_user_pct'] + row['cpu_sys_pct']:.0f} | {row['peak_rss_mb']:.0f} | "
             f"{row['peak_redis_connections']:.0f} | {row['redis_commands_per_request']:.3f} | {acc} | "
-            f"{row['non_3xx']:.0f} | {row['injector_cpu_pct']:.0f} |"
+            f"{row['non_3xx']:.0f} | {row['injector_cpu_pct']:.0f} | {row['cpu_us_per_request']:.1f} | "
+            f"{row['injector_us_per_request']:.1f} |"
         )
     for name, why in skipped.items():
-        lines.append(f"| {name} | skipped: {why} |||||||||")
+        lines.append(f"| {name} | skipped: {why} |||||||||||")
     stated = [(what, a, b, ratios_of(summary, a, b)) for what, a, b in RATIOS if a in summary and b in summary]
     if stated:
         lines += ["", "| Ratio (median of per-round ratios) | value | rounds ahead |", "|---|---:|---:|"]
         for what, _a, _b, (value, ahead, rounds) in stated:
             lines.append(f"| {what} | {f'{value:.2f}×' if value else '–'} | {ahead} of {rounds} |")
+    by_cpu = [(what, ratios_of(summary, a, b, by="cpu")) for what, a, b in CPU_RATIOS if a in summary and b in summary]
+    if by_cpu:
+        lines += [
+            "",
+            "| Ratio by CPU per request (median of per-round ratios) | value | rounds ahead |",
+            "|---|---:|---:|",
+        ]
+        for what, (value, ahead, rounds) in by_cpu:
+            lines.append(f"| {what} | {f'{value:.2f}×' if value else '–'} | {ahead} of {rounds} |")
+    bound = [
+        f"{name} ({row['injector_cpu_pct']:.0f}%, {row['injector_us_per_request']:.1f} µs per request)"
+        for name, row in summary.items()
+        if row["rps"] is not None and row["injector_cpu_pct"] >= INJECTOR_BOUND_PCT
+    ]
+    if bound:
+        lines += [
+            "",
+            f"The injector used {INJECTOR_BOUND_PCT:.0f}% of its core or more against: {', '.join(bound)}. "
+            "For these the req/s is the injector's ceiling, not the target's: compare them by CPU per request.",
+        ]
     scaling = [m for m in SCALING_MODES if f"gateway/{m}" in summary]
     if scaling:
         lines += [
@@ -765,6 +819,7 @@ def all_targets() -> list[Target]:
         [Target("gateway", m) for m in GATEWAY_MODES + PROXY_GATEWAY_MODES]
         + [Target("gateway", "proxy-batched-interpreted")]
         + [Target("haproxy", m) for m in HAPROXY_MODES + PROXY_HAPROXY_MODES]
+        + [Target("floor", "calibration")]
     )
 
 

@@ -36,13 +36,15 @@ def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
     assert "[round 1/1]" in proc.stderr  # progress is shown
     result = json.loads((out / "results.json").read_text())
     summary = result["summary"]
-    expected = {f"gateway/{m}" for m in bench.GATEWAY_MODES}
+    expected = {f"gateway/{m}" for m in bench.GATEWAY_MODES} | {"floor/calibration"}
     if shutil.which("haproxy"):
         expected |= {f"haproxy/{m}" for m in ("calibration", "naive", "pooled", "raw", "seed-pooled", "seed-raw")}
     assert set(summary) == expected
     for name, row in summary.items():
         assert row["errors"] == [] and row["rps"] > 0, (name, row)
         assert row["non_3xx"] == 0, name
+        # CPU per request, the target's and the injector's: what compares targets at the injector's ceiling.
+        assert 0 < row["cpu_us_per_request"] < 10_000 and 0 < row["injector_us_per_request"] < 10_000, (name, row)
         if not bench.Target(*name.split("/", 1)).calibration:
             # Exact accounting: no count lost; extras only for requests in flight at the stop.
             assert 0 <= row["min_extra"] <= row["max_extra"] <= 50, (name, row)
@@ -51,6 +53,9 @@ def test_bench_quick_produces_every_output(tmp_path: Path) -> None:
             assert row["counted"] == 0
     table = (out / "table.md").read_text()
     assert "| calibration (off) |" in table and "| batched |" in table
+    assert "| own front end ÷ the floor (bare uvloop + httptools), calibration |" in table
+    assert "| Ratio by CPU per request (median of per-round ratios) | value | rounds ahead |" in table
+    assert "| own front end ÷ aiohttp, calibration |" in table.split("Ratio by CPU per request")[1]
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "python -m loadtest" in report.read_text() and (tmp_path / "bench.png").exists()
 
