@@ -523,7 +523,7 @@ class Exchange:
             if len(_STATUS_LINES) < 256:  # an upstream's usual few; never grown without bound
                 _STATUS_LINES[status, reason] = line
         lines = [line]
-        if plain and (framing == LENGTH or framing == NO_BODY):
+        if plain and (framing == LENGTH or (framing == NO_BODY and status != 204)):
             lines += fields  # every field stays
         else:
             headers = field_pairs(fields)
@@ -533,8 +533,8 @@ class Exchange:
                 if lower == b"content-length":
                     # Framing, not a hop-by-hop field, whatever Connection names: without it a length-
                     # delimited body on a kept-alive client connection runs into the next response.
-                    if framing not in (LENGTH, NO_BODY):
-                        continue
+                    if framing not in (LENGTH, NO_BODY) or status == 204:
+                        continue  # a 204 has none (RFC 9110, 8.6): its body, if any, was dropped
                 elif lower in HOP_BY_HOP or lower in named:
                     continue
                 lines.append(name + b": " + value + b"\r\n")

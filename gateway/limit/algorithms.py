@@ -16,6 +16,12 @@ Invariants: time is a float in seconds on whatever clock the caller uses (the
 gateway uses Redis' `TIME`, so every process shares one clock); states are
 plain tuples so a Redis reply converts to one without a class per algorithm;
 `remaining` is never negative and `retry_after_s` is 0 exactly when allowed.
+
+Arithmetic on time is done in whole microseconds, as the scripts do (Redis'
+`TIME` has that resolution): seconds since the epoch as a float carry about
+2.4e-7 s of rounding, enough to move a decision taken at an exact emission
+interval or window fraction, so the same requests would be decided differently
+here and in Redis.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 # Float slack when comparing quantities built from products of periods and rates.
 _EPS = 1e-9
+_MICRO = 1_000_000
+
+
+def _us(now: float) -> int:
+    """A time in whole microseconds, as the scripts see Redis' clock."""
+    return round(now * _MICRO)
 
 S = TypeVar("S")
 
@@ -100,10 +112,10 @@ class FixedWindow(Algorithm[FixedState]):
     empty: FixedState = (0, 0)
 
     def _current(self, state: FixedState, now: float) -> tuple[int, int, float]:
-        period = self.rate.period_s
-        window = math.floor(now / period)
+        period, now_us = round(self.rate.period_s * _MICRO), _us(now)
+        window = now_us // period
         count = state[1] if state[0] == window else 0
-        return window, count, (window + 1) * period - now
+        return window, count, ((window + 1) * period - now_us) / _MICRO
 
     def decide(self, state: FixedState, now: float) -> tuple[Decision, FixedState]:
         limit = self.rate.limit
@@ -137,15 +149,15 @@ class SlidingWindow(Algorithm[SlidingState]):
     empty: SlidingState = (0, 0, 0)
 
     def _current(self, state: SlidingState, now: float) -> tuple[int, int, int, float]:
-        period = self.rate.period_s
-        window = math.floor(now / period)
+        period, now_us = round(self.rate.period_s * _MICRO), _us(now)
+        window = now_us // period
         if state[0] == window:
             count, prev = state[1], state[2]
         elif state[0] == window - 1:
             count, prev = 0, state[1]
         else:
             count, prev = 0, 0
-        return window, count, prev, now - window * period
+        return window, count, prev, (now_us - window * period) / _MICRO
 
     def decide(self, state: SlidingState, now: float) -> tuple[Decision, SlidingState]:
         limit, period = self.rate.limit, self.rate.period_s
@@ -176,7 +188,7 @@ class SlidingWindow(Algorithm[SlidingState]):
         return values[0], values[1], values[2]
 
 
-# GCRA: the theoretical arrival time (0: none yet).
+# GCRA: the theoretical arrival time in microseconds, as the script keeps it (0: none yet).
 GcraState = float
 
 
@@ -188,25 +200,29 @@ class Gcra(Algorithm[GcraState]):
     name = "gcra"
     empty: GcraState = 0.0
 
+    def _interval_us(self) -> float:
+        return round(self.rate.period_s * _MICRO) / self.rate.limit
+
     def decide(self, state: GcraState, now: float) -> tuple[Decision, GcraState]:
-        interval = self.rate.interval_s
+        interval = self._interval_us()
         capacity = self.rate.burst * interval
-        tat = max(state, now)
+        now_us = _us(now)
+        tat = max(state, now_us)
         new_tat = tat + interval
         allow_at = new_tat - capacity
-        if now + _EPS < allow_at:
-            return Decision(False, 0, tat - now, allow_at - now), state
-        remaining = max(0, math.floor((capacity - (new_tat - now)) / interval + _EPS))
-        return Decision(True, remaining, new_tat - now, 0.0), new_tat
+        if now_us + 0.001 < allow_at:
+            return Decision(False, 0, (tat - now_us) / _MICRO, (allow_at - now_us) / _MICRO), state
+        remaining = max(0, math.floor((capacity - (new_tat - now_us)) / interval + _EPS))
+        return Decision(True, remaining, (new_tat - now_us) / _MICRO, 0.0), new_tat
 
     def add(self, state: GcraState, now: float, n: int) -> GcraState:
-        return max(state, now) + n * self.rate.interval_s
+        return max(state, _us(now)) + n * self._interval_us()
 
     def idle(self, state: GcraState, now: float) -> bool:
-        return state <= now
+        return state <= _us(now)
 
     def from_reply(self, values: list[int]) -> GcraState:
-        return values[0] / 1_000_000
+        return float(values[0])
 
 
 ALGORITHMS: dict[str, type[Algorithm[Any]]] = {

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from gateway.backends import BACKENDS
 from gateway.config import Config, ConfigError
 from gateway.limit.algorithms import Rate, parse_rate
 
@@ -215,6 +216,28 @@ async def test_every_redis_mode_limits(redis_server: RedisServer, redis_mode: st
         limits = gw.stats()["limits"]
         assert (limits["allowed"], limits["limited"], limits["clients_limited"]) == (5, 3, 1)
     assert int(redis_server.client().get("ip:10.4.0.1")) == 8  # batched: flushed at close
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_every_redis_mode_reports_the_same_remaining_quota(
+    redis_server: RedisServer, redis_mode: str, algorithm: str
+) -> None:
+    # batched decides in the process on Redis' clock, the other modes in Redis' script: the
+    # same requests must say the same `r=`. A 200 ms interval is no whole number of binary
+    # fractions of a second, which is where seconds since the epoch used to round `r` down.
+    cfg = _cfg(redis_server, "5/s:burst=2" if algorithm == "gcra" else "5/s", algorithm, redis_mode,
+               limit_headers=True)  # fmt: skip
+    ip = f"10.4.{1 + ALGORITHMS.index(algorithm)}.{1 + sorted(BACKENDS).index(redis_mode)}"
+    async with running_gateway(cfg) as (_gw, base):
+        async with Client(base, ip) as c:
+            if redis_time(redis_server) % 1 > 0.8:  # not across a boundary of a window
+                await sleep_until_window(redis_server, 1.0, 0.02)
+            seen = []
+            for _ in range(2):
+                await c.get()
+                assert c.last is not None and c.last[0] == 302
+                seen.append(c.last[1]["ratelimit"].split(";")[1])
+    assert seen == (["r=1", "r=0"] if algorithm == "gcra" else ["r=4", "r=3"])
 
 
 async def test_script_cache_flushed_is_reloaded(redis_server: RedisServer) -> None:

@@ -139,3 +139,32 @@ def test_parse_rate(text: str, rate: Rate) -> None:
 def test_parse_rate_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="invalid rate"):
         parse_rate(text)
+
+
+# Redis' TIME in seconds since the epoch: a float that large carries about 2.4e-7 s of rounding.
+EPOCH = 1_764_000_000.0
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("text", ["5/s:burst=2", "10/s", "100/s:burst=7", "4/200ms", "1/min:burst=3"])
+def test_decisions_do_not_depend_on_the_clock_s_magnitude(name: str, text: str) -> None:
+    # The same requests, at the same spacing, decide the same way and report the same
+    # remaining quota on a clock near 0 as on the epoch clock the gateway uses, at exact
+    # emission intervals and window fractions too, where rounding would flip the floor of
+    # `remaining`. Times are whole microseconds, as Redis' TIME gives them, and the rates'
+    # intervals too: there the scripts' arithmetic is exact, and so must this be.
+    rate = parse_rate(text)
+    algo = ALGORITHMS[name](rate)
+    step = rate.period_s / rate.limit
+    offsets = [0.0, 0.0, 0.0, step, step, 2 * step, 2.5 * step, 4 * step, 4 * step, 9 * step, 9 * step + 1e-3]
+    offsets += [0.3 * rate.period_s + 1e-6 * k for k in range(3)] + [1.75 * rate.period_s, 3.5 * rate.period_s]
+    offsets = sorted(round(o * 1e6) / 1e6 for o in offsets)
+    seen = []
+    for start in (100.0, EPOCH + 100.0):
+        state = algo.empty
+        out = []
+        for offset in offsets:
+            decision, state = algo.decide(state, start + offset)
+            out.append((decision.allowed, decision.remaining))
+        seen.append(out)
+    assert seen[0] == seen[1]
