@@ -39,6 +39,7 @@ def _us(now: float) -> int:
     """A time in whole microseconds, as the scripts see Redis' clock."""
     return round(now * _MICRO)
 
+
 S = TypeVar("S")
 
 
