@@ -61,9 +61,14 @@ class Rate:
             raise ValueError("burst must be >= 1")
 
     @property
-    def interval_s(self) -> float:
-        """GCRA's emission interval: the steady spacing between allowed requests."""
-        return self.period_s / self.limit
+    def period_us(self) -> int:
+        """The period in whole microseconds, as the scripts take it."""
+        return round(self.period_s * _MICRO)
+
+    @property
+    def interval_us(self) -> float:
+        """GCRA's emission interval in microseconds: the steady spacing between allowed requests."""
+        return self.period_us / self.limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +118,7 @@ class FixedWindow(Algorithm[FixedState]):
     empty: FixedState = (0, 0)
 
     def _current(self, state: FixedState, now: float) -> tuple[int, int, float]:
-        period, now_us = round(self.rate.period_s * _MICRO), _us(now)
+        period, now_us = self.rate.period_us, _us(now)
         window = now_us // period
         count = state[1] if state[0] == window else 0
         return window, count, ((window + 1) * period - now_us) / _MICRO
@@ -150,7 +155,7 @@ class SlidingWindow(Algorithm[SlidingState]):
     empty: SlidingState = (0, 0, 0)
 
     def _current(self, state: SlidingState, now: float) -> tuple[int, int, int, float]:
-        period, now_us = round(self.rate.period_s * _MICRO), _us(now)
+        period, now_us = self.rate.period_us, _us(now)
         window = now_us // period
         if state[0] == window:
             count, prev = state[1], state[2]
@@ -201,11 +206,8 @@ class Gcra(Algorithm[GcraState]):
     name = "gcra"
     empty: GcraState = 0.0
 
-    def _interval_us(self) -> float:
-        return round(self.rate.period_s * _MICRO) / self.rate.limit
-
     def decide(self, state: GcraState, now: float) -> tuple[Decision, GcraState]:
-        interval = self._interval_us()
+        interval = self.rate.interval_us
         capacity = self.rate.burst * interval
         now_us = _us(now)
         tat = max(state, now_us)
@@ -217,7 +219,7 @@ class Gcra(Algorithm[GcraState]):
         return Decision(True, remaining, (new_tat - now_us) / _MICRO, 0.0), new_tat
 
     def add(self, state: GcraState, now: float, n: int) -> GcraState:
-        return max(state, _us(now)) + n * self._interval_us()
+        return max(state, _us(now)) + n * self.rate.interval_us
 
     def idle(self, state: GcraState, now: float) -> bool:
         return state <= _us(now)

@@ -44,7 +44,7 @@ class Limiter:
         self.algorithm: Algorithm[Any] = ALGORITHMS[algorithm](rate)
         self.script: Script = decide_script(algorithm)
         #: The script's ARGV: limit, period in microseconds, burst.
-        self.args: tuple[int, int, int] = (rate.limit, round(rate.period_s * _MICRO), rate.burst)
+        self.args: tuple[int, int, int] = (rate.limit, rate.period_us, rate.burst)
         self.policy = f'"default";q={rate.limit};w={max(1, _seconds(rate.period_s))}'
         self.allowed = 0
         self.limited = 0
