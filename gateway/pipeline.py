@@ -13,13 +13,14 @@ calls `forward()` at the end of the request head instead, which runs the same
 client-IP and accounting steps and then hands the exchange to the proxy.
 
 `handle()` returns a `Response` when the answer is known at once (calibration, a
-client without an address, batched with held responses) and otherwise an
-awaitable of one (a Redis round trip): a `Pending` when the backend takes the
-increment on callbacks (`raw` and `multiplexed` on one server: the reply, read by
-the connection, decides the answer and tells the front end), else a coroutine. A backend that holds responses (batched,
-`--batch-ack flush`) is called without waiting: the front end's `holder` keeps
-the response's bytes until the flush holding the increment settles
-(`_held_settled` then counts those requests).
+client without an address, batched) and otherwise an awaitable of one (a Redis
+round trip): a `Pending` when the backend takes the increment on callbacks (`raw`
+and `multiplexed` on one server: the reply, read by the connection, decides the
+answer and tells the front end), else a coroutine. Batched is called without
+waiting: with `--batch-ack none` nothing waits for the increment (`incr_now`);
+with `--batch-ack flush` the front end's `holder` keeps the response's bytes
+until the flush holding the increment settles (`_held_settled` then counts
+those requests).
 
 With `--limit`, `handle` hands every request to `handle_limited` (one test of
 an attribute on the unlimited path). The limit step is one script
@@ -209,8 +210,12 @@ class Pipeline:
         #: The awaitable `handle` returns needs no asyncio Task (see Backend.task_free).
         self.task_free = backend.task_free
         self._incr_then = backend.incr_then if backend.replies_on_callbacks else None
+        # Increments that nothing waits for (batched, --batch-ack none): added in line, answered
+        # at once, without the coroutine `_account` would cost.
+        self._adds_at_once = backend.adds_at_once
         self.requests = 0
-        # Requests whose increment waited on callbacks (a Pending), and on a coroutine (`_account`).
+        # Requests whose accounting waited on callbacks (a Pending), and on a coroutine (`_account`,
+        # `_account_limited`, `_account_decided`, `_account_then_forward`).
         self.via_callbacks = 0
         self.via_coroutine = 0
         self.counted = 0
@@ -263,6 +268,9 @@ class Pipeline:
                 if holder is not None and holder.commit is not commit:
                     holder.commit = commit
                     commit.holders.append(holder)
+        elif self._adds_at_once:
+            if self._add_now(key):
+                return self.denied
         else:
             incr_then = self._incr_then
             if incr_then is not None:
@@ -288,6 +296,25 @@ class Pipeline:
         else:
             failure = None
         return self._outcome(path, started, value, failure, cause)
+
+    def _add_now(self, key: str) -> bool:
+        """`_account` for a backend that adds without waiting (`incr_now`): True when it failed
+        and the policy says deny."""
+        started = perf_counter()
+        try:
+            self.backend.incr_now(key)
+        except AccountingError as err:
+            failure, cause = err, None
+        except Exception as exc:  # a bug in a backend must not become a 500 storm
+            failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
+        else:
+            self.latency.observe(perf_counter() - started)
+            self.counted += 1
+            if self.failure_log.failing:
+                self.failure_log.success()
+            return False
+        self.latency.observe(perf_counter() - started)
+        return self._failed(failure, cause)
 
     def _outcome(
         self, path: str, started: float, value: int | None, failure: AccountingError | None, cause: BaseException | None
@@ -316,11 +343,15 @@ class Pipeline:
             return self.action(path)
         key = self._prefix + ip
         if not self._decides_locally:
+            self.via_coroutine += 1
             return self._account_limited(key, ip, path)
         # Batched: decided here from the last flush's state; the increment (and this decision's
         # use of quota) goes to Redis with the next flush.
         answer = self._decided(ip, self.backend.decide_local(key), path)
+        if self._adds_at_once:
+            return self.denied if self._add_now(key) else answer
         if not self.holds:
+            self.via_coroutine += 1
             return self._account_decided(key, answer)
         try:
             commit = self.backend.incr_held(key)
@@ -391,9 +422,15 @@ class Pipeline:
                 self._failed(err)
             except Exception as exc:
                 self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
+        elif self._adds_at_once and self.limiter is None:
+            if self._add_now(key):
+                exchange.answer(self.denied)  # 503 (deny policy): nothing is forwarded
+                exchange.on_done(exchange, None)
+                return None
         else:
             ip = key[len(self._prefix) :]  # the key is the prefix and the client's address
             if not (self.holds and self._decides_locally):
+                self.via_coroutine += 1
                 return self._account_then_forward(exchange, key, ip)
             refusal = self._admit_held(exchange, key, ip)
             if refusal is not None:

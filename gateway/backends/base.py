@@ -67,6 +67,15 @@ class Backend(abc.ABC):
         pool would have to connect first); the caller then awaits `incr`."""
         return False
 
+    #: True when the backend offers `incr_now` (batched with --batch-ack none).
+    adds_at_once: bool = False
+
+    def incr_now(self, key: str) -> None:
+        """Add 1 to `key` and return at once: the increment is the backend's to deliver, and
+        nothing waits for it (no coroutine, no future). Raises AccountingError like `incr` when
+        it cannot take the increment. Only backends with `adds_at_once`."""
+        raise NotImplementedError(f"{self.name} does not add without waiting")
+
     #: True when the backend offers `incr_held` (batched with --batch-ack flush).
     holds_responses: bool = False
     #: Set by the gateway when `holds_responses`: called once per commit with held

@@ -126,6 +126,7 @@ class BatchedBackend(OwnCodecBackend):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.holds_responses = config.batch_ack == "flush"
+        self.adds_at_once = config.batch_ack == "none"
         self.task_free = True  # an acknowledged increment waits on its batch's future, nothing else
 
     async def start(self) -> None:
@@ -307,6 +308,10 @@ class BatchedBackend(OwnCodecBackend):
             batch.held_since = time.perf_counter()
         batch.held += 1
         return batch
+
+    def incr_now(self, key: str) -> None:
+        """--batch-ack none: the increment joins the filling batch; the answer need not wait."""
+        self._add(key)
 
     async def incr(self, key: str) -> None:
         batch = self._add(key)

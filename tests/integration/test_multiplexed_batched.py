@@ -238,6 +238,30 @@ async def test_batched_overflow_is_counted(redis_server: RedisServer) -> None:
     assert len(redis_server.client().keys("ip:*")) == 10
 
 
+async def test_batched_without_ack_answers_at_once_and_counts_exactly(redis_server: RedisServer, http: str) -> None:
+    plan = {f"10.3.2.{i}": 1 + i % 3 for i in range(40)}
+    cfg = make_config(redis_server.url, "batched", batch_ack="none", trusted_proxies=TRUST_LOCAL, http=http)
+    async with running_gateway(cfg) as (gw, base):
+        assert set(await _spread(base, plan)) == {302}
+        assert gw.stats()["requests"]["counted"] == sum(plan.values())
+        # Added in line and answered at once: no request went through a coroutine.
+        assert (gw.pipeline.via_coroutine, gw.pipeline.via_callbacks) == (0, 0)
+        assert sum(gw.stats()["accounting_latency_s"]["counts"]) == sum(plan.values())
+    r = redis_server.client()
+    for ip, n in plan.items():
+        assert r.get(f"ip:{ip}") == str(n).encode(), ip
+
+
+async def test_batched_without_ack_deny_refuses_what_it_cannot_hold(redis_server: RedisServer) -> None:
+    cfg = make_config(redis_server.url, "batched", batch_window_ms=60_000, batch_ack="none", batch_max_pending=10,
+                      on_redis_error="deny", trusted_proxies=TRUST_LOCAL)  # fmt: skip
+    async with running_gateway(cfg) as (gw, base):
+        statuses = await _spread(base, {f"10.3.3.{i}": 1 for i in range(15)}, concurrency=1)
+        assert sorted(statuses) == [302] * 10 + [503] * 5
+        assert gw.stats()["failures"] == {"overflow": 5}
+    assert len(redis_server.client().keys("ip:*")) == 10
+
+
 async def test_batched_flush_at_max_keys(redis_server: RedisServer) -> None:
     cfg = make_config(redis_server.url, "batched", batch_window_ms=60_000, batch_max_keys=10,
                       trusted_proxies=TRUST_LOCAL)  # fmt: skip

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, parse_networks
 from gateway.limit.algorithms import parse_rate
 
 from ..helpers import FakeRedis, RedisServer, eventually
@@ -103,6 +103,35 @@ async def test_batched_flush_holds_the_upstream_response(upstream: Upstream, red
             assert r.status == 200
             assert (await r.json())["server"] == "a"
         assert time.monotonic() - started >= 0.2
+        assert gw.stats()["upstream"]["requests"] == 1
+
+
+async def test_batched_without_ack_forwards_at_once(upstream: Upstream, redis_server: RedisServer) -> None:
+    config = proxy_config([upstream.url], redis_server.url, "batched", batch_ack="none", batch_window_ms=60_000.0)
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(base + "/echo") as r:
+                assert r.status == 200
+        # Forwarded without waiting for the flush (a minute away), and without a coroutine.
+        assert redis_server.client().get("ip:127.0.0.1") is None
+        assert gw.pipeline.via_coroutine == 0
+        assert gw.stats()["requests"]["counted"] == 3
+    assert redis_server.client().get("ip:127.0.0.1") == b"3"  # flushed at close
+
+
+async def test_batched_without_ack_deny_refuses_without_forwarding(
+    upstream: Upstream, redis_server: RedisServer
+) -> None:
+    # One key may wait for the flush (a minute away): the second client's increment overflows.
+    trusted = parse_networks(["127.0.0.1"])
+    config = proxy_config([upstream.url], redis_server.url, "batched", batch_ack="none", batch_window_ms=60_000.0,
+                          batch_max_pending=1, on_redis_error="deny", trusted_proxies=trusted)  # fmt: skip
+    async with proxy(config) as (gw, base), aiohttp.ClientSession() as s:
+        statuses = []
+        for ip in ("10.7.0.1", "10.7.0.2"):
+            async with s.get(base + "/echo", headers={"X-Forwarded-For": ip}) as r:
+                statuses.append(r.status)
+        assert statuses == [200, 503]
         assert gw.stats()["upstream"]["requests"] == 1
 
 

@@ -218,6 +218,16 @@ async def test_every_redis_mode_limits(redis_server: RedisServer, redis_mode: st
     assert int(redis_server.client().get("ip:10.4.0.1")) == 8  # batched: flushed at close
 
 
+async def test_batched_without_ack_limits_in_line(redis_server: RedisServer) -> None:
+    async with running_gateway(_cfg(redis_server, "5/5s", "gcra", "batched", batch_ack="none")) as (gw, base):
+        async with Client(base, "10.4.0.9") as c:
+            for _ in range(8):
+                await c.get()
+        assert [s for _, s in c.sent] == [302] * 5 + [429] * 3
+        assert gw.pipeline.via_coroutine == 0  # decided and added without waiting
+    assert int(redis_server.client().get("ip:10.4.0.9")) == 8
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 async def test_every_redis_mode_reports_the_same_remaining_quota(
     redis_server: RedisServer, redis_mode: str, algorithm: str
