@@ -19,6 +19,10 @@ rest of a server's duties, per connection:
   stall longer than that between reads (408 either way); an idle keep-alive
   connection is closed after `--keepalive-timeout-s`;
 - `--max-connections` (503 and close beyond it) and the graceful drain;
+- a lingering close when the connection ends with more of the client's input on its way (a
+  request refused before its end, an upgrade, an upstream that answered before the body was
+  sent): the write side closes first and the rest is read and dropped, so the kernel does not
+  reset the connection, and lose the answer, before the client has read it (RFC 9112 9.6);
 - backpressure: reading pauses while the socket's write buffer is above its
   high-water mark, while too many responses wait in order, or while too many
   held bytes wait for a flush;
@@ -62,6 +66,10 @@ MAX_QUEUED = 64
 MAX_HELD = 1024
 # A read larger than this is parsed in slices of it, checking those bounds in between.
 SLICE = 4096
+# A lingering close (see `_Connection._close`) reads and drops the client's input for at most
+# this long (and no longer than the request timeout) and this many bytes, then closes.
+LINGER_S = 2.0
+LINGER_BYTES = 64 * 1024 * 1024
 
 # Header fields the front end reads, by name as sent most often and in lower case.
 (
@@ -373,8 +381,9 @@ class _Connection(Deferred, asyncio.Protocol):
     # parser callbacks, which run for every request, takes the slow generic path.
     __slots__ = (
         "abort_at", "backlog", "body_bytes", "chunked", "chunks", "close_when_released", "closing", "commit",
-        "connection", "content_length", "expect", "fields", "framing", "head_bytes", "head_size", "headers",
-        "held", "host", "hosts", "http10", "parser", "paused_since", "peer",
+        "connection", "content_length", "ended", "expect", "fields", "framing", "head_bytes", "head_size",
+        "headers", "held", "host", "hosts", "http10", "linger", "linger_until", "lingered", "parser",
+        "paused_since", "peer",
         "phase", "pipeline", "queue", "rare", "read_paused", "referer", "resume_scheduled", "served", "server",
         "since", "transfer_encoding", "upgrade", "url", "user_agent", "waiting", "websocket_key",
         "write_paused", "xff",
@@ -435,6 +444,12 @@ class _Connection(Deferred, asyncio.Protocol):
         self.chunks = 0
         self.connection: bytes | None = None
         self.abort_at = 0.0
+        # The close is to linger: the client may still be sending (see _close). Once lingering,
+        # until when, and the bytes dropped so far.
+        self.linger = False
+        self.linger_until = 0.0
+        self.lingered = 0
+        self.ended = False  # the client ended its side (EOF): nothing more will come
 
     # -- connection events ----------------------------------------------------------
 
@@ -465,7 +480,12 @@ class _Connection(Deferred, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
-            return  # a request asked to close, or a malformed one was answered: nothing more is read
+            # A request asked to close, or a malformed one was answered: nothing more is parsed.
+            if self.linger_until:
+                self.lingered += len(data)
+                if self.lingered > LINGER_BYTES and self.transport is not None:
+                    self.transport.close()
+            return
         if self.backlog is not None:
             self.backlog += data  # reading was paused while a read was on its way
             return
@@ -513,7 +533,8 @@ class _Connection(Deferred, asyncio.Protocol):
                 raise
         except httptools.HttpParserUpgrade:
             # The request before the upgrade was answered as any other; the gateway speaks no other
-            # protocol, so the connection ends after the answers.
+            # protocol, so the connection ends after the answers (and the other protocol's bytes).
+            self.linger = True
             self._finish()
         except httptools.HttpParserInvalidURLError:
             self._reject(400, "invalid request target")
@@ -530,6 +551,11 @@ class _Connection(Deferred, asyncio.Protocol):
             self._reject(431, "chunk framing or trailer fields too large")
 
     def eof_received(self) -> bool | None:
+        self.ended = True  # the client sent all it will: a close has nothing to wait for
+        if self.linger_until:
+            if self.transport is not None:
+                self.transport.close()  # the end of a lingering close
+            return True
         # A half-closed client still gets the answers to the requests it completed.
         self._finish()
         return True
@@ -544,8 +570,8 @@ class _Connection(Deferred, asyncio.Protocol):
 
     def _update_reading(self) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
+        if transport is None or transport.is_closing() or self.linger_until:
+            return  # lingering reads on, whatever else is paused
         pause = self.write_paused or self._saturated()
         if pause != self.read_paused:
             self.read_paused = pause
@@ -705,6 +731,7 @@ class _Connection(Deferred, asyncio.Protocol):
             head = 4
         elif method == b"CONNECT":
             self._send_ready(_plain(405, "CONNECT is not supported"), True)
+            self.linger = True  # the client may send what it meant for the tunnel
             self._finish()
             return
         else:
@@ -868,6 +895,9 @@ class _Connection(Deferred, asyncio.Protocol):
     def _reject(self, status: int, reason: str = "", bad: bool = True) -> None:
         if bad:
             self.server.bad_requests += 1
+            # The rest of what was refused (a body, the bytes after a malformed head) may be on
+            # its way. Not after a timeout: that client is slow or gone, and waits no longer.
+            self.linger = True
         if self.closing:
             return
         self._send_ready(_plain(status, reason), True)
@@ -918,6 +948,10 @@ class _Connection(Deferred, asyncio.Protocol):
                 self.abort_at = now + self.server.request_timeout
             elif now >= self.abort_at:
                 transport.abort()
+            return
+        if self.linger_until:
+            if now >= self.linger_until:
+                transport.close()  # the client had its time to finish sending and read the answer
             return
         if self.read_paused:
             # Reading stopped because the client does not read its answers: no head timer runs
@@ -970,8 +1004,23 @@ class _Connection(Deferred, asyncio.Protocol):
     def _close(self) -> None:
         """Close once what is written (pending in the outbox too) went out."""
         self.flush_out()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if self.linger and not self.ended and not transport.is_closing() and transport.can_write_eof():
+            # More of the client's input may be on its way. Closed now, the socket would answer
+            # it with a reset, which can discard the last answer at the client before it is read
+            # (RFC 9112 9.6). So the write side closes first (after the answer), what still comes
+            # is read and dropped, and the connection closes when the client ends its side, or
+            # after LINGER_S (the request timeout if shorter) or LINGER_BYTES.
+            self.linger = False
+            self.linger_until = self.server.now + min(LINGER_S, self.server.request_timeout)
+            transport.write_eof()
+            if self.read_paused:
+                self.read_paused = False
+                transport.resume_reading()
+            return
+        transport.close()
 
     def abort(self) -> None:
         self.out = None

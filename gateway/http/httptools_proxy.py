@@ -163,6 +163,8 @@ class ProxyConnection(_Connection):
         if ex.close_after or not ex.keep_alive or not ex.body_done:
             self.closing = True
             self.exchanges.clear()
+            if not ex.body_done:
+                self.linger = True  # answered before its body was read: the rest may be on its way
             self._close()
             return
         if self.exchanges:
@@ -261,6 +263,9 @@ class ProxyConnection(_Connection):
         super()._reject(status, reason, bad)
 
     def eof_received(self) -> bool | None:
+        if self.linger_until:
+            return _Connection.eof_received(self)  # the end of a lingering close
+        self.ended = True
         ex = self._drop_partial()
         if ex is None:
             return super().eof_received()

@@ -229,6 +229,63 @@ async def test_body_over_the_limit_gets_413(redis_server: RedisServer, http: str
     assert _count(redis_server) == 0
 
 
+async def _send_all(writer: asyncio.StreamWriter, size: int) -> int:
+    """Write `size` bytes, draining as it goes; the bytes written before the connection failed."""
+    sent = 0
+    chunk = b"x" * 65536
+    try:
+        while sent < size:
+            writer.write(chunk)
+            await asyncio.wait_for(writer.drain(), 10)
+            sent += len(chunk)
+    except ConnectionError:
+        pass
+    return sent
+
+
+async def test_a_refused_upload_is_read_and_dropped_before_the_close(redis_server: RedisServer) -> None:
+    # Refused from its head, the body still comes. Closed at once, the gateway's socket would
+    # answer it with a reset (the upload fails, and the 413 may be lost with it): the close
+    # lingers instead, so the client sends its body to the end and then reads the answer.
+    async with running_gateway(_cfg(redis_server, "httptools", max_body_bytes=1000)) as (gw, base):
+        reader, writer = await _open(base)
+        size = 8 * 1024 * 1024
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        assert await _send_all(writer, size) == size
+        status, headers, _ = await _read_response(reader)
+        assert status == 413 and headers["connection"] == "close"
+        assert await _closed(reader)  # the gateway ended its side after the answer
+        writer.close()
+        await eventually(lambda: gw.stats()["connections"]["open"] == 0, timeout=5)
+    assert _count(redis_server) == 0
+
+
+async def test_a_lingering_close_ends_when_the_client_does_not(redis_server: RedisServer) -> None:
+    # A client that neither ends its side nor sends more is closed on once the linger (here the
+    # request timeout, the shorter) ran out; so is one that sends too much.
+    cfg = _cfg(redis_server, "httptools", max_body_bytes=1000, request_timeout_s=0.5)
+    async with running_gateway(cfg) as (gw, base):
+        reader, writer = await _open(base)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        assert (await _read_response(reader))[0] == 413
+        assert await _closed(reader)
+        assert gw.stats()["connections"]["open"] == 1  # lingering: the client may still send
+        t0 = time.monotonic()
+        await eventually(lambda: gw.stats()["connections"]["open"] == 0, timeout=5)
+        assert time.monotonic() - t0 < 2
+        writer.close()
+    async with running_gateway(_cfg(redis_server, "httptools", max_body_bytes=1000)) as (gw, base):
+        reader, writer = await _open(base)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+        t0 = time.monotonic()
+        sent = await _send_all(writer, 256 * 1024 * 1024)
+        # Cut off past the linger's byte bound (64 MiB), well before its time bound (2 s).
+        assert 64 * 1024 * 1024 <= sent < 256 * 1024 * 1024
+        assert time.monotonic() - t0 < 2
+        writer.close()
+        await eventually(lambda: gw.stats()["connections"]["open"] == 0, timeout=5)
+
+
 async def test_slow_head_gets_408(redis_server: RedisServer, http: str) -> None:
     async with running_gateway(_cfg(redis_server, http, request_timeout_s=0.5)) as (gw, base):
         reader, writer = await _open(base)

@@ -23,10 +23,12 @@ class RecordingTransport:
     def __init__(self) -> None:
         self.data: list[bytes] = []
         self.closed = False
+        self.ended = False  # write_eof: the write side is closed (a lingering close)
         self.reading = True
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
+        assert not self.ended, "write after write_eof"
         self.data.append(bytes(data))
 
     def writelines(self, data: list[bytes]) -> None:
@@ -35,6 +37,12 @@ class RecordingTransport:
 
     def close(self) -> None:
         self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.ended = True
 
     def abort(self) -> None:
         self.closed = True
@@ -158,8 +166,49 @@ def test_malformed_after_valid_answers_in_order_then_closes(cut: int) -> None:
     conn.data_received(stream[:cut])
     conn.data_received(stream[cut:])
     assert _statuses(transport.output) == [302, 302, 400]
+    # The rest of what was refused may follow: the write side closes, the rest is dropped, and
+    # the connection closes when the client ends its side.
+    assert transport.ended and not transport.closed
+    conn.data_received(b"Host: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _statuses(transport.output) == [302, 302, 400]
+    conn.eof_received()
     assert transport.closed
     assert front.pipeline.requests == 2
+
+
+@pytest.mark.parametrize(("timeout", "closes_at"), [(10.0, 102.0), (0.5, 100.5)])
+def test_a_lingering_close_is_bounded_in_time_and_bytes(timeout: float, closes_at: float) -> None:
+    from gateway.http.httptools_impl import LINGER_BYTES
+
+    front = _front(max_body_bytes=10, request_timeout_s=timeout)
+    front.now = 100.0
+    conn, transport = _connect(front)
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    assert _statuses(transport.output) == [413] and transport.ended
+    conn.check_timeouts(closes_at - 0.01)
+    assert not transport.closed
+    conn.check_timeouts(closes_at)  # 2 s, or the request timeout if shorter
+    assert transport.closed
+    conn, transport = _connect(front)
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+    for _ in range(LINGER_BYTES // 65536):
+        conn.data_received(b"x" * 65536)
+    assert transport.ended and not transport.closed
+    conn.data_received(b"x")
+    assert transport.closed
+
+
+def test_no_lingering_after_a_timeout_or_a_client_that_ended_its_side() -> None:
+    front = _front(max_body_bytes=10)
+    front.now = 100.0
+    conn, transport = _connect(front)
+    conn.data_received(b"GET / HTTP/1.1\r\nHo")
+    conn.check_timeouts(111.0)
+    assert _statuses(transport.output) == [408] and transport.closed and not transport.ended
+    conn, transport = _connect(front)
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
+    conn.eof_received()  # half-closed mid-body: nothing more will come
+    assert transport.closed and not transport.ended
 
 
 def test_held_responses_wait_for_the_commit_in_order() -> None:
@@ -304,9 +353,9 @@ def test_trailer_fields_are_bounded() -> None:
     conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Big: ")
     for _ in range(10):
         conn.data_received(b"a" * 4096)
-        if transport.closed:
+        if transport.ended:
             break
-    assert _statuses(transport.output) == [431] and transport.closed
+    assert _statuses(transport.output) == [431] and transport.ended
     assert front.pipeline.requests == 0
 
 
