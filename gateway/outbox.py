@@ -12,7 +12,8 @@ delay is the rest of the iteration that made them, and nothing more.
 A `Deferred` (a client connection, an upstream connection) routes every write
 through `queue_write`, so its bytes keep their order; it calls `flush_out` before it
 closes its transport (a close after a write must not overtake it) and drops what
-is pending when it aborts.
+is pending when it aborts. Once it has closed its write side (`shut`, after
+`write_eof`), nothing more is written: the transport would refuse it.
 """
 
 from __future__ import annotations
@@ -79,12 +80,14 @@ def outbox(loop: asyncio.AbstractEventLoop) -> Outbox:
 class Deferred:
     """A protocol whose writes wait for the end of the loop iteration (`Outbox`)."""
 
-    # Set by the protocol: its transport, its loop's outbox, and what waits to be written.
-    __slots__ = ("out", "out_bytes", "outbox", "transport")
+    # Set by the protocol: its transport, its loop's outbox, what waits to be written, and
+    # whether its write side is closed (write_eof: a write would raise).
+    __slots__ = ("out", "out_bytes", "outbox", "shut", "transport")
     transport: asyncio.Transport | None
     outbox: Outbox
     out: list[bytes] | None
     out_bytes: int
+    shut: bool
 
     def queue_write(self, data: bytes) -> None:
         out = self.out
@@ -108,7 +111,7 @@ class Deferred:
         if self.out is not None:
             self.flush_out()
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and not self.shut:
             transport.write(data)
 
     def flush_out(self) -> None:
@@ -118,5 +121,5 @@ class Deferred:
             return
         self.out = None
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and not self.shut:
             transport.write(out[0] if len(out) == 1 else b"".join(out))

@@ -397,6 +397,7 @@ class _Connection(Deferred, asyncio.Protocol):
         self.outbox = server.outbox
         self.out: list[bytes] | None = None
         self.out_bytes = 0
+        self.shut = False  # the write side is closed (a lingering close)
         self.parser = httptools.HttpRequestParser(self)
         self.peer: str | None = None
         # The head's fields, in order, for a front end that passes the head on (None: not kept).
@@ -730,8 +731,8 @@ class _Connection(Deferred, asyncio.Protocol):
         if method == b"HEAD":
             head = 4
         elif method == b"CONNECT":
-            self._send_ready(_plain(405, "CONNECT is not supported"), True)
             self.linger = True  # the client may send what it meant for the tunnel
+            self._send_ready(_plain(405, "CONNECT is not supported"), True)
             self._finish()
             return
         else:
@@ -918,7 +919,7 @@ class _Connection(Deferred, asyncio.Protocol):
         self.commit = None
         transport = self.transport
         held = self.held
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.shut:
             held.clear()
             return
         if held:
@@ -980,7 +981,11 @@ class _Connection(Deferred, asyncio.Protocol):
     def drain(self) -> None:
         """Shutdown: close now if nothing is owed; else the connection closes after its last
         answer, which says so (Connection: close): the request being read is answered so as it
-        completes (`draining`), and an answer already made is rewritten, waiting or held."""
+        completes (`draining`), and an answer already made is rewritten, waiting or held. A
+        lingering close ends now."""
+        if self.shut and self.transport is not None:
+            self.transport.close()
+            return
         if self.phase != IDLE or self.transport is None:
             return
         if not self.waiting and self.commit is None:
@@ -1005,9 +1010,15 @@ class _Connection(Deferred, asyncio.Protocol):
         """Close once what is written (pending in the outbox too) went out."""
         self.flush_out()
         transport = self.transport
-        if transport is None:
-            return
-        if self.linger and not self.ended and not transport.is_closing() and transport.can_write_eof():
+        if transport is None or self.shut:
+            return  # lingering already: it ends on the client's EOF or its bounds
+        if (
+            self.linger
+            and not self.ended
+            and not self.server.draining
+            and not transport.is_closing()
+            and transport.can_write_eof()
+        ):
             # More of the client's input may be on its way. Closed now, the socket would answer
             # it with a reset, which can discard the last answer at the client before it is read
             # (RFC 9112 9.6). So the write side closes first (after the answer), what still comes
@@ -1016,6 +1027,7 @@ class _Connection(Deferred, asyncio.Protocol):
             self.linger = False
             self.linger_until = self.server.now + min(LINGER_S, self.server.request_timeout)
             transport.write_eof()
+            self.shut = True  # nothing is written after this (an answer settling late is dropped)
             if self.read_paused:
                 self.read_paused = False
                 transport.resume_reading()

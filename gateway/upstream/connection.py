@@ -95,6 +95,7 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         self.outbox = outbox(self.loop)
         self.out: list[bytes] | None = None
         self.out_bytes = 0
+        self.shut = False
         self.parser = httptools.HttpResponseParser(self)
         self.last_activity = self.loop.time()
         self.requests = 0

@@ -24,11 +24,14 @@ class RecordingTransport:
         self.data: list[bytes] = []
         self.closed = False
         self.ended = False  # write_eof: the write side is closed (a lingering close)
+        self.refused: list[bytes] = []  # writes after write_eof
         self.reading = True
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
-        assert not self.ended, "write after write_eof"
+        if self.ended:
+            self.refused.append(bytes(data))  # recorded: raised inside a loop callback, it would be lost
+            raise RuntimeError("Cannot call write() after write_eof()")  # as uvloop's
         self.data.append(bytes(data))
 
     def writelines(self, data: list[bytes]) -> None:
@@ -198,7 +201,81 @@ def test_a_lingering_close_is_bounded_in_time_and_bytes(timeout: float, closes_a
     assert transport.closed
 
 
-def test_no_lingering_after_a_timeout_or_a_client_that_ended_its_side() -> None:
+class Gated(Backend):
+    """Each increment waits for its own future (`gates`, in request order); a cancelled one
+    escapes the request path, which the front end answers 500 and closes after."""
+
+    name = "gated"
+    task_free = True
+
+    def __init__(self, config: Config, n: int) -> None:
+        super().__init__(config)
+        loop = __import__("asyncio").get_running_loop()
+        self.gates = [loop.create_future() for _ in range(n)]
+        self.calls = 0
+
+    async def incr(self, key: str) -> int:
+        gate = self.gates[self.calls]
+        self.calls += 1
+        return await gate  # type: ignore[no-any-return]
+
+
+def test_answers_settling_after_a_lingering_close_began_are_dropped() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        backend = Gated(Config(mode="raw"), 2)
+        front = _front(backend)
+        front.loop = asyncio.get_running_loop()
+        conn, transport = _connect(front)
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        backend.gates[0].cancel()  # the first answer is a 500 that ends the connection
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert _statuses(transport.output) == [500] and transport.ended
+        backend.gates[1].set_result(1)  # the second settles after the write side closed
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert _statuses(transport.output) == [500] and transport.refused == []
+        conn.eof_received()
+        assert transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_ended_its_side_is_not_lingered_for() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        backend = Gated(Config(mode="raw"), 1)
+        front = _front(backend)
+        front.loop = asyncio.get_running_loop()
+        conn, transport = _connect(front)
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        conn.eof_received()  # all it will send is in: the 400's close need not wait for more
+        backend.gates[0].set_result(1)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert _statuses(transport.output) == [302, 400]
+        assert transport.closed and not transport.ended
+
+    asyncio.run(scenario())
+
+
+def test_connect_lingers_and_the_drain_ends_a_linger() -> None:
+    front = _front()
+    conn, transport = _connect(front)
+    conn.data_received(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n\x16\x03\x01")
+    assert _statuses(transport.output) == [405] and transport.ended and not transport.closed
+    conn.drain()  # shutting down: the linger ends at once
+    assert transport.closed
+    conn, transport = _connect(front)
+    front.draining = True
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
+    assert _statuses(transport.output) == [413] and transport.closed and not transport.ended  # no linger
+
+
+def test_no_lingering_after_a_timeout_or_a_half_close_mid_body() -> None:
     front = _front(max_body_bytes=10)
     front.now = 100.0
     conn, transport = _connect(front)

@@ -18,6 +18,7 @@ def Writer(box: Outbox) -> Deferred:
     w.outbox = box
     w.out = None
     w.out_bytes = 0
+    w.shut = False
     return w
 
 
@@ -130,3 +131,14 @@ def test_an_outbox_does_not_keep_its_loop_alive() -> None:
     gc.collect()
     assert ref() is None
     assert isinstance(WRITE_NOW, Outbox)
+
+
+def test_nothing_is_written_once_the_write_side_is_shut() -> None:
+    # After write_eof (a lingering close) a transport refuses writes: a writer then drops them.
+    w = Writer(WRITE_NOW)
+    w.queue_write(b"before")
+    w.shut = True
+    w.queue_write(b"after")
+    w.write_now(b"now")
+    w.flush_out()
+    assert w.transport is not None and w.transport.data == [b"before"]  # type: ignore[attr-defined]
