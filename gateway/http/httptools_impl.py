@@ -1025,7 +1025,11 @@ class _Connection(Deferred, asyncio.Protocol):
             # is read and dropped, and the connection closes when the client ends its side, or
             # after LINGER_S (the request timeout if shorter) or LINGER_BYTES.
             self.linger = False
-            self.linger_until = self.server.now + min(LINGER_S, self.server.request_timeout)
+            # From the loop's clock, not the ticked one (up to a tick old: a second by default,
+            # half the linger); the ticker then closes within a tick after the deadline.
+            loop = self.server.loop
+            now = loop.time() if loop is not None else self.server.now
+            self.linger_until = now + min(LINGER_S, self.server.request_timeout)
             transport.write_eof()
             self.shut = True  # nothing is written after this (an answer settling late is dropped)
             if self.read_paused:
