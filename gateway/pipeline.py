@@ -422,9 +422,19 @@ class Pipeline:
                 self._failed(err)
             except Exception as exc:
                 self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
-        elif self._adds_at_once and self.limiter is None:
+        elif self._adds_at_once:
+            # Batched without acknowledgement: decided (with a limit) and added in line, as
+            # `_admit` does it, without its coroutine.
+            limiter = self.limiter
+            decision = self.backend.decide_local(key) if limiter is not None else None
             if self._add_now(key):
-                exchange.answer(self.denied)  # 503 (deny policy): nothing is forwarded
+                refusal: Response | None = self.denied  # 503 (deny policy)
+            elif limiter is not None and decision is not None:
+                refusal = self._decide_forward(exchange, limiter, key[len(self._prefix) :], decision)
+            else:
+                refusal = None
+            if refusal is not None:
+                exchange.answer(refusal)  # 503 or 429: nothing is forwarded
                 exchange.on_done(exchange, None)
                 return None
         else:

@@ -981,11 +981,14 @@ async def test_connection_lifecycle_limits(upstream: Upstream) -> None:
 # -- rate limits (--limit) with the proxy as the action --------------------------------------------------
 
 
-@pytest.mark.parametrize("limit_mode", ["raw", "multiplexed", "batched"])
+@pytest.mark.parametrize("limit_mode", ["raw", "multiplexed", "batched", "batched-noack"])
 async def test_limited_requests_get_429_and_never_reach_the_upstream(
     upstream: Upstream, redis_server: RedisServer, limit_mode: str
 ) -> None:
-    config = proxy_config([upstream.url], redis_server.url, limit_mode, limit=parse_rate("3/min"), limit_headers=True)
+    mode, _, variant = limit_mode.partition("-")
+    extra = {"batch_ack": "none"} if variant == "noack" else {}
+    config = proxy_config([upstream.url], redis_server.url, mode, limit=parse_rate("3/min"), limit_headers=True,
+                          **extra)  # fmt: skip
     async with proxy(config) as (gw, base):
         statuses, fields = [], []
         async with aiohttp.ClientSession() as s:
@@ -1001,6 +1004,8 @@ async def test_limited_requests_get_429_and_never_reach_the_upstream(
         assert all(policy == '"default";q=3;w=60' for policy, _ in fields), fields
         assert [f[1].split(";")[1] for f in fields] == ["r=2", "r=1", "r=0", "r=0", "r=0"], fields
         assert gw.stats()["upstream"]["servers"][upstream.url.removeprefix("http://")]["requests"] == 3
+        if variant == "noack":
+            assert gw.pipeline.via_coroutine == 0  # decided and added in line
         _pool_clean(gw)
     # The total counter counts every request, refused ones included, as without the proxy.
     assert redis_server.client().get("ip:127.0.0.1") == b"5"
