@@ -304,17 +304,11 @@ class Pipeline:
         try:
             self.backend.incr_now(key)
         except AccountingError as err:
-            failure, cause = err, None
+            return self._failed_since(started, err, None)
         except Exception as exc:  # a bug in a backend must not become a 500 storm
-            failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
-        else:
-            self.latency.observe(perf_counter() - started)
-            self.counted += 1
-            if self.failure_log.failing:
-                self.failure_log.success()
-            return False
-        self.latency.observe(perf_counter() - started)
-        return self._failed(failure, cause)
+            return self._failed_since(started, AccountingError(errors.INTERNAL, repr(exc)), exc)
+        self._succeeded_since(started)
+        return False
 
     def _outcome(
         self, path: str, started: float, value: int | None, failure: AccountingError | None, cause: BaseException | None
@@ -422,29 +416,17 @@ class Pipeline:
                 self._failed(err)
             except Exception as exc:
                 self._failed(AccountingError(errors.INTERNAL, repr(exc)), exc)
-        elif self._adds_at_once:
-            # Batched without acknowledgement: decided (with a limit) and added in line, as
-            # `_admit` does it, without its coroutine.
-            limiter = self.limiter
-            decision = self.backend.decide_local(key) if limiter is not None else None
-            if self._add_now(key):
-                refusal: Response | None = self.denied  # 503 (deny policy)
-            elif limiter is not None and decision is not None:
-                refusal = self._decide_forward(exchange, limiter, key[len(self._prefix) :], decision)
-            else:
-                refusal = None
-            if refusal is not None:
-                exchange.answer(refusal)  # 503 or 429: nothing is forwarded
-                exchange.on_done(exchange, None)
-                return None
         else:
             ip = key[len(self._prefix) :]  # the key is the prefix and the client's address
-            if not (self.holds and self._decides_locally):
+            if self._adds_at_once:
+                refusal = self._admit_now(exchange, key, ip)
+            elif self.holds and self._decides_locally:
+                refusal = self._admit_held(exchange, key, ip)
+            else:
                 self.via_coroutine += 1
                 return self._account_then_forward(exchange, key, ip)
-            refusal = self._admit_held(exchange, key, ip)
             if refusal is not None:
-                exchange.answer(refusal)  # 429: nothing is forwarded
+                exchange.answer(refusal)  # 503 (deny policy) or 429: nothing is forwarded
                 exchange.on_done(exchange, None)
                 return None
         proxy.forward(exchange)
@@ -460,6 +442,17 @@ class Pipeline:
             return
         assert self.proxy is not None
         self.proxy.forward(exchange)
+
+    def _admit_now(self, exchange: Exchange, key: str, ip: str) -> Response | None:
+        """`_admit` when nothing waits: batched without acknowledgement, the increment added in
+        line (`incr_now`) and any limit decided locally."""
+        limiter = self.limiter
+        decision = self.backend.decide_local(key) if limiter is not None else None
+        if self._add_now(key):
+            return self.denied
+        if limiter is not None and decision is not None:
+            return self._decide_forward(exchange, limiter, ip, decision)
+        return None
 
     def _admit_held(self, exchange: Exchange, key: str, ip: str) -> Response | None:
         """`_admit` when nothing waits: batched, the response held until the flush settles, and
@@ -513,14 +506,23 @@ class Pipeline:
         except Exception as exc:  # a bug in a backend must not become a 500 storm
             failure, cause = AccountingError(errors.INTERNAL, repr(exc)), exc
         else:
-            self.latency.observe(perf_counter() - started)
-            self.counted += 1
-            if self.failure_log.failing:
-                self.failure_log.success()
+            self._succeeded_since(started)
             return value
-        self.latency.observe(perf_counter() - started)
-        self._failed(failure, cause)
+        self._failed_since(started, failure, cause)
         return failure
+
+    def _succeeded_since(self, started: float) -> None:
+        """An accounting call begun at `started` succeeded: time and count it."""
+        self.latency.observe(perf_counter() - started)
+        self.counted += 1
+        if self.failure_log.failing:
+            self.failure_log.success()
+
+    def _failed_since(self, started: float, failure: AccountingError, cause: BaseException | None) -> bool:
+        """An accounting call begun at `started` failed: time it, count and log the failure; True
+        when policy says deny."""
+        self.latency.observe(perf_counter() - started)
+        return self._failed(failure, cause)
 
     def _decided(self, ip: str, decision: Decision, path: str) -> Response:
         limiter = self.limiter

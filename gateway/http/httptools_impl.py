@@ -445,8 +445,8 @@ class _Connection(Deferred, asyncio.Protocol):
         self.chunks = 0
         self.connection: bytes | None = None
         self.abort_at = 0.0
-        # The close is to linger: the client may still be sending (see _close). Once lingering,
-        # until when, and the bytes dropped so far.
+        # The close is to linger: the client may still be sending (see _close). Once lingering
+        # (`shut`), until when, and the bytes dropped so far.
         self.linger = False
         self.linger_until = 0.0
         self.lingered = 0
@@ -482,7 +482,7 @@ class _Connection(Deferred, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             # A request asked to close, or a malformed one was answered: nothing more is parsed.
-            if self.linger_until:
+            if self.shut:
                 self.lingered += len(data)
                 if self.lingered > LINGER_BYTES and self.transport is not None:
                     self.transport.close()
@@ -553,7 +553,7 @@ class _Connection(Deferred, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.ended = True  # the client sent all it will: a close has nothing to wait for
-        if self.linger_until:
+        if self.shut:
             if self.transport is not None:
                 self.transport.close()  # the end of a lingering close
             return True
@@ -571,7 +571,7 @@ class _Connection(Deferred, asyncio.Protocol):
 
     def _update_reading(self) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing() or self.linger_until:
+        if transport is None or transport.is_closing() or self.shut:
             return  # lingering reads on, whatever else is paused
         pause = self.write_paused or self._saturated()
         if pause != self.read_paused:
@@ -950,7 +950,7 @@ class _Connection(Deferred, asyncio.Protocol):
             elif now >= self.abort_at:
                 transport.abort()
             return
-        if self.linger_until:
+        if self.shut:
             if now >= self.linger_until:
                 transport.close()  # the client had its time to finish sending and read the answer
             return

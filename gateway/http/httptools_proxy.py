@@ -263,7 +263,7 @@ class ProxyConnection(_Connection):
         super()._reject(status, reason, bad)
 
     def eof_received(self) -> bool | None:
-        if self.linger_until:
+        if self.shut:
             return _Connection.eof_received(self)  # the end of a lingering close
         self.ended = True
         ex = self._drop_partial()

@@ -220,14 +220,20 @@ class Gated(Backend):
         return await gate  # type: ignore[no-any-return]
 
 
+def _gated(n: int) -> tuple[Gated, _Connection, RecordingTransport]:
+    """A connection on the running loop whose first `n` increments wait for `Gated.gates`."""
+    backend = Gated(Config(mode="raw"), n)
+    front = _front(backend)
+    front.loop = __import__("asyncio").get_running_loop()
+    conn, transport = _connect(front)
+    return backend, conn, transport
+
+
 def test_answers_settling_after_a_lingering_close_began_are_dropped() -> None:
     import asyncio
 
     async def scenario() -> None:
-        backend = Gated(Config(mode="raw"), 2)
-        front = _front(backend)
-        front.loop = asyncio.get_running_loop()
-        conn, transport = _connect(front)
+        backend, conn, transport = _gated(2)
         conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
         backend.gates[0].cancel()  # the first answer is a 500 that ends the connection
         for _ in range(5):
@@ -247,10 +253,7 @@ def test_a_client_that_ended_its_side_is_not_lingered_for() -> None:
     import asyncio
 
     async def scenario() -> None:
-        backend = Gated(Config(mode="raw"), 1)
-        front = _front(backend)
-        front.loop = asyncio.get_running_loop()
-        conn, transport = _connect(front)
+        backend, conn, transport = _gated(1)
         conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nBad Header\r\n\r\n")
         conn.eof_received()  # all it will send is in: the 400's close need not wait for more
         backend.gates[0].set_result(1)
