@@ -326,6 +326,10 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         framing = UNTIL_CLOSE
         if self.head_method or status in (204, 304):
             framing = NO_BODY
+            if status == 204 and (self.length or self.coded):
+                # RFC 9110 8.6: a 204 has no length. The bytes it announced may still come and
+                # would be read as the next request's response: never reuse this connection.
+                self.doubt = True
         elif self.coded and (codings := transfer_codings(field_pairs(fields))):
             # RFC 9112 6.3: chunked last delimits the body; any other last coding (gzip alone)
             # means the body runs until the close, as llhttp reads it.
@@ -340,6 +344,10 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
             raise _NoBody
 
     def on_body(self, body: bytes) -> None:
+        if self.interim:
+            # RFC 9110 15.2: a 1xx ends with its head. llhttp reads a body for a 1xx other than
+            # 100, 102 and 103 that announces one; it must not reach the client (502, discarded).
+            raise ValueError(f"a {self.parser.get_status_code()} interim response with content")
         self.body_seen = True
         sink = self.sink
         if sink is not None:

@@ -244,6 +244,56 @@ async def test_a_204_with_a_body_reaches_the_client_without_it_or_its_length() -
         await up.stop()
 
 
+async def test_a_204_with_a_length_is_not_reused_so_its_late_body_answers_nobody() -> None:
+    # The 204's announced bytes come after it, shaped like a response: on a reused connection
+    # they would be read as the next request's answer.
+    late = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTOLEN"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_head(reader)
+            if b"/204" in head.split(b"\r\n", 1)[0]:
+                writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: %d\r\n\r\n" % len(late))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(late)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nreal-2")
+            await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            # Pipelined: the second request is forwarded as soon as the 204 is in, before its late bytes.
+            reply = await raw_exchange(
+                base, b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert reply.startswith(b"HTTP/1.1 204")
+            assert reply.endswith(b"\r\n\r\nreal-2") and b"STOLEN" not in reply, reply
+            assert up.connections == 2
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
+async def test_a_1xx_with_content_is_a_502_and_none_of_it_reaches_the_client() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 150 Odd\r\nContent-Length: 7\r\n\r\nGARBAGE")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            reply = await raw_exchange(base, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 502"), reply
+            assert b"GARBAGE" not in reply
+            _pool_clean(gw)
+    finally:
+        await up.stop()
+
+
 async def test_large_bodies_stream_with_bounded_memory(upstream: Upstream) -> None:
     size = 50 * 1024 * 1024
     block = b"q" * (1024 * 1024)
