@@ -41,9 +41,11 @@ def parse_redirect(reply: Reply, default_host: str) -> Redirect | None:
         return None
     host, _sep, port = parts[2].rpartition(":")
     try:
-        return Redirect(parts[0] == "ASK", int(parts[1]), host.strip("[]") or default_host, int(port))
+        redirect = Redirect(parts[0] == "ASK", int(parts[1]), host.strip("[]") or default_host, int(port))
     except ValueError:
         return None
+    # A slot outside the map would index past it (or, negative, name another slot).
+    return redirect if 0 <= redirect.slot < SLOTS else None
 
 
 class SlotRange(NamedTuple):
@@ -59,15 +61,19 @@ def parse_cluster_slots(reply: Reply, default_host: str) -> list[SlotRange]:
         raise ValueError(f"CLUSTER SLOTS answered {reply!r}")
     out = []
     for entry in reply:
-        if not isinstance(entry, list) or len(entry) < 3 or not isinstance(entry[2], list):
+        # A node's reply is checked whole before use: a master entry without host and port, or
+        # a range outside 0..16383, is a bad reply (the next node is asked), never an IndexError.
+        if not isinstance(entry, list) or len(entry) < 3 or not isinstance(entry[2], list) or len(entry[2]) < 2:
             raise ValueError(f"unexpected CLUSTER SLOTS entry {entry!r}")
         start, end, master = entry[0], entry[1], entry[2]
+        if not (isinstance(start, int) and isinstance(end, int) and isinstance(master[1], int)):
+            raise ValueError(f"unexpected CLUSTER SLOTS entry {entry!r}")
+        if not 0 <= start <= end < SLOTS:
+            raise ValueError(f"CLUSTER SLOTS range {start}..{end} outside 0..{SLOTS - 1}")
         raw_host = master[0]
         host = raw_host.decode() if isinstance(raw_host, bytes) else str(raw_host or "")
         if host in ("", "?"):
             host = default_host
-        if not (isinstance(start, int) and isinstance(end, int) and isinstance(master[1], int)):
-            raise ValueError(f"unexpected CLUSTER SLOTS entry {entry!r}")
         out.append(SlotRange(start, end, host, master[1]))
     return out
 

@@ -33,6 +33,8 @@ def test_redirects() -> None:
     assert parse_redirect(ReplyError("ERR no"), "h") is None
     assert parse_redirect(ReplyError("MOVED x y:z"), "h") is None
     assert parse_redirect(5, "h") is None
+    assert parse_redirect(ReplyError("MOVED 16384 h:7000"), "h") is None
+    assert parse_redirect(ReplyError("MOVED -1 h:7000"), "h") is None
 
 
 def test_cluster_slots() -> None:
@@ -43,6 +45,10 @@ def test_cluster_slots() -> None:
         parse_cluster_slots(ReplyError("ERR This instance has cluster support disabled"), "h")
     with pytest.raises(ValueError):
         parse_cluster_slots([[0, 1]], "h")
+    # A bad node's reply is refused whole, never an IndexError that stops the gateway.
+    for bad in ([[0, 16383, []]], [[0, 16384, [b"h", 7000]]], [[-1, 5, [b"h", 7000]]], [[9, 5, [b"h", 7000]]]):
+        with pytest.raises(ValueError):
+            parse_cluster_slots(bad, "h")
 
 
 def test_slot_tags_cover_every_slot() -> None:
