@@ -440,6 +440,10 @@ class Pool(Generic[C]):
                 # Cancelled mid-check: the check's reply is outstanding, so release discards it.
                 self.release(conn)
                 raise
+            # A sweep during the check may have replaced the deque (dropping emptied
+            # generations): go on with the pool's own, or its generations would be forgotten
+            # here and again from the new deque, and the size count would fall below the truth.
+            aged = self._aged
             if ok and conn.usable and not conn.pending:
                 return conn
             # The path dropped it silently, most likely, and every connection idle at least as

@@ -177,6 +177,38 @@ async def test_failed_check_discards_the_idle_ones_and_the_checkout_gets_a_fresh
     await pool.close()
 
 
+async def test_a_sweep_during_a_failed_check_forgets_each_connection_once() -> None:
+    gate = asyncio.Event()
+
+    async def held_check(conn: FakeConn) -> bool:
+        await gate.wait()
+        return False  # the path dropped it
+
+    opener = Opener()
+    pool = Pool(opener, 4, 1.0, lifecycle=Lifecycle(check_after=0), check=held_check)
+    x, a, b, c = [await pool.acquire() for _ in range(4)]
+    pool.release(x)
+    pool._sweep()  # generation [x]
+    pool.release(a)
+    pool.release(b)
+    pool._sweep()  # generation [a, b]
+    x.usable = False  # closed while idle: the next sweep empties its generation
+    t = asyncio.create_task(pool.acquire())  # takes b and checks it
+    await asyncio.sleep(0)
+    pool._sweep()  # during the check: the emptied generation is dropped, the deque replaced
+    gate.set()
+    got = await t
+    pool._sweep()
+    live = [o for o in opener.opened if o.usable]
+    assert pool.stats()["size"] == len(live) == 2, (pool.stats(), live)  # c and the fresh one
+    assert {c, got} == set(live)
+    more = [await pool.acquire() for _ in range(2)]  # room for two more, and no more than that
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pool.acquire(), 0.2)
+    assert len([o for o in opener.opened if o.usable]) == 4 and len(more) == 2
+    await pool.close()
+
+
 async def test_good_check_hands_the_connection_out() -> None:
     opener = Opener()
     pool = Pool(opener, 2, 1.0, lifecycle=Lifecycle(check_after=0.01), check=_check)
