@@ -47,6 +47,9 @@ MAX_REDIRECTS = 8
 # being changed node by node can bounce a command between two nodes for a few milliseconds.
 REDIRECT_PAUSE_S = 0.005
 REFRESH_MIN_INTERVAL_S = 0.1
+# While no node gives the map, each failed refresh doubles the interval up to this: a cluster
+# that is down is asked a few times a second at first, then every few seconds, not at request rate.
+REFRESH_MAX_INTERVAL_S = 5.0
 
 
 class NodeClient(Protocol):
@@ -137,6 +140,8 @@ class ClusterRouter:
         self._nodes: dict[Address, NodeClient] = {}
         self._refresh_task: asyncio.Task[None] | None = None
         self._last_refresh = 0.0
+        self._refresh_interval = REFRESH_MIN_INTERVAL_S
+        self._failed_in_row = 0  # refreshes in a row that got no map: one warning per outage
         self._closing = False
         self.refreshes = 0
         self.refresh_errors = 0
@@ -191,14 +196,27 @@ class ClusterRouter:
                     slots[s] = (r.host, r.port)
             self._slots = slots
             self.refreshes += 1
+            if self._failed_in_row:
+                log.warning("cluster: slot map loaded again after %d failed refreshes", self._failed_in_row)
+            self._failed_in_row = 0
+            self._refresh_interval = REFRESH_MIN_INTERVAL_S
             return
         self.refresh_errors += 1
-        log.warning("cluster: no seed or known node gave the slot map (%s); retrying on demand", last_error)
+        self._failed_in_row += 1
+        self._refresh_interval = min(self._refresh_interval * 2, REFRESH_MAX_INTERVAL_S)
+        if self._failed_in_row == 1:
+            log.warning(
+                "cluster: no seed or known node gave the slot map (%s); retrying on demand, at most every %.1f s",
+                last_error,
+                REFRESH_MAX_INTERVAL_S,
+            )
+        else:
+            log.debug("cluster: slot map refresh %d failed: %s", self._failed_in_row, last_error)
 
     def schedule_refresh(self) -> None:
         if self._closing or (self._refresh_task is not None and not self._refresh_task.done()):
             return
-        if time.monotonic() - self._last_refresh < REFRESH_MIN_INTERVAL_S:
+        if time.monotonic() - self._last_refresh < self._refresh_interval:
             return
         self._refresh_task = asyncio.create_task(self.refresh())
 
