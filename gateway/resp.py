@@ -92,25 +92,39 @@ def encode_many(commands: list[tuple[object, ...]]) -> bytes:
     return b"".join(encode(*c) for c in commands)
 
 
-class _Incomplete(Exception):
-    """Internal: the buffer ends inside the reply being parsed."""
+#: The largest reply accepted, in bytes on the wire (a bulk string's data, or a whole array with
+#: everything in it). The gateway's replies are integers, short arrays (a flush's states, one per
+#: key) and CLUSTER SLOTS; 64 MiB is far past any of them and bounds what a faulty or hostile
+#: server can make the gateway hold.
+MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
+#: A line (a type byte up to CRLF) longer than this without its CRLF is not RESP.
+MAX_LINE_BYTES: Final = 64 * 1024
+MAX_DEPTH: Final = 32
 
 
 class Parser:
     """Incremental RESP2 reply parser.
 
     `feed()` any bytes, split anywhere; `next_reply()` returns one whole reply or
-    `NEED_DATA`. A partial reply is re-read from its first byte once more data
-    arrives, which keeps the state to one buffer and one offset; replies on the
-    request path are a few bytes, so the re-read costs nothing that matters.
+    `NEED_DATA`. Each element is parsed once however the bytes are split: an array that
+    is not complete yet keeps the items it has on a stack, and the next read goes on from
+    the element it stopped at (only that element's own line is read again). So a reply
+    of n elements costs O(n) over any number of reads, not O(n) per read.
     """
 
-    __slots__ = ("_buf", "_max_bulk", "_pos")
+    __slots__ = ("_buf", "_items", "_left", "_max_reply", "_pos", "_taken")
 
-    def __init__(self, max_bulk: int = 512 * 1024 * 1024) -> None:
+    def __init__(self, max_reply: int = MAX_REPLY_BYTES) -> None:
         self._buf = bytearray()
         self._pos = 0
-        self._max_bulk = max_bulk
+        self._max_reply = max_reply
+        # The arrays begun and not yet whole, outermost first: their items so far, and how
+        # many items each still needs. Two lists, not a list of pairs, so that the count
+        # is updated in place.
+        self._items: list[list[Reply]] = []
+        self._left: list[int] = []
+        # Bytes of the array reply being parsed that are already consumed (behind `_pos`).
+        self._taken = 0
 
     def feed(self, data: bytes) -> None:
         if self._pos:
@@ -122,17 +136,8 @@ class Parser:
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as a reply."""
+        """Bytes received and not parsed yet: at most the one element that is not whole."""
         return len(self._buf) - self._pos
-
-    def next_reply(self) -> Reply | _NeedData:
-        if self._pos >= len(self._buf):
-            return NEED_DATA
-        try:
-            reply, self._pos = self._parse(self._pos, 0)
-        except _Incomplete:
-            return NEED_DATA
-        return reply
 
     def replies(self) -> list[Reply]:
         """Every whole reply buffered so far, in order."""
@@ -143,55 +148,92 @@ class Parser:
                 return out
             out.append(reply)  # type: ignore[arg-type]
 
-    def _line(self, pos: int) -> tuple[bytes, int]:
-        end = self._buf.find(_CRLF, pos)
-        if end < 0:
-            if len(self._buf) - pos > 64 * 1024:
-                raise ProtocolError("RESP line longer than 64 KiB without CRLF")
-            raise _Incomplete
-        return bytes(self._buf[pos:end]), end + 2
-
-    def _int(self, raw: bytes) -> int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise ProtocolError(f"bad RESP integer {raw[:32]!r}") from None
-
-    def _parse(self, pos: int, depth: int) -> tuple[Reply, int]:
+    def next_reply(self) -> Reply | _NeedData:
         buf = self._buf
-        if pos >= len(buf):
-            raise _Incomplete
-        kind = buf[pos]
-        line, pos = self._line(pos + 1)
-        if kind == 0x3A:  # ':'
-            return self._int(line), pos
-        if kind == 0x2B:  # '+'
-            return line.decode("utf-8", "replace"), pos
-        if kind == 0x2D:  # '-'
-            return ReplyError(line.decode("utf-8", "replace")), pos
-        if kind == 0x24:  # '$'
-            length = self._int(line)
-            if length == -1:
-                return None, pos
-            if length < -1 or length > self._max_bulk:
-                raise ProtocolError(f"bad bulk length {length}")
-            end = pos + length
-            if end + 2 > len(buf):
-                raise _Incomplete
-            if buf[end : end + 2] != _CRLF:
-                raise ProtocolError("bulk string not terminated by CRLF")
-            return bytes(buf[pos:end]), end + 2
-        if kind == 0x2A:  # '*'
-            count = self._int(line)
-            if count == -1:
-                return None, pos
-            if count < -1:
-                raise ProtocolError(f"bad array length {count}")
-            if depth >= 32:
-                raise ProtocolError("RESP arrays nested deeper than 32")
-            items: list[Reply] = []
-            for _ in range(count):
-                item, pos = self._parse(pos, depth + 1)
-                items.append(item)
-            return items, pos
-        raise ProtocolError(f"unknown RESP type byte {bytes([kind])!r}")
+        size = len(buf)
+        pos = self._pos
+        items = self._items
+        value: Reply
+        while True:
+            if pos >= size:
+                return NEED_DATA
+            end = buf.find(_CRLF, pos + 1)
+            if end < 0:
+                if size - pos > MAX_LINE_BYTES:
+                    raise ProtocolError("RESP line longer than 64 KiB without CRLF")
+                return NEED_DATA
+            kind = buf[pos]
+            start = pos
+            if kind == 0x3A:  # ':'
+                value = _int(buf[pos + 1 : end])
+                pos = end + 2
+            elif kind == 0x24:  # '$'
+                length = _int(buf[pos + 1 : end])
+                if length == -1:
+                    value = None
+                    pos = end + 2
+                else:
+                    if length < -1 or length > self._max_reply:
+                        raise ProtocolError(f"bad bulk length {length}")
+                    last = end + 2 + length
+                    if last + 2 > size:
+                        return NEED_DATA
+                    if buf[last : last + 2] != _CRLF:
+                        raise ProtocolError("bulk string not terminated by CRLF")
+                    value = bytes(buf[end + 2 : last])
+                    pos = last + 2
+            elif kind == 0x2B:  # '+'
+                value = buf[pos + 1 : end].decode("utf-8", "replace")
+                pos = end + 2
+            elif kind == 0x2D:  # '-'
+                value = ReplyError(buf[pos + 1 : end].decode("utf-8", "replace"))
+                pos = end + 2
+            elif kind == 0x2A:  # '*'
+                count = _int(buf[pos + 1 : end])
+                pos = end + 2
+                if count == -1:
+                    value = None
+                elif count < -1:
+                    raise ProtocolError(f"bad array length {count}")
+                elif count == 0:
+                    value = []
+                else:
+                    if len(items) >= MAX_DEPTH:
+                        raise ProtocolError("RESP arrays nested deeper than 32")
+                    items.append([])
+                    self._left.append(count)
+                    self._consumed(pos, start)
+                    continue
+            else:
+                raise ProtocolError(f"unknown RESP type byte {bytes([kind])!r}")
+            if not items:
+                self._pos = pos
+                return value
+            self._consumed(pos, start)
+            # An element of the innermost open array; each array it completes is in turn
+            # an element of the one around it.
+            left = self._left
+            while True:
+                items[-1].append(value)
+                left[-1] -= 1
+                if left[-1]:
+                    break
+                left.pop()
+                value = items.pop()
+                if not items:
+                    self._taken = 0
+                    return value
+
+    def _consumed(self, pos: int, start: int) -> None:
+        """Move past an array's element (or header) that ended at `pos`, within the size bound."""
+        self._pos = pos
+        self._taken += pos - start
+        if self._taken > self._max_reply:
+            raise ProtocolError(f"RESP reply larger than {self._max_reply} bytes")
+
+
+def _int(raw: bytearray) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ProtocolError(f"bad RESP integer {bytes(raw[:32])!r}") from None

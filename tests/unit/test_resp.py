@@ -16,6 +16,7 @@ CASES = [
     (b"*-1\r\n", None),
     (b"*0\r\n", []),
     (b"*3\r\n:1\r\n$1\r\nx\r\n+y\r\n", [1, b"x", "y"]),
+    (b"*4\r\n*0\r\n*-1\r\n*1\r\n:5\r\n$-1\r\n", [[], None, [5], None]),
     (b"*2\r\n*2\r\n:1\r\n$-1\r\n*1\r\n-ERR nested\r\n", [[1, None], [ReplyError("ERR nested")]]),
 ]
 STREAM = b"".join(raw for raw, _ in CASES)
@@ -79,6 +80,48 @@ def test_protocol_errors(bad: bytes) -> None:
     p.feed(bad)
     with pytest.raises(ProtocolError):
         p.next_reply()
+
+
+def test_a_long_array_in_many_reads_is_parsed_as_it_arrives() -> None:
+    # Each read's whole elements are parsed at once and kept: what stays unparsed is at most
+    # the one element the read ended in. A parser that re-read a partial reply from its first
+    # byte kept the whole prefix (its cost grew with the square of the reply's size).
+    count = 5000
+    raw = b"*%d\r\n" % count + b"".join(b":%d\r\n" % i for i in range(count))
+    p = Parser()
+    got = []
+    for i in range(0, len(raw), 997):
+        p.feed(raw[i : i + 997])
+        got += p.replies()
+        assert p.buffered < len(b":4999\r\n"), i
+    assert got == [list(range(count))]
+    assert p.buffered == 0
+
+
+def test_a_reply_past_the_size_bound_is_a_protocol_error_even_split() -> None:
+    too_big = b"*3\r\n:1\r\n$10\r\n0123456789\r\n:3\r\n"
+    p = Parser(max_reply=20)
+    with pytest.raises(ProtocolError):
+        for byte in range(len(too_big)):
+            p.feed(too_big[byte : byte + 1])
+            p.replies()
+    # A bulk string's own length is checked from its header, before its data arrives.
+    p = Parser(max_reply=20)
+    p.feed(b"$21\r\n")
+    with pytest.raises(ProtocolError):
+        p.next_reply()
+    # Under the bound, one reply after another: the count starts again with each.
+    p = Parser(max_reply=20)
+    p.feed(b"*2\r\n:1\r\n:2\r\n" * 3)
+    assert p.replies() == [[1, 2]] * 3
+
+
+def test_nesting_too_deep_is_refused_across_reads() -> None:
+    p = Parser()
+    with pytest.raises(ProtocolError):
+        for _ in range(40):
+            p.feed(b"*1\r\n")
+            p.next_reply()
 
 
 def test_encode_is_length_prefixed_bulk_strings() -> None:
