@@ -69,6 +69,14 @@ class RedisConnection(asyncio.Protocol):
         #: Reads that brought replies: a shared connection's sweeper tells idle from busy by it
         #: (one increment per read, not per command, and no clock).
         self.reads = 0
+        # The reads of the connect's handshake (`open_connection`); one past them brought a
+        # reply to a command.
+        self._handshake_reads = 0
+        #: Set when the peer failed the connection with commands in flight before any command
+        #: had its reply: a connect that did not really work (a proxy with no Redis behind it
+        #: answers the handshake and drops the first command). Its pool or multiplexer counts
+        #: it as a failed connect, so such a server sees backed-off connects, not one a request.
+        self.dud: AccountingError | None = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -113,6 +121,14 @@ class RedisConnection(asyncio.Protocol):
     def pending(self) -> int:
         """Commands sent whose reply has not been read, including abandoned ones."""
         return len(self._inflight)
+
+    @property
+    def proven(self) -> bool:
+        """A command after the connect's handshake had its reply: the connection works."""
+        return self.reads > self._handshake_reads
+
+    def handshake_done(self) -> None:
+        self._handshake_reads = self.reads
 
     def send_packed(self, data: bytes, count: int = 1, now: bool = False) -> list[asyncio.Future[Reply]]:
         """Send `count` already-encoded commands; one future per reply, in order.
@@ -193,9 +209,11 @@ class RedisConnection(asyncio.Protocol):
 
     # -- teardown ---------------------------------------------------------
 
-    def _fail(self, exc: AccountingError) -> None:
+    def _fail(self, exc: AccountingError, ours: bool = False) -> None:
         if self._failure is None:
             self._failure = exc
+            if not ours and self._inflight and self.reads <= self._handshake_reads:
+                self.dud = exc
         self.usable = False
         if self._timer is not None:
             self._timer.cancel()
@@ -210,7 +228,7 @@ class RedisConnection(asyncio.Protocol):
 
     def abort(self, exc: AccountingError | None = None) -> None:
         """Fail everything in flight and drop the socket now (no graceful close)."""
-        self._fail(exc or AccountingError(errors.CONNECTION_LOST, "connection discarded"))
+        self._fail(exc or AccountingError(errors.CONNECTION_LOST, "connection discarded"), ours=exc is None)
         if self._transport is not None:
             self._transport.abort()
 
@@ -299,6 +317,7 @@ async def _open_connection(
             for command, reply in zip(hello, await asyncio.gather(*futs), strict=True):
                 if isinstance(reply, ReplyError):
                     raise AccountingError(errors.reply_error_kind(reply.prefix), f"{command[0]} failed: {reply}")
+        conn.handshake_done()
         return conn
     except BaseException as exc:
         if conn is not None:

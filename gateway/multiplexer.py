@@ -15,7 +15,10 @@ Owns the shared connections and their reconnection. Invariants:
 - A connection counts as up only once Redis has answered on it (the reply to
   the PING, or AUTH and SELECT, sent with the connect). Until then the backoff
   keeps growing: a Redis at `maxclients`, or anything that accepts and closes at
-  once, sees a few connects a second, not thousands. Why connects fail is
+  once, sees a few connects a second, not thousands. A connection that loses its
+  first commands unanswered (`RedisConnection.dud`: the server answered the
+  handshake, then dropped them) is a failed connect too, and a reconnect counts
+  as a recovery only once a command has its reply. Why connects fail is
   logged once per outage (and again only for a new kind of failure).
 
 - Lifecycle (`gateway.lifecycle.Lifecycle`, optional), applied by one sweeper timer per
@@ -185,41 +188,35 @@ class Multiplexer:
                 # then refuses (maxclients) or closes at once counts as a failure and backs off.
                 conn = await self._connect()
             except AccountingError as exc:
-                self.connect_errors += 1
-                self._connect_error = exc
                 if not failed:
                     since = time.monotonic()
                 failed += 1
-                if exc.kind not in kinds:
-                    # Once per outage and kind of failure, never per attempt: with the reason.
-                    kinds.add(exc.kind)
-                    log.warning(
-                        "connection to Redis at %s failed (%s: %s); retrying with backoff up to %.1f s",
-                        self._target.url,
-                        exc.kind,
-                        exc,
-                        most,
-                    )
+                self._connect_failed(exc, kinds)
                 # Half fixed, half jitter: a minimum pause, and gateways do not reconnect in lockstep.
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, most)
                 continue
-            if failed:
-                log.warning(
-                    "connection to Redis at %s re-established after %d failed connects over %.1f s",
-                    self._target.url,
-                    failed,
-                    time.monotonic() - since,
-                )
-                failed = 0
-                kinds.clear()
             self._connect_error = None
             self.connects += 1
-            delay = initial
             self._install(slot, conn)
             slot.ready.set()
             if self.on_connected is not None:
                 self.on_connected()
+            if failed:
+                # Back only once a command has its reply: a server can answer the handshake and
+                # drop every command (a proxy with no Redis behind it), and then this connection
+                # is one more failed connect, not a recovery to announce.
+                while not conn.proven and not conn.closed.done() and slot.conn is conn:
+                    await asyncio.wait((conn.closed,), timeout=0.25)
+                if conn.proven:
+                    log.warning(
+                        "connection to Redis at %s re-established after %d failed connects over %.1f s",
+                        self._target.url,
+                        failed,
+                        time.monotonic() - since,
+                    )
+                    failed = 0
+                    kinds.clear()
             while True:
                 await conn.closed
                 current = slot.conn
@@ -228,8 +225,34 @@ class Multiplexer:
                 conn = current  # rotated: watch the replacement
             slot.conn = None
             slot.ready.clear()
-            if not self._closing:
-                self.disconnects += 1
+            if self._closing:
+                break
+            self.disconnects += 1
+            dud = conn.dud
+            if dud is None:
+                delay = initial  # it worked: a reconnect now, backing off only if that fails
+                continue
+            # Redis dropped the first commands sent on it: a failed connect, backed off as one.
+            if not failed:
+                since = time.monotonic()
+            failed += 1
+            self._connect_failed(dud, kinds)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, most)
+
+    def _connect_failed(self, exc: AccountingError, kinds: set[str]) -> None:
+        self.connect_errors += 1
+        self._connect_error = exc
+        if exc.kind not in kinds:
+            # Once per outage and kind of failure, never per attempt: with the reason.
+            kinds.add(exc.kind)
+            log.warning(
+                "connection to Redis at %s failed (%s: %s); retrying with backoff up to %.1f s",
+                self._target.url,
+                exc.kind,
+                exc,
+                self._backoff[1],
+            )
 
     # -- lifecycle ------------------------------------------------------------------
 

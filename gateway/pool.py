@@ -18,7 +18,10 @@ Owns how many connections exist and who holds them. Invariants:
 - A connect that fails puts new connects into backoff (`gateway.backoff`): a
   checkout that would need a new connection meanwhile fails at once with the
   same kind of error instead of connecting. Idle connections are still handed
-  out.
+  out. A connection the peer fails with its first exchange unanswered (`dud`)
+  counts as a failed connect, and after a failure a new connection ends the
+  backoff only once it has answered: a server that accepts the handshake and
+  drops every command sees backed-off connects, not one per request.
 - Lifecycle (`gateway.lifecycle.Lifecycle`, optional): a minimum of connections kept
   open, idle connections closed after a timeout, idle ones checked before reuse,
   connections retired after a lifetime or a number of checkouts. A connection is
@@ -63,6 +66,14 @@ class PoolConnection(Protocol):
     @property
     def pending(self) -> int:
         """Exchanges started whose answer has not been read whole: nonzero means dirty."""
+
+    @property
+    def proven(self) -> bool:
+        """An exchange after the connect had its answer: the connection works."""
+
+    @property
+    def dud(self) -> AccountingError | None:
+        """Why the peer failed it with its first exchanges unanswered, if it did."""
 
     def abort(self) -> None: ...
 
@@ -233,6 +244,9 @@ class Pool(Generic[C]):
         """Give a connection back. Safe to call with a broken or dirty connection."""
         self._in_use -= 1
         if self._closed or not conn.usable or conn.pending:
+            dud = conn.dud
+            if dud is not None:
+                self.backoff.lost(conn, dud)  # a connect that did not really work
             self.discarded += 1
             conn.abort()
             self._size -= 1
@@ -297,7 +311,7 @@ class Pool(Generic[C]):
             self._size -= 1
             self._grant_slot()
             raise
-        self.backoff.succeeded()
+        self.backoff.connected(conn)
         self.created += 1
         self._in_use += 1
         if self._retires:
@@ -517,7 +531,7 @@ class Pool(Generic[C]):
             if not isinstance(exc, AccountingError):
                 log.error("pool: background connect failed", exc_info=exc)
             return
-        self.backoff.succeeded()
+        self.backoff.connected(conn)
         if self._life.prewarm_failing:
             self._life.prewarm_failing = False
             log.warning("pool: minimum of connections open again")

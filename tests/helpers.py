@@ -55,12 +55,15 @@ class FakeRedis:
     It answers INCRBY from its own dict and PING/AUTH/SELECT with +OK/+PONG.
     `handshake_delay` slows the first reply of each connection (a slow accept),
     `stall` holds every INCRBY reply until released (the connect's PING, AUTH and SELECT
-    are answered), `split` sends replies a byte at a time.
+    are answered), `split` sends replies a byte at a time, `drop_commands` answers the connect's
+    PING, AUTH and SELECT and drops the connection at any other command, unanswered (a proxy
+    with nothing behind it); it can be switched while the server runs.
     """
 
     handshake_delay: float = 0.0
     split: bool = False
     stall: asyncio.Event | None = None
+    drop_commands: bool = False
     counts: dict[bytes, int] = field(default_factory=dict)
     current: int = 0
     peak: int = 0
@@ -92,6 +95,9 @@ class FakeRedis:
                 for cmd in parser.replies():
                     assert isinstance(cmd, list)
                     self.commands.append(cmd)
+                    if self.drop_commands and cmd[0].upper() not in (b"PING", b"AUTH", b"SELECT"):
+                        writer.transport.abort()
+                        return
                     if first and self.handshake_delay:
                         await asyncio.sleep(self.handshake_delay)
                     first = False

@@ -27,6 +27,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from ..errors import AccountingError
 from ..outbox import Deferred, outbox
 
 # How the response body is delimited.
@@ -107,6 +108,10 @@ class UpstreamConnection(Deferred, asyncio.Protocol):
         # lifetime and the number of requests are the pool's (its Lifecycle): an upstream
         # connection is retired by the same rules as a Redis one.
         self.usable = True
+        # What the pool's connect backoff asks (`gateway.backoff`): an upstream connect is
+        # judged by the connect alone, its responses by the server's passive health.
+        self.proven = True
+        self.dud: AccountingError | None = None
         self.sink: ResponseSink | None = None
         # The response being parsed.
         self.head_method = False

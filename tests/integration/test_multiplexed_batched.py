@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import random
 import socket
+import time
 
 import aiohttp
 import pytest
@@ -15,7 +16,7 @@ from gateway.config import parse_redis_url
 from gateway.errors import AccountingError
 from gateway.multiplexer import Multiplexer, UnsupportedCommand
 
-from ..helpers import RedisServer, eventually, make_config, running_gateway
+from ..helpers import FakeRedis, RedisServer, eventually, make_config, running_gateway
 
 TRUST_LOCAL = (ipaddress.ip_network("127.0.0.0/8"),)
 
@@ -111,6 +112,8 @@ async def test_multiplexer_backs_off_while_redis_refuses_it_at_maxclients(caplog
         hold.close()  # a slot frees up: the next attempt connects
         await mux.wait_connected(5)
         assert await mux.execute("INCRBY", "k", 1) == 1
+        # Announced once a command has its reply (the slot looks every 250 ms).
+        await eventually(lambda: len(caplog.records) >= 2)
         lines = [rec.getMessage() for rec in caplog.records]
         assert len(lines) == 2 and "re-established" in lines[1], lines
     finally:
@@ -145,6 +148,50 @@ async def test_multiplexer_backs_off_from_a_listener_that_accepts_and_closes() -
         await mux.close()
         listener.close()
         await listener.wait_closed()
+
+
+async def test_multiplexer_backs_off_from_a_server_that_drops_every_command(caplog: pytest.LogCaptureFixture) -> None:
+    # The server answers the connect's PING and drops the connection at the first command (a
+    # proxy with no Redis behind it). The multiplexer used to count each such connect as a
+    # success and reconnect at once, at the rate commands came. Now a connection that loses its
+    # first commands unanswered is a failed connect: backed off, logged once, and the recovery
+    # is announced only once a command has its reply.
+    fake = await FakeRedis(drop_commands=True).start()
+    mux = _mux(fake.url, connect_timeout=1.0)
+    caplog.set_level(logging.WARNING, logger="gateway.multiplexer")
+    kinds: set[str] = set()
+    try:
+        await mux.start(wait=2)
+        stop = time.monotonic() + 1.5
+        while time.monotonic() < stop:
+            try:
+                await mux.execute("INCRBY", "k", 1)
+            except AccountingError as exc:
+                kinds.add(exc.kind)
+            await asyncio.sleep(0.001)
+        # Retries 25-50 ms apart at first, doubling to 250-500 ms: about 8 in 1.5 s.
+        assert 2 <= fake.accepted <= 14, fake.accepted
+        assert kinds == {"connection_lost"}, kinds
+        assert mux.connect_errors >= fake.accepted - 2
+        lines = [rec.getMessage() for rec in caplog.records]
+        assert len(lines) == 1 and "failed (connection_lost" in lines[0], lines
+        fake.drop_commands = False  # the server behind it is back
+
+        async def counted() -> bool:
+            try:
+                return isinstance(await mux.execute("INCRBY", "k", 1), int)
+            except AccountingError:
+                return False
+
+        deadline = time.monotonic() + 5
+        while not await counted():
+            assert time.monotonic() < deadline, "the multiplexer did not reconnect"
+            await asyncio.sleep(0.02)
+        await eventually(lambda: len(caplog.records) == 2)
+        assert "re-established" in caplog.records[1].getMessage()
+    finally:
+        await mux.close()
+        await fake.close()
 
 
 async def test_multiplexer_refuses_blocking_and_transactions(redis_server: RedisServer) -> None:

@@ -258,3 +258,51 @@ async def test_refused_login_backs_off_instead_of_connecting_per_checkout() -> N
     finally:
         await pool.close()
         server.cleanup()
+
+
+async def test_a_server_that_drops_every_command_sees_backed_off_connects() -> None:
+    # A server that answers the connect's PING and then drops the connection at its first
+    # command (a proxy with no Redis behind it) used to get a connect per checkout: each
+    # connect "succeeded" and ended the backoff. Now a connection lost with its first command
+    # unanswered is a failed connect, and after one the next connect ends the backoff only
+    # once a command on it has its reply.
+    fake = await FakeRedis(drop_commands=True).start()
+    pool = _pool(fake.url, size=5, wait=1.0, command_timeout=1.0)
+    kinds: Counter[str] = Counter()
+    stop = time.monotonic() + 1.5
+
+    async def client() -> None:
+        while time.monotonic() < stop:
+            try:
+                async with pool.connection() as conn:
+                    await conn.execute("INCRBY", "k", 1)
+            except AccountingError as exc:
+                kinds[exc.kind] += 1
+            await asyncio.sleep(0.001)
+
+    try:
+        await asyncio.gather(*(client() for _ in range(10)))
+        # Five connects at once at the start, then retries 25-50 ms apart, doubling to 250-500
+        # ms: a dozen, where a connect per checkout made it over a thousand.
+        assert fake.accepted <= 5 + 12, fake.accepted
+        assert set(kinds) == {"connection_lost"} and kinds["connection_lost"] > 100, kinds
+        assert pool.stats()["fast_failures"] > 100
+        fake.drop_commands = False  # the server behind it is back
+
+        async def counted() -> bool:
+            try:
+                async with pool.connection() as conn:
+                    return await conn.execute("INCRBY", "k", 1) == 1
+            except AccountingError:
+                return False
+
+        deadline = time.monotonic() + 5
+        while not await counted():
+            assert time.monotonic() < deadline, "the pool did not reconnect after its backoff"
+            await asyncio.sleep(0.05)
+        assert not pool.backoff.waiting()  # the trial answered: connects are admitted again
+        async with pool.connection() as conn:
+            assert await conn.execute("INCRBY", "k", 1) == 2
+    finally:
+        await pool.close()
+        await fake.close()

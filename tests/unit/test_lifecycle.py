@@ -66,6 +66,8 @@ class FakeConn:
         self.n = n
         self.usable = True
         self.pending = 0
+        self.proven = True  # the pool's connect backoff: it works, and was never a dud
+        self.dud = None
         self.aborted = False
         self.healthy = True
 
