@@ -50,6 +50,7 @@ from urllib.parse import unquote
 from . import errors
 from .accounting import read_incr_reply
 from .backends.base import Backend, HeldOutcome
+from .backends.batched import BatchedBackend
 from .client_ip import ClientIPResolver
 from .config import Config
 from .errors import AccountingError
@@ -205,6 +206,9 @@ class Pipeline:
         # Responses wait for their flush without their handler waiting; a deny policy must
         # know the outcome before it picks the response, so it keeps the await.
         self.holds = backend.holds_responses and not self._deny
+        # The backend again, typed as batched's when it is: a call through `Backend` looks the
+        # method up by name on every request (about 850 instructions), a call on this is native.
+        self._batched = backend if isinstance(backend, BatchedBackend) else None
         #: The proxy action, when upstreams are configured (set by the gateway); else the redirect.
         self.proxy: Proxy | None = None
         #: The awaitable `handle` returns needs no asyncio Task (see Backend.task_free).
@@ -256,8 +260,9 @@ class Pipeline:
         elif not self._uses_redis:
             self.uncounted += 1
         elif self.holds:
+            batched = self._batched
             try:
-                commit = self.backend.incr_held(key)
+                commit = self.backend.incr_held(key) if batched is None else batched.incr_held(key)
             except AccountingError as err:
                 self._failed(err)
             except Exception as exc:
@@ -301,8 +306,12 @@ class Pipeline:
         """`_account` for a backend that adds without waiting (`incr_now`): True when it failed
         and the policy says deny."""
         started = perf_counter()
+        batched = self._batched
         try:
-            self.backend.incr_now(key)
+            if batched is None:
+                self.backend.incr_now(key)
+            else:
+                batched.incr_now(key)
         except AccountingError as err:
             return self._failed_since(started, err, None)
         except Exception as exc:  # a bug in a backend must not become a 500 storm
@@ -347,8 +356,9 @@ class Pipeline:
         if not self.holds:
             self.via_coroutine += 1
             return self._account_decided(key, answer)
+        batched = self._batched
         try:
-            commit = self.backend.incr_held(key)
+            commit = self.backend.incr_held(key) if batched is None else batched.incr_held(key)
         except AccountingError as err:
             if self._failed(err):
                 return self.denied
@@ -410,8 +420,9 @@ class Pipeline:
             self.uncounted += 1
         elif self.holds and self.limiter is None:
             # _admit_held without a limit, inlined: the usual batched request.
+            batched = self._batched
             try:
-                exchange.hold(self.backend.incr_held(key))
+                exchange.hold(self.backend.incr_held(key) if batched is None else batched.incr_held(key))
             except AccountingError as err:
                 self._failed(err)
             except Exception as exc:

@@ -64,7 +64,7 @@ from ..limit.algorithms import Algorithm, Decision
 from ..limit.limiter import Limiter
 from ..limit.scripts import Script, flush_script, limit_key
 from ..multiplexer import Multiplexer
-from ..resp import Reply, ReplyError, encode
+from ..resp import Reply, ReplyError, encode, encode_args
 from ..slots import SlotTags, key_slot
 from .base import HeldOutcome, OwnCodecBackend
 
@@ -389,7 +389,7 @@ class BatchedBackend(OwnCodecBackend):
                        *(batch.counts[k] for k in keys))  # fmt: skip
         try:
             # One write now: the batch is this tick's coalesced write already.
-            fut = self.mux.connection().send_packed(encode(*command), now=True)[0]
+            fut = self.mux.connection().send_packed(encode_args(command), now=True)[0]
         except AccountingError as exc:
             self._flush_failed(batch, exc)
             self._reschedule()

@@ -1,7 +1,7 @@
 import pytest
 
 from gateway.accounting import incr_command
-from gateway.resp import NEED_DATA, Parser, ProtocolError, ReplyError, encode
+from gateway.resp import NEED_DATA, Parser, ProtocolError, ReplyError, encode, encode_args, encode_many
 
 # Every RESP2 reply type, with what the parser must return for it.
 CASES = [
@@ -138,6 +138,17 @@ def test_encode_every_argument_type_as_its_text() -> None:
         [b"*7\r\n"]
         + [b"$%d\r\n%b\r\n" % (len(x), x) for x in (b"-12", b"%d" % 2**70, b"1.5", b"ba", b"mv", b"sub", b"")]
     )
+
+
+@pytest.mark.parametrize("size", [0, 9, 10, 99, 100, 255, 256, 257, 1000, 70_000])
+def test_encode_prefixes_every_length_right(size: int) -> None:
+    # Lengths under 256 come from a table, longer ones are formatted: both sides of the edge.
+    data = b"x" * size
+    assert encode("SET", data, size) == b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%d\r\n" % (
+        size, data, len(str(size)), size
+    )  # fmt: skip
+    assert encode_args(("SET", data, size)) == encode("SET", data, size)
+    assert encode_many([("SET", data, size), ("GET", data)]) == encode("SET", data, size) + encode("GET", data)
 
 
 def test_encode_cannot_be_injected() -> None:
