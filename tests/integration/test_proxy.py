@@ -1219,6 +1219,30 @@ async def test_status_outside_the_valid_range_is_502() -> None:
         await up.stop()
 
 
+@pytest.mark.parametrize("coding", [b"chunked, ", b"chunked,", b"chunked\t", b"gzip, chunked,"])
+async def test_response_chunked_with_an_empty_last_element_is_502(coding: bytes) -> None:
+    # RFC 9110 5.6.1 makes `chunked, ` the list `chunked`, but llhttp then reads the body until
+    # the close, chunk lines and all: the client got the chunk framing as content, chunked again,
+    # and the response ended only when the upstream closed. Now it is a 502, the connection dropped.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # keeps the connection open, as a keep-alive upstream would
+
+    up = await RawUpstream(handler).start()
+    try:
+        async with proxy(proxy_config([up.url])) as (gw, base):
+            out = await raw_exchange(base, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=3.0)
+            assert out.startswith(b"HTTP/1.1 502 "), out
+            assert b"hello" not in out
+            assert gw.stats()["upstream"]["errors"]["protocol"] == 1
+            _pool_clean(gw)
+            await eventually(lambda: up.writers == set())  # not kept for reuse
+    finally:
+        await up.stop()
+
+
 async def test_transfer_coding_split_over_two_lines_is_refused_like_one() -> None:
     # `Transfer-Encoding: gzip` and `Transfer-Encoding: chunked` on two lines are the list
     # `gzip, chunked` (refused 501 as one line). Only the last line was checked: the request was

@@ -3,9 +3,11 @@ connection's response parsing in memory, at every split point."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import Any
 
+import httptools
 import pytest
 
 from gateway.actions.proxy import (
@@ -28,6 +30,8 @@ from gateway.upstream.connection import (
     UNTIL_CLOSE,
     UpstreamConnection,
     field_pairs,
+    llhttp_reads_chunked,
+    transfer_codings,
 )
 
 
@@ -406,3 +410,49 @@ def test_plain_head_is_the_general_head(
         assert plain == general
     else:
         assert plain is None
+
+
+def _llhttp_framing(lines: list[bytes]) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """How llhttp frames a response with these Transfer-Encoding field lines, and the fields
+    as the connection sees them."""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.done = 0
+            self.fields: list[tuple[bytes, bytes]] = []
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.fields.append((name, value))
+
+        def on_message_complete(self) -> None:
+            self.done += 1
+
+    sink = Sink()
+    head = b"".join(b"Transfer-Encoding: " + line + b"\r\n" for line in lines)
+    try:
+        httptools.HttpResponseParser(sink).feed_data(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+    except httptools.HttpParserError:
+        return "error", sink.fields
+    return ("chunked" if sink.done else "until close"), sink.fields
+
+
+def test_chunked_framing_is_decided_as_llhttp_decides_it() -> None:
+    # The connection frames the body from the fields (transfer_codings: RFC 9110's list, empty
+    # elements ignored) while llhttp frames it by its own rule. Where they differ the response
+    # is refused (502), so the rule that tells them apart must be llhttp's exactly.
+    elements = [b"chunked", b"gzip", b"", b" ", b"\t", b"chunked ", b"chunked\t", b" chunked", b"\tchunked", b"Chunked"]
+    cases = [[b",".join(combo)] for n in (1, 2, 3) for combo in itertools.product(elements, repeat=n)]
+    cases += [[a, b] for a in (b"chunked", b"gzip", b"chunked, ") for b in (b"chunked", b"gzip", b"", b"chunked, ")]
+    seen = Counter()
+    for lines in cases:
+        framing, fields = _llhttp_framing(lines)
+        if framing == "error":
+            continue
+        assert llhttp_reads_chunked(fields) == (framing == "chunked"), lines
+        codings = transfer_codings(fields)
+        ours = "chunked" if codings and codings[-1] == b"chunked" else "until close"
+        # The RFC's reading is never narrower than llhttp's: a response llhttp reads as chunked
+        # is chunked to us too; the others are the ambiguous ones, refused.
+        assert not (framing == "chunked" and ours != "chunked"), lines
+        seen[(framing, ours)] += 1
+    assert seen[("chunked", "chunked")] > 100 and seen[("until close", "chunked")] > 100, seen
