@@ -60,6 +60,9 @@ class ConnectBackoff:
         self.failing: AccountingError | None = None
         #: Connects refused here without being tried.
         self.refused = 0
+        #: Connects since the last reply on any connection, for connections that send nothing at
+        #: connect (redis-py's without AUTH or SELECT) and so are proven only by a command.
+        self.unanswered = 0
 
     def admit(self) -> None:
         """Return if a connect may start now; else raise AccountingError of the last failure's kind.
@@ -103,6 +106,13 @@ class ConnectBackoff:
         """The peer failed `conn` with its first commands unanswered: a failed connect. Once
         per outage and trial, not for every such connection already open when it began."""
         if self.failing is None or conn is self._trial:
+            self.failed(exc)
+
+    def lost_unanswered(self, exc: AccountingError) -> None:
+        """A connection failed while no reply had come on any connection since one connected
+        (`unanswered`): the server takes the connect and drops the command. A failed connect,
+        once per outage and then once per connect admitted, not for every request that saw it."""
+        if self.failing is None or self._probing:
             self.failed(exc)
 
     def succeeded(self) -> None:

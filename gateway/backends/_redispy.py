@@ -72,15 +72,19 @@ def refused_connection(exc: BaseException) -> bool:
 
 def settle(backoff: ConnectBackoff, exc: BaseException | None, err: AccountingError | None = None) -> None:
     """What a command's outcome (`exc` None: a reply) says about connecting: a refusal is a failed
+    connect, and so is a connection lost or timed out while no command had its reply since a
     connect; while connects are failing, a reply ends the backoff (a connect that sent nothing,
     no AUTH and no SELECT, is proven only by its first reply)."""
-    if exc is not None and err is not None and refused_connection(exc):
-        backoff.failed(err)
-    elif backoff.failing is not None:
-        if exc is None:
+    if exc is None:
+        backoff.unanswered = 0
+        if backoff.failing is not None:
             backoff.succeeded()
-        else:
-            backoff.abandoned()  # timed out, lost, cancelled: decided nothing
+    elif err is not None and refused_connection(exc):
+        backoff.failed(err)
+    elif err is not None and backoff.unanswered and isinstance(exc, rexc.ConnectionError | rexc.TimeoutError):
+        backoff.lost_unanswered(err)
+    elif backoff.failing is not None:
+        backoff.abandoned()  # cancelled, or lost after replies: decided nothing
 
 
 def gated_connection_class(
@@ -111,6 +115,8 @@ def gated_connection_class(
                 raise
             if answered_at_connect:
                 backoff.succeeded()
+            else:
+                backoff.unanswered += 1
             if on_connected is not None:
                 on_connected()
 

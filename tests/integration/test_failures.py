@@ -104,3 +104,43 @@ async def test_slow_redis_bounded_by_timeouts(redis_mode: str) -> None:
     finally:
         stall.set()
         await fake.close()
+
+
+@pytest.mark.parametrize("command_mode", ["naive", "pooled", "raw", "multiplexed"])  # FakeRedis has no EVALSHA
+async def test_a_server_that_drops_every_command_gets_backed_off_connects(
+    command_mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It answers the connect (PING, or nothing: redis-py sends nothing) and drops the connection
+    # at the first command, as a proxy with no Redis behind it does. Each connect used to end
+    # the backoff: a connect per request (raw 3,240 in 2 s, pooled 2,880, naive 2,160) or per
+    # batch of commands (multiplexed 160).
+    fake = await FakeRedis(drop_commands=True).start()
+    cfg = make_config(fake.url, command_mode, pool_size=10)
+    stop = time.monotonic() + 1.5
+
+    async def client(s: aiohttp.ClientSession, url: str) -> None:
+        while time.monotonic() < stop:
+            async with s.get(url, allow_redirects=False) as r:
+                assert r.status == 302  # let through uncounted
+                await r.read()
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            async with running_gateway(cfg) as (gw, base), aiohttp.ClientSession() as s:
+                await asyncio.gather(*(client(s, base + "/") for _ in range(10)))
+                sent = gw.stats()["requests"]["total"]
+                # Ten connects at once at the start, then one 25-50 ms after the failure, doubling
+                # to 250-500 ms: about eight more in 1.5 s.
+                assert fake.accepted <= 10 + 12, (fake.accepted, sent)
+                assert sent > 100 and gw.stats()["requests"]["counted"] == 0
+                fake.drop_commands = False  # the server behind it is back
+                deadline = time.monotonic() + 5
+                while gw.stats()["requests"]["counted"] == 0:
+                    assert time.monotonic() < deadline, "counting did not resume"
+                    await _statuses(s, base + "/", 5)
+                    await asyncio.sleep(0.05)
+                assert await _statuses(s, base + "/", 10) == [302] * 10
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert 1 <= len(warnings) <= 6, warnings  # per outage, not per request or per connect
+    finally:
+        await fake.close()
