@@ -188,55 +188,50 @@ class Multiplexer:
                 # then refuses (maxclients) or closes at once counts as a failure and backs off.
                 conn = await self._connect()
             except AccountingError as exc:
-                if not failed:
-                    since = time.monotonic()
-                failed += 1
-                self._connect_failed(exc, kinds)
-                # Half fixed, half jitter: a minimum pause, and gateways do not reconnect in lockstep.
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, most)
-                continue
-            self._connect_error = None
-            self.connects += 1
-            self._install(slot, conn)
-            slot.ready.set()
-            if self.on_connected is not None:
-                self.on_connected()
-            if failed:
-                # Back only once a command has its reply: a server can answer the handshake and
-                # drop every command (a proxy with no Redis behind it), and then this connection
-                # is one more failed connect, not a recovery to announce.
-                while not conn.proven and not conn.closed.done() and slot.conn is conn:
-                    await asyncio.wait((conn.closed,), timeout=0.25)
-                if conn.proven:
-                    log.warning(
-                        "connection to Redis at %s re-established after %d failed connects over %.1f s",
-                        self._target.url,
-                        failed,
-                        time.monotonic() - since,
-                    )
-                    failed = 0
-                    kinds.clear()
-            while True:
-                await conn.closed
-                current = slot.conn
-                if current is conn or current is None:
+                failure = exc
+            else:
+                self._connect_error = None
+                self.connects += 1
+                self._install(slot, conn)
+                slot.ready.set()
+                if self.on_connected is not None:
+                    self.on_connected()
+                if failed:
+                    # Back only once a command has its reply: a server can answer the handshake and
+                    # drop every command (a proxy with no Redis behind it), and then this connection
+                    # is one more failed connect, not a recovery to announce.
+                    while not conn.proven and not conn.closed.done() and slot.conn is conn:
+                        await asyncio.wait((conn.closed,), timeout=0.25)
+                    if conn.proven:
+                        log.warning(
+                            "connection to Redis at %s re-established after %d failed connects over %.1f s",
+                            self._target.url,
+                            failed,
+                            time.monotonic() - since,
+                        )
+                        failed = 0
+                        kinds.clear()
+                while True:
+                    await conn.closed
+                    current = slot.conn
+                    if current is conn or current is None:
+                        break
+                    conn = current  # rotated: watch the replacement
+                slot.conn = None
+                slot.ready.clear()
+                if self._closing:
                     break
-                conn = current  # rotated: watch the replacement
-            slot.conn = None
-            slot.ready.clear()
-            if self._closing:
-                break
-            self.disconnects += 1
-            dud = conn.dud
-            if dud is None:
-                delay = initial  # it worked: a reconnect now, backing off only if that fails
-                continue
-            # Redis dropped the first commands sent on it: a failed connect, backed off as one.
+                self.disconnects += 1
+                dud = conn.dud
+                if dud is None:
+                    delay = initial  # it worked: a reconnect now, backing off only if that fails
+                    continue
+                failure = dud  # Redis dropped the first commands sent on it: a failed connect
             if not failed:
                 since = time.monotonic()
             failed += 1
-            self._connect_failed(dud, kinds)
+            self._connect_failed(failure, kinds)
+            # Half fixed, half jitter: a minimum pause, and gateways do not reconnect in lockstep.
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, most)
 

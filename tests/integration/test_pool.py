@@ -22,6 +22,20 @@ def _pool(url: str, size: int, wait: float = 5.0, command_timeout: float = 5.0) 
     return Pool(connect, size, wait)
 
 
+async def _until_counted(pool: Pool, timeout: float = 5.0) -> int:
+    """INCRBY k 1 until a checkout gets its reply (the pool reconnecting after a backoff)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with pool.connection() as conn:
+                reply = await conn.execute("INCRBY", "k", 1)
+                assert isinstance(reply, int)
+                return reply
+        except AccountingError:
+            assert time.monotonic() < deadline, "the pool did not reconnect after its backoff"
+            await asyncio.sleep(0.05)
+
+
 async def test_never_exceeds_max_against_slow_handshake() -> None:
     # Each connect takes 50 ms to complete its AUTH: 200 callers arrive while
     # the first connects are still in progress, which is the seed's trap.
@@ -242,18 +256,7 @@ async def test_refused_login_backs_off_instead_of_connecting_per_checkout() -> N
             assert "WRONGPASS" in str(exc.value) and "backed off" in str(exc.value)
             # The password now matches: the first connect after the retry time succeeds.
             r.config_set("requirepass", "wrong")
-
-        async def counted() -> bool:
-            try:
-                async with pool.connection() as conn:
-                    return await conn.execute("INCRBY", "k", 1) is not None
-            except AccountingError:
-                return False
-
-        deadline = time.monotonic() + 5
-        while not await counted():
-            assert time.monotonic() < deadline, "the pool did not reconnect after its backoff"
-            await asyncio.sleep(0.05)
+        await _until_counted(pool)
         assert pool.stats()["created"] == 1
     finally:
         await pool.close()
@@ -288,18 +291,7 @@ async def test_a_server_that_drops_every_command_sees_backed_off_connects() -> N
         assert set(kinds) == {"connection_lost"} and kinds["connection_lost"] > 100, kinds
         assert pool.stats()["fast_failures"] > 100
         fake.drop_commands = False  # the server behind it is back
-
-        async def counted() -> bool:
-            try:
-                async with pool.connection() as conn:
-                    return await conn.execute("INCRBY", "k", 1) == 1
-            except AccountingError:
-                return False
-
-        deadline = time.monotonic() + 5
-        while not await counted():
-            assert time.monotonic() < deadline, "the pool did not reconnect after its backoff"
-            await asyncio.sleep(0.05)
+        assert await _until_counted(pool) == 1
         assert not pool.backoff.waiting()  # the trial answered: connects are admitted again
         async with pool.connection() as conn:
             assert await conn.execute("INCRBY", "k", 1) == 2
