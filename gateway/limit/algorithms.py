@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 # Float slack when comparing quantities built from products of periods and rates.
 _EPS = 1e-9
@@ -43,6 +43,10 @@ def _us(now: float) -> int:
 S = TypeVar("S")
 
 
+MIN_PERIOD_S: Final = 0.001
+MAX_PERIOD_S: Final = 3650 * 86400.0
+
+
 @dataclass(frozen=True, slots=True)
 class Rate:
     """`limit` requests per `period_s` seconds; `burst` is GCRA's capacity (requests allowed
@@ -55,6 +59,10 @@ class Rate:
     def __post_init__(self) -> None:
         if self.limit < 1 or self.period_s <= 0:
             raise ValueError("a rate needs a limit >= 1 and a period > 0")
+        if not MIN_PERIOD_S <= self.period_s <= MAX_PERIOD_S:
+            # The scripts count in whole microseconds: a period that rounds to none divided by
+            # zero, and one past 2**53 of them loses its arithmetic's exactness.
+            raise ValueError("a rate's period must be between 1 ms and 3650 days")
         if self.burst == 0:
             object.__setattr__(self, "burst", self.limit)
         if self.burst < 1:
@@ -281,4 +289,6 @@ def parse_rate(text: str) -> Rate:
             raise ValueError(f"invalid rate {text!r}: burst must be >= 1")
     if limit < 1 or period <= 0:
         raise ValueError(f"invalid rate {text!r}: needs at least 1 request per a positive period")
+    if not MIN_PERIOD_S <= period <= MAX_PERIOD_S:
+        raise ValueError(f"invalid rate {text!r}: the period must be between 1 ms and 3650 days")
     return Rate(limit, period, burst)

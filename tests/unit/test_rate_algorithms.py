@@ -129,13 +129,18 @@ def test_add_counts_without_refusing() -> None:
         ("10/2s", Rate(10, 2.0)),
         ("100/s:burst=50", Rate(100, 1.0, 50)),
         ("1/h", Rate(1, 3600.0)),
+        ("1/ms", Rate(1, 0.001)),
+        ("1/3650d", Rate(1, 3650 * 86400.0)),
     ],
 )
 def test_parse_rate(text: str, rate: Rate) -> None:
     assert parse_rate(text) == rate
 
 
-@pytest.mark.parametrize("text", ["100", "x/s", "100/week", "0/s", "10/0s", "10/s:burst=0", "10/s:size=3"])
+@pytest.mark.parametrize(
+    "text",
+    ["100", "x/s", "100/week", "0/s", "10/0s", "10/s:burst=0", "10/s:size=3", "1/0.0001ms", "1/0.5ms", "1/3651d"],
+)
 def test_parse_rate_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="invalid rate"):
         parse_rate(text)
