@@ -248,6 +248,11 @@ class BatchedBackend(OwnCodecBackend):
         for key, values in zip(keys, reply[3], strict=True):
             if not isinstance(values, list) or not all(type(v) is int for v in values):
                 raise AccountingError(errors.PROTOCOL, f"flush answered state {values!r}")
+            if not values:
+                # Its limit state could not be read (the error is in reply[2]): decided from
+                # nothing here, as a client new to the gateway is, until it can be read again.
+                states.pop(key, None)
+                continue
             state = algo.from_reply(values)  # type: ignore[arg-type]
             n = pending.get(key)  # allowed here since this batch left: not in Redis' state yet
             states[key] = algo.add(state, redis_now, n) if n else state

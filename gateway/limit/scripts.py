@@ -3,10 +3,12 @@
 Each decision script is one round trip that does everything a limited request
 needs in Redis, atomically:
 
-- `INCRBY KEYS[1] 1` on the client's total counter, exactly the command every
-  mode sends without a limit (an error there, WRONGTYPE say, is the reply);
 - reads Redis' clock (`TIME`), so every gateway process and host shares one
   clock and none has to be in sync with another;
+- reads the client's limit state in KEYS[2]; a state that cannot be read (another
+  type, a field that is no number) is the reply, before anything is counted;
+- `INCRBY KEYS[1] 1` on the client's total counter, exactly the command every
+  mode sends without a limit (an error there, WRONGTYPE say, is the reply);
 - updates the client's limit state in KEYS[2] if the request is allowed (only
   allowed requests use quota) and gives it a TTL, so idle clients cost nothing;
 - returns `{total, allowed (1|0), remaining, reset_us, retry_after_us}`.
@@ -34,6 +36,20 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local limit, period, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+-- A stored field as a number (nil when absent); a field that is not one makes the client's
+-- state unreadable: an error for that client, never a reset nor another client's failure.
+local function num(v, key)
+  if not v then return nil end
+  local n = tonumber(v)
+  if n == nil then error('ERR the limit state in ' .. key .. ' is not a number', 0) end
+  return n
+end
+-- An error caught by pcall as an error reply's text (a table before Redis 7, a string since).
+local function failure(e)
+  local msg = type(e) == 'table' and e.err or tostring(e)
+  if not string.match(msg, '^%u+ ') then msg = 'ERR limit state: ' .. msg end
+  return msg
+end
 """
 
 # Per algorithm: `load(key)` -> state, `add(state, n)` -> state, `store(key, state)`,
@@ -42,7 +58,7 @@ _FIXED = """
 local function load(key)
   local s = redis.call('HMGET', key, 'w', 'c')
   local w = math.floor(now / period)
-  if tonumber(s[1]) == w then return {w, tonumber(s[2])} end
+  if num(s[1], key) == w then return {w, num(s[2], key) or 0} end
   return {w, 0}
 end
 local function add(s, n) return {s[1], s[2] + n} end
@@ -62,9 +78,10 @@ _SLIDING = """
 local function load(key)
   local s = redis.call('HMGET', key, 'w', 'c', 'p')
   local w = math.floor(now / period)
-  local w0 = tonumber(s[1])
-  if w0 == w then return {w, tonumber(s[2]), tonumber(s[3]) or 0} end
-  if w0 == w - 1 then return {w, 0, tonumber(s[2])} end
+  local w0 = num(s[1], key)
+  local c, p = num(s[2], key) or 0, num(s[3], key) or 0
+  if w0 == w then return {w, c, p} end
+  if w0 == w - 1 then return {w, 0, c} end
   return {w, 0, 0}
 end
 local function add(s, n) return {s[1], s[2] + n, s[3]} end
@@ -96,7 +113,7 @@ local function dump(s) return s end
 _GCRA = """
 local interval = period / limit
 local capacity = burst * interval
-local function load(key) return {tonumber(redis.call('GET', key) or '0')} end
+local function load(key) return {num(redis.call('GET', key), key) or 0} end
 local function add(s, n) return {math.max(s[1], now) + n * interval} end
 local function store(key, s)
   redis.call('SET', key, string.format('%.3f', s[1]), 'PX', math.ceil((s[1] - now) / 1000) + 1)
@@ -114,36 +131,49 @@ local function dump(s) return {math.floor(s[1])} end
 """
 
 _DECIDE = """
+local ok, state = pcall(load, KEYS[2])
+if not ok then return {err = failure(state)} end  -- before the INCRBY: the request is not counted
 local total = redis.pcall('INCRBY', KEYS[1], 1)
 if type(total) == 'table' and total.err then return total end
-local allowed, remaining, reset, retry, s = decide(load(KEYS[2]))
+local allowed, remaining, reset, retry, s = decide(state)
 if allowed == 1 then store(KEYS[2], s) end
 return {total, allowed, remaining, math.ceil(reset), math.ceil(retry)}
 """
 
 # KEYS[1]: the process' sequence marker; then (total key, limit key) per client.
 # ARGV: limit, period_us, burst, seq, marker TTL, then (increments, allowed) per client.
-# Returns {applied, now_us, {index, error, ...}, {state, state, ...}} (index from 1).
+# Returns {applied, now_us, {index, error, ...}, {state, state, ...}} (index from 1); a client
+# whose limit state cannot be read has the error and an empty state, and nothing applied.
+# Nothing here may abort the script: the clients before it would be applied and the sequence
+# marker not set, so the gateway would resend the batch and apply them again.
 _FLUSH = """
 local seq = tonumber(ARGV[4])
 local applied = seq > tonumber(redis.call('GET', KEYS[1]) or '0')
 local errors, states = {}, {}
 for i = 1, (#KEYS - 1) / 2 do
   local tkey, lkey = KEYS[2 * i], KEYS[2 * i + 1]
-  local s = load(lkey)
-  if applied then
-    local r = redis.pcall('INCRBY', tkey, ARGV[4 + 2 * i])
-    if type(r) == 'table' and r.err then
-      errors[#errors + 1] = i
-      errors[#errors + 1] = r.err
+  local ok, s = pcall(load, lkey)
+  if not ok then
+    errors[#errors + 1] = i
+    errors[#errors + 1] = failure(s)
+    states[i] = {}
+  else
+    if applied then
+      local r = redis.pcall('INCRBY', tkey, ARGV[4 + 2 * i])
+      if type(r) == 'table' and r.err then
+        errors[#errors + 1] = i
+        errors[#errors + 1] = r.err
+      else
+        -- Quota only for counted requests, as in the decision script.
+        local n = tonumber(ARGV[5 + 2 * i])
+        if n > 0 then
+          s = add(s, n)
+          store(lkey, s)
+        end
+      end
     end
-    local n = tonumber(ARGV[5 + 2 * i])
-    if n > 0 then
-      s = add(s, n)
-      store(lkey, s)
-    end
+    states[i] = dump(s)
   end
-  states[i] = dump(s)
 end
 if applied then redis.call('SET', KEYS[1], seq, 'EX', ARGV[5]) end
 return {applied and 1 or 0, now, errors, states}

@@ -250,6 +250,54 @@ async def test_every_redis_mode_reports_the_same_remaining_quota(
     assert seen == (["r=1", "r=0"] if algorithm == "gcra" else ["r=4", "r=3"])
 
 
+@pytest.mark.parametrize("broken", ["wrong type", "not a number"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_an_unreadable_limit_state_fails_that_client_only(
+    redis_server: RedisServer, redis_mode: str, algorithm: str, broken: str
+) -> None:
+    # One client's limit key holds another type, or a field that is no number. The batched flush
+    # script used to abort there: the clients before it in the flush were applied, the sequence
+    # marker was not, and the batch was resent every second and applied again (one request
+    # counted 5, 6, 7, ... times), while the clients after it were never counted. The decision
+    # script counted the request before failing on its limit state.
+    r = redis_server.client()
+    net = 1 + 2 * ALGORITHMS.index(algorithm) + (broken == "wrong type")
+    good, bad, later = (f"10.6.{net}.{1 + sorted(BACKENDS).index(redis_mode) * 3 + k}" for k in range(3))
+    lkey = f"{{ip:{bad}}}:limit:{algorithm}"
+    if broken == "wrong type":
+        r.hset(lkey, "w", "1") if algorithm == "gcra" else r.set(lkey, "1")
+    elif algorithm == "gcra":
+        r.set(lkey, "soon")
+    else:
+        r.hset(lkey, mapping={"w": "x", "c": "1"})
+    cfg = _cfg(redis_server, "100/min", algorithm, redis_mode, batch_window_ms=50.0)
+    async with running_gateway(cfg) as (gw, base):
+        async with Client(base, good) as a, Client(base, bad) as b, Client(base, later) as c:
+            await asyncio.gather(a.get(), b.get())  # in one flush, for batched
+            for _ in range(5):
+                await c.get()
+            await asyncio.sleep(0.3)  # a resend would have come by now, for batched
+            assert [s for _, s in a.sent + b.sent + c.sent] == [302] * 7  # fail open for `bad`
+            failures = gw.stats()["failures"]
+    assert failures == {"redis:WRONGTYPE" if broken == "wrong type" else "redis:ERR": 1}, failures
+    assert int(r.get(f"ip:{good}")) == 1 and int(r.get(f"ip:{later}")) == 5
+    assert r.get(f"ip:{bad}") is None  # not counted: its request failed
+
+
+async def test_a_request_redis_did_not_count_uses_no_quota(redis_server: RedisServer, redis_mode: str) -> None:
+    # The client's counter is a list: INCRBY fails. The decision script then stores no limit
+    # state; the batched flush script stored the allowed requests' quota all the same.
+    r = redis_server.client()
+    ip = f"10.6.9.{1 + sorted(BACKENDS).index(redis_mode)}"
+    r.rpush(f"ip:{ip}", "x")
+    async with running_gateway(_cfg(redis_server, "3/min", "fixed", redis_mode)) as (gw, base):
+        async with Client(base, ip) as c:
+            for _ in range(5):
+                await c.get()
+        assert gw.stats()["failures"] == {"redis:WRONGTYPE": 5}
+    assert r.exists(f"{{ip:{ip}}}:limit:fixed") == 0
+
+
 async def test_script_cache_flushed_is_reloaded(redis_server: RedisServer) -> None:
     async with running_gateway(_cfg(redis_server, "5/5s", "sliding", "multiplexed")) as (gw, base):
         async with Client(base, "10.5.0.1") as c:
