@@ -516,6 +516,8 @@ class _Connection(Deferred, asyncio.Protocol):
             return
         self.backlog = None
         self.data_received(backlog)
+        if self.ended and self.backlog is None:
+            self._finish()  # the client's end came while this waited
 
     def _feed(self, data: bytes | memoryview) -> None:
         if self.phase == BODY:
@@ -557,8 +559,11 @@ class _Connection(Deferred, asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()  # the end of a lingering close
             return True
-        # A half-closed client still gets the answers to the requests it completed.
-        self._finish()
+        # A half-closed client still gets the answers to the requests it completed, those waiting
+        # unparsed in the backlog too (a pipeline past the answers owed): the connection then
+        # finishes once the backlog is parsed (`_resume_input`).
+        if self.backlog is None:
+            self._finish()
         return True
 
     def pause_writing(self) -> None:
