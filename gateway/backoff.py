@@ -31,7 +31,8 @@ class Trial(Protocol):
     """What the backoff asks of the connection whose first command decides."""
 
     @property
-    def usable(self) -> bool: ...
+    def usable(self) -> bool:
+        """Open and not failed: safe to hand out."""
 
     @property
     def proven(self) -> bool:

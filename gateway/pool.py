@@ -49,31 +49,20 @@ from contextlib import asynccontextmanager
 from typing import Generic, Protocol, TypeVar
 
 from . import errors
-from .backoff import ConnectBackoff
+from .backoff import ConnectBackoff, Trial
 from .errors import AccountingError
 from .lifecycle import Lifecycle
 
 log = logging.getLogger("gateway.pool")
 
 
-class PoolConnection(Protocol):
-    """What the pool needs of a connection."""
-
-    @property
-    def usable(self) -> bool:
-        """Open and not failed: safe to hand out."""
+class PoolConnection(Trial, Protocol):
+    """What the pool needs of a connection: what its connect backoff asks (`usable`, `proven`,
+    `dud`), and more."""
 
     @property
     def pending(self) -> int:
         """Exchanges started whose answer has not been read whole: nonzero means dirty."""
-
-    @property
-    def proven(self) -> bool:
-        """An exchange after the connect had its answer: the connection works."""
-
-    @property
-    def dud(self) -> AccountingError | None:
-        """Why the peer failed it with its first exchanges unanswered, if it did."""
 
     def abort(self) -> None: ...
 

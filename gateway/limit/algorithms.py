@@ -287,8 +287,7 @@ def parse_rate(text: str) -> Rate:
             raise ValueError(f"invalid rate {text!r}: burst {value!r} is not a whole number") from None
         if burst < 1:
             raise ValueError(f"invalid rate {text!r}: burst must be >= 1")
-    if limit < 1 or period <= 0:
-        raise ValueError(f"invalid rate {text!r}: needs at least 1 request per a positive period")
-    if not MIN_PERIOD_S <= period <= MAX_PERIOD_S:
-        raise ValueError(f"invalid rate {text!r}: the period must be between 1 ms and 3650 days")
-    return Rate(limit, period, burst)
+    try:
+        return Rate(limit, period, burst)  # its own bounds: the limit, the period, the burst
+    except ValueError as exc:
+        raise ValueError(f"invalid rate {text!r}: {exc}") from None

@@ -36,6 +36,14 @@ def failing_backoff(clock: Clock) -> ConnectBackoff:
     return b
 
 
+def trial_after_retry(clock: Clock, b: ConnectBackoff) -> Conn:
+    """Past the first retry time (25-50 ms): the connect admitted then, connected."""
+    clock.now += 0.05
+    b.admit()
+    b.connected(trial := Conn())
+    return trial
+
+
 def refused(b: ConnectBackoff) -> bool:
     try:
         b.admit()
@@ -55,9 +63,7 @@ def test_a_connection_lost_with_its_first_command_unanswered_is_a_failed_connect
 def test_after_a_failure_a_connection_ends_the_backoff_only_once_it_has_answered() -> None:
     clock = Clock()
     b = failing_backoff(clock)
-    clock.now += 0.05
-    b.admit()
-    b.connected(trial := Conn())
+    trial = trial_after_retry(clock, b)
     # Its handshake worked, but until a command on it has its reply the others still fail fast.
     clock.now += 10
     assert refused(b) and b.waiting()
@@ -89,9 +95,7 @@ def test_a_trial_failed_but_not_given_back_yet_counts_at_the_next_admit() -> Non
     # Its request awaits the failure in a later loop turn: another checkout may ask first.
     clock = Clock()
     b = failing_backoff(clock)
-    clock.now += 0.05
-    b.admit()
-    b.connected(trial := Conn())
+    trial = trial_after_retry(clock, b)
     trial.dud, trial.usable = LOST, False
     assert refused(b)  # a failed trial: backed off again (now 50-100 ms), not a free probe
     clock.now += 0.049
@@ -104,9 +108,7 @@ def test_a_trial_failed_but_not_given_back_yet_counts_at_the_next_admit() -> Non
 def test_a_trial_discarded_by_its_own_side_decides_nothing() -> None:
     clock = Clock()
     b = failing_backoff(clock)
-    clock.now += 0.05
-    b.admit()
-    b.connected(trial := Conn())
+    trial = trial_after_retry(clock, b)
     trial.usable = False  # its request was cancelled: discarded without an answer or a failure
     assert not refused(b)  # the next connect is the trial now, at once
 
